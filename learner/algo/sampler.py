@@ -1,0 +1,135 @@
+"""The mixed ODE-SDE sampler: ODE before the window, SDE inside it, Euler or DPM-Solver++ after.
+
+Group sampling: the G members of a group share their initial noise, so their trajectories are
+identical until the window starts. The prefix is computed once per group (batch P) and the batch
+branches to P·G at the first window step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .dpm import dpmpp_2m_step
+from .schedule import flash_schedule
+from .transitions import SdeKind, ode_step, sde_step
+from .window import Window
+
+Cond = Mapping[str, Tensor]
+VelocityFn = Callable[[Tensor, Tensor, Cond], Tensor]  # (x (B,…), sigma (B,), cond) → v (B,…)
+PostWindow = Literal["euler", "dpm"]
+
+
+@dataclass
+class Trajectory:
+    """What a rollout hands to the learner (all fp32), plus the final sample."""
+
+    final: Tensor  # (P·G, C, H, W)
+    latents: Tensor  # (P·G, w, C, H, W)  x_i at each window step
+    next_latents: Tensor  # (P·G, w, C, H, W)  x_{i+1}
+    log_probs: Tensor  # (P·G, w)  log π_old
+    sigmas: Tensor  # (w,)  σ_i of the window steps
+    sigmas_next: Tensor  # (w,)  σ_{i+1}
+    nfe: int  # sequential model evaluations along one trajectory
+    image_evals: int  # model evaluations × batch rows (the compute actually spent)
+
+
+def repeat_cond(cond: Cond, repeats: int) -> dict[str, Tensor]:
+    """Each row of every batch-first tensor repeated `repeats` times in place: (P, …) → (P·G, …)."""
+    return {k: v.repeat_interleave(repeats, dim=0) for k, v in cond.items()}
+
+
+def _velocity(fn: VelocityFn, x: Tensor, sigma: float, cond: Cond) -> Tensor:
+    sig = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
+    return fn(x, sig, cond).to(torch.float32)
+
+
+def _post_window(
+    fn: VelocityFn, x: Tensor, cond: Cond, sigmas: Tensor, window: Window, method: PostWindow, ratio: float
+) -> tuple[Tensor, int]:
+    """Steps after the window; returns the final sample and the number of model evaluations."""
+    if method == "euler":
+        steps = range(window.stop, len(sigmas) - 1)
+        for i in steps:
+            s, sn = float(sigmas[i]), float(sigmas[i + 1])
+            x = ode_step(x, _velocity(fn, x, s, cond), s, sn)
+        return x, len(steps)
+    if method != "dpm":
+        raise ValueError(f"unknown post-window method {method!r}; expected 'euler' or 'dpm'")
+    sched = flash_schedule(sigmas, window.last, ratio)
+    x0_prev, sigma_prev = None, None
+    for j in range(len(sched) - 1):
+        s, sn = float(sched[j]), float(sched[j + 1])
+        x0 = x - s * _velocity(fn, x, s, cond)  # x̂0 = x − σ·v
+        x = dpmpp_2m_step(x, x0, x0_prev, sigma_prev, s, sn)
+        x0_prev, sigma_prev = x0, s
+    return x, len(sched) - 1
+
+
+@torch.no_grad()
+def sample_mixed(
+    velocity_fn: VelocityFn, noise: Tensor, cond: Cond, sigmas: Tensor, window: Window, *,
+    group_size: int, eta: float, sde_kind: SdeKind = "flow", post_window: PostWindow = "euler",
+    compress_ratio: float = 1.0, generator: torch.Generator | None = None, sde_noise: Tensor | None = None,
+) -> Trajectory:
+    """Sample P groups of G images through one mixed trajectory.
+
+    Args:
+        velocity_fn: v_θ(x, σ, cond); called with batch P before the window and P·G from it on.
+        noise: (P, C, H, W) the initial noise of each group (shared by its members).
+        cond: batch-first conditioning tensors for the P prompts.
+        sigmas: (N+1,) schedule from `sigma_schedule`.
+        window: SDE steps; must satisfy window.stop <= N−1.
+        sde_noise: (P·G, w, C, H, W) the window's ξ; drawn from `generator` when None.
+    """
+    n = len(sigmas) - 1
+    if window.stop > n - 1:
+        raise ValueError(f"window {tuple(window)} reaches past the last trainable step {n - 2}")
+    p, g, w = noise.shape[0], group_size, window.size
+    x = noise.to(torch.float32)
+    for i in range(window.start):  # shared ODE prefix, batch P
+        x = ode_step(x, _velocity(velocity_fn, x, float(sigmas[i]), cond), float(sigmas[i]), float(sigmas[i + 1]))
+    x = x.repeat_interleave(g, dim=0)  # (P·G, C, H, W): branch at the window
+    cond_g = repeat_cond(cond, g)
+    if sde_noise is None:
+        if generator is None:
+            raise ValueError("sample_mixed needs sde_noise or a generator")
+        sde_noise = torch.randn((p * g, w, *x.shape[1:]), generator=generator, dtype=torch.float32)
+    if sde_noise.shape != (p * g, w, *x.shape[1:]):
+        raise ValueError(f"sde_noise must be shaped {(p * g, w, *x.shape[1:])}, got {tuple(sde_noise.shape)}")
+    latents, next_latents, log_probs = [], [], []
+    for t, i in enumerate(window.steps):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        step = sde_step(x, _velocity(velocity_fn, x, s, cond_g), s, sn, eta=eta, kind=sde_kind,
+                        noise=sde_noise[:, t].to(x.device))
+        latents.append(x)
+        next_latents.append(step.prev_sample)
+        log_probs.append(step.log_prob)
+        x = step.prev_sample
+    x, post_nfe = _post_window(velocity_fn, x, cond_g, sigmas, window, post_window, compress_ratio)
+    return Trajectory(
+        final=x, latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
+        log_probs=torch.stack(log_probs, 1), sigmas=sigmas[window.start:window.stop].float(),
+        sigmas_next=sigmas[window.start + 1:window.stop + 1].float(),
+        nfe=window.start + w + post_nfe, image_evals=p * window.start + p * g * (w + post_nfe),
+    )
+
+
+def transition_log_probs(
+    velocity_fn: VelocityFn, latents: Tensor, next_latents: Tensor, sigma: Tensor, sigma_next: Tensor,
+    cond: Cond, *, eta: float, sde_kind: SdeKind = "flow",
+) -> Tensor:
+    """log π_θ(x_{i+1} | x_i) recomputed with gradients (learner side), same code as the rollout.
+
+    Args:
+        latents, next_latents: (B, C, H, W) x_i and x_{i+1}.
+        sigma, sigma_next: (B,) per-row noise levels.
+    Returns:
+        (B,) log-probs.
+    """
+    v = velocity_fn(latents, sigma, cond).to(torch.float32)
+    return sde_step(latents, v, sigma, sigma_next, eta=eta, kind=sde_kind, prev_sample=next_latents).log_prob

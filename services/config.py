@@ -1,0 +1,416 @@
+"""The one validated run configuration.
+
+Sections per role (model, sampler, window, grpo, reward, rollout, learner, cluster, run). Every model
+forbids unknown keys, documents its fields and checks ranges; `RunConfig` checks the combinations.
+Defaults are the embedded job: the tiny model in the shapes world, MixGRPO, on a two-core CPU.
+
+    cfg = load_config(["deploy/configs/mixgrpo_flash.yaml"], ["window.size=6", "run.seed=1"])
+    cfg.model_dump_json()       # the resolved config, written next to a run's outputs
+
+Method presets live in `deploy/configs/<method>.yaml`; `preset_path("mixgrpo_flash")` finds them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "deploy" / "configs"
+METHODS = ("mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field(s)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Section):
+    backend: Literal["tiny", "sd3", "flux"] = "tiny"
+    """Policy backend: the built-in tiny pixel-space model, or diffusers SD3 / FLUX from a local path."""
+    path: str | None = None
+    """Local checkpoint directory. None means the tiny checkpoint shipped with the project."""
+    lora_rank: int = Field(0, ge=0, le=1024)
+    """LoRA rank on the transformer's attention projections; 0 trains all transformer weights."""
+    lora_alpha: float = Field(0.0, ge=0.0)
+    """LoRA alpha; 0 means alpha = rank."""
+    autocast_bf16: bool = False
+    """bf16 autocast for forward passes (fp32 master weights; log-probs always fp32)."""
+    gradient_checkpointing: bool = False
+    height: int = Field(32, ge=8, le=4096)
+    """Image height in pixels (the tiny model is fixed at 32)."""
+    width: int = Field(32, ge=8, le=4096)
+    guidance_scale: float = Field(1.0, ge=0.0, le=50.0)
+    """FLUX: the distilled guidance embedding value. SD3: classifier-free guidance scale (1 = off)."""
+
+
+class SamplerConfig(_Section):
+    num_steps: int = Field(16, ge=2, le=1000)
+    """N, the number of denoising steps (paper: 25)."""
+    shift: float = Field(3.0, gt=0.0, le=100.0)
+    """Timestep shift s of the sigma schedule (paper: 3)."""
+    sde_kind: Literal["flow", "dance", "cps"] = "flow"
+    """Transition inside the window: Flow-GRPO SDE (MixGRPO default), DanceGRPO SDE, or CPS."""
+    eta: float = Field(0.7, ge=0.0, le=1.0)
+    """Noise level η of the SDE (flow: 0.7, dance: 0.3)."""
+    post_window: Literal["euler", "dpm"] = "euler"
+    """Solver after the window: Euler on the full schedule, or DPM-Solver++ 2M on a compressed one (Flash)."""
+    compress_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    """Flash: fraction of post-window steps kept by DPM-Solver++ (Flash 0.4, Flash* 0.2)."""
+
+
+class WindowConfig(_Section):
+    strategy: Literal["progressive", "frozen", "random", "linear_decay", "exp_decay"] = "progressive"
+    size: int = Field(4, ge=1)
+    """w, the number of SDE (and trained) steps in the window (paper: 4); `all` in YAML means N−1."""
+    shift_interval: int = Field(8, ge=1)
+    """τ, iterations between window moves (paper: 25 for FLUX, 150 for SD3.5-M)."""
+    stride: int = Field(1, ge=0)
+    """s, steps the window moves each time (paper: 1; 0 freezes it)."""
+    start: int = Field(0, ge=0)
+    """First window step for the frozen strategy (and where the others begin)."""
+    shift_interval_min: int = Field(1, ge=1)
+    """linear_decay: τ decays linearly from shift_interval to this as the window moves."""
+    decay_rate: float = Field(0.1, ge=0.0)
+    """exp_decay: k in τ(l) = ⌈τ·exp(−k·max(0, l − l_thr))⌉."""
+    decay_threshold: int = Field(13, ge=0)
+    """exp_decay: l_thr."""
+
+
+class GrpoConfig(_Section):
+    group_size: int = Field(8, ge=2)
+    """G, images per prompt sharing the initial noise (paper: 12)."""
+    clip_range: float = Field(1e-4, gt=0.0, lt=1.0)
+    """ε of the clipped ratio; tiny because log-probs are means over elements."""
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    reward_aggregation: Literal["advantage", "reward"] = "advantage"
+    """Multi-reward: weighted sum of per-reward advantages (paper default) or z-score of the weighted reward sum."""
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of window steps trained per iteration, chosen at random (DanceGRPO: 0.6 of all steps)."""
+    kl_beta: float = Field(0.0, ge=0.0)
+    """Optional KL penalty to the reference policy on the transition mean (0 in the FLUX reference)."""
+    num_inner_epochs: int = Field(1, ge=1, le=16)
+
+
+class RewardSpec(_Section):
+    name: str
+    """Scorer name, e.g. shapes_reward, shapes_verifier, pickscore, hpsv2."""
+    weight: float = Field(1.0, gt=0.0)
+    """Weight in the advantage aggregation (normalised to sum 1)."""
+    model_path: str | None = None
+    """Local directory for model-based scorers."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Scorer-specific constructor arguments."""
+    num_replicas: int = Field(1, ge=1)
+    """Serve replicas (ignored when autoscaling is set)."""
+    autoscaling: dict[str, Any] | None = None
+    """Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}."""
+    num_cpus: float = Field(0.25, ge=0.0)
+    """CPUs per replica; keep fractional on small machines or replicas wait forever."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    max_batch_size: int = Field(32, ge=1)
+    """Dynamic batching: most requests merged into one model call."""
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    """Backpressure: requests beyond this are refused (-1: unbounded)."""
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> RewardSpec:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}) or batches never fill"
+            )
+        return self
+
+
+class RewardServerConfig(_Section):
+    host: str = "127.0.0.1"
+    """Bind address of the REST ingress; loopback unless deliberately exposed."""
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "rewards"
+    route_prefix: str = "/"
+    auth_token_env: str = "MIXGRPO_REWARD_TOKEN"
+    """Environment variable holding the bearer token; when set, requests without it get 401."""
+    max_request_bytes: int = Field(32 * 2**20, ge=1024)
+    max_images_per_request: int = Field(512, ge=1)
+    image_size_limit: int = Field(2048, ge=8)
+    """Largest accepted image height or width."""
+    transport: Literal["handle", "http"] = "handle"
+    """How rollout workers reach the scorers: Serve handles in-cluster, or HTTP to an external service."""
+    url: str | None = None
+    """Base URL of an external reward service (transport=http)."""
+    timeout_s: float = Field(60.0, gt=0.0)
+    max_retries: int = Field(4, ge=0)
+    backoff_s: float = Field(0.2, ge=0.0)
+
+
+def _default_rewards() -> list[RewardSpec]:
+    return [RewardSpec(name="shapes_reward")]
+
+
+class RewardConfig(_Section):
+    rewards: list[RewardSpec] = Field(default_factory=_default_rewards)
+    """Rewards used for training, each its own Serve deployment."""
+    server: RewardServerConfig = Field(default_factory=RewardServerConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> RewardConfig:
+        names = [r.name for r in self.rewards]
+        if not names:
+            raise ValueError("rewards: at least one reward is needed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must be unique, got {names}")
+        if self.server.transport == "http" and not self.server.url:
+            raise ValueError("server.url is required when server.transport is 'http'")
+        return self
+
+
+class RolloutConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    num_cpus: float = Field(0.5, ge=0.0)
+    """CPUs per rollout worker actor (fractional on small machines)."""
+    num_gpus: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(64, ge=2)
+    """Images per iteration = prompts per iteration × group size."""
+    prompts: Literal["shapes", "file"] = "shapes"
+    """Prompt source: the shapes world's train split, or a text file (one prompt per line)."""
+    prompts_file: str | None = None
+    log_images: int = Field(4, ge=0)
+    """Images per iteration returned for logging."""
+    num_threads: int = Field(1, ge=1)
+    """torch threads per worker (Ray sets OMP_NUM_THREADS=1 for fractional actors)."""
+
+
+class LearnerConfig(_Section):
+    lr: float = Field(1e-4, gt=0.0, lt=1.0)
+    """AdamW learning rate (FLUX reference: 1e-5)."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0.0)
+    """Gradient-norm clip."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Samples per forward/backward."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (reference: 3 samples per update)."""
+    num_cpus: float = Field(0.5, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    num_threads: int = Field(1, ge=1)
+    checkpoint_every: int = Field(25, ge=0)
+    """Iterations between checkpoints (0: only at the end)."""
+
+
+class ClusterConfig(_Section):
+    address: str | None = None
+    """Ray address; None joins RAY_ADDRESS if set, else starts a local Ray."""
+    num_cpus: int | None = None
+    """CPUs of a locally started Ray (None: all)."""
+    dashboard: bool = True
+    namespace: str = "mixgrpo"
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    """Weight broadcast path: put once in the object store, or a torch.distributed broadcast."""
+    collective_backend: Literal["gloo", "nccl"] = "gloo"
+    state_store: str = "memory"
+    """Window scheduler state: memory, file:///path, or redis://host:port/db."""
+
+    @model_validator(mode="after")
+    def _store(self) -> ClusterConfig:
+        if not (self.state_store == "memory" or self.state_store.startswith(("file://", "redis://"))):
+            raise ValueError(f"state_store must be 'memory', 'file://…' or 'redis://…', got {self.state_store!r}")
+        return self
+
+
+class RunConfig(_Section):
+    name: str = "shapes-tiny"
+    method: Literal["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"] = "mixgrpo"
+    """Label of the method; the numbers that define it live in sampler/window/grpo (see presets)."""
+    output_dir: str | None = None
+    """Run directory; default runs/<name>-<timestamp>."""
+    seed: int = Field(0, ge=0)
+    iterations: int = Field(60, ge=1)
+    eval_every: int = Field(20, ge=0)
+    """Iterations between held-out evaluations (0: only before and after)."""
+    eval_prompts: int = Field(48, ge=1)
+    async_rollout: bool = False
+    """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1)."""
+    resume: str | None = None
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_all(cls, data: Any) -> Any:
+        # `window.size: all` (Flow-GRPO / DanceGRPO presets) = every trainable step of this model's schedule
+        if isinstance(data, dict) and isinstance(data.get("window"), dict) and data["window"].get("size") == "all":
+            steps = (data.get("sampler") or {}).get("num_steps", SamplerConfig.model_fields["num_steps"].default)
+            data = {**data, "window": {**data["window"], "size": int(steps) - 1}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        errors = [e for check in _CROSS_CHECKS if (e := check(self))]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def num_groups(self) -> int:
+        return self.rollout.batch_size // self.grpo.group_size
+
+
+def _check_window(c: Config) -> str | None:
+    trainable = c.sampler.num_steps - 1  # the final step is never trained
+    if c.window.size > trainable:
+        return f"window.size ({c.window.size}) exceeds the trainable steps 0..{trainable - 1} of sampler.num_steps={c.sampler.num_steps}"
+    if c.window.start + c.window.size > trainable:
+        return f"window.start + window.size ({c.window.start}+{c.window.size}) must be <= {trainable} (sampler.num_steps - 1)"
+    if c.window.shift_interval_min > c.window.shift_interval:
+        return "window.shift_interval_min must be <= window.shift_interval"
+    return None
+
+
+def _check_batch(c: Config) -> str | None:
+    b, g = c.rollout.batch_size, c.grpo.group_size
+    if b % g:
+        return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g})"
+    per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
+    if b % per_update:
+        return (f"rollout.batch_size ({b}) must be divisible by learner.micro_batch_size × "
+                f"learner.gradient_accumulation_steps ({per_update})")
+    return None
+
+
+def _check_sampler(c: Config) -> str | None:
+    s = c.sampler
+    if s.post_window == "euler" and s.compress_ratio != 1.0:
+        return "sampler.compress_ratio only applies with sampler.post_window=dpm"
+    if c.model.backend != "tiny" and c.model.path is None:
+        return f"model.path is required for model.backend={c.model.backend!r} (a local diffusers folder)"
+    if c.model.backend == "tiny" and (c.model.height, c.model.width) != (32, 32):
+        return "model.height/width are fixed at 32 for the tiny backend"
+    if c.rollout.prompts == "file" and not c.rollout.prompts_file:
+        return "rollout.prompts_file is required when rollout.prompts=file"
+    return None
+
+
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def preset_path(name: str) -> Path:
+    """Path of a config preset in deploy/configs/ by name (`mixgrpo_flash`) or an explicit path."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        return p
+    p = PRESET_DIR / f"{name}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+    return p
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`window.size=6` → ("window.size", 6); values are parsed as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part.isidentifier() and not part.isdigit() for part in key.split(".")):
+        raise ConfigError(f"bad override {text!r}: expected section.field=value, e.g. window.size=6")
+    try:
+        return key, yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"bad override {text!r}: value is not valid YAML ({e})") from e
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if e["type"] == "extra_forbidden" else ""))
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(data: dict) -> Config:
+    """Validate a nested dict into a Config, turning pydantic errors into a ConfigError naming fields."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+
+
+def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Defaults ← each YAML file in order (deep-merged) ← dotted overrides; then validate."""
+    data: dict = Config().model_dump(mode="json")  # start from defaults so overrides can index lists
+    for f in files:
+        data = _deep_merge(data, _read_yaml(preset_path(str(f))))
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            _set_dotted(data, key, value)
+        except (IndexError, ValueError) as e:
+            raise ConfigError(f"override {text!r}: {e}") from e
+    return build_config(data)
+
+
+def dump_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as JSON (what a run really used)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+    return path

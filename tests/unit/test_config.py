@@ -1,0 +1,98 @@
+"""Config: presets validate; typos and impossible combinations are rejected naming the field."""
+
+import json
+
+import pytest
+
+from services.config import (
+    METHODS,
+    PRESET_DIR,
+    Config,
+    ConfigError,
+    dump_config,
+    load_config,
+    parse_override,
+)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+def test_every_preset_validates(preset):
+    cfg = load_config([preset])
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model", ["tiny_cpu", "flux_dev", "sd3_5_medium"])
+def test_methods_compose_with_models(method, model):
+    cfg = load_config([model, method])
+    assert cfg.run.method == method
+    assert cfg.window.start + cfg.window.size <= cfg.sampler.num_steps - 1
+
+
+def test_method_presets_define_the_methods():
+    flash_star = load_config(["mixgrpo_flash_star"])
+    assert (flash_star.window.strategy, flash_star.sampler.post_window, flash_star.sampler.compress_ratio) == (
+        "frozen", "dpm", 0.2)
+    dance = load_config(["flux_dev", "dance_grpo"])
+    assert (dance.sampler.sde_kind, dance.sampler.eta, dance.window.size, dance.grpo.train_fraction) == (
+        "dance", 0.3, 24, 0.6)
+
+
+def test_defaults_are_the_tiny_job():
+    cfg = Config()
+    assert cfg.model.backend == "tiny" and cfg.model.path is None
+    assert cfg.rollout.batch_size % cfg.grpo.group_size == 0
+    assert load_config(["tiny_cpu"]) == cfg
+
+
+def test_dotted_overrides():
+    cfg = load_config([], ["window.size=6", "run.seed=3", "learner.betas=[0.8, 0.9]", "reward.rewards.0.weight=2"])
+    assert cfg.window.size == 6 and cfg.run.seed == 3 and cfg.learner.betas == (0.8, 0.9)
+    assert cfg.reward.rewards[0].weight == 2.0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("window.sise=6", "window.sise"),                       # typo in a field
+    ("windw.size=6", "windw"),                              # typo in a section
+    ("sampler.eta=1.5", "sampler.eta"),                     # out of range
+    ("sampler.sde_kind=ddpm", "sampler.sde_kind"),          # not an option
+    ("window.size=20", "window.size"),                      # window past the trainable steps
+    ("rollout.batch_size=60", "grpo.group_size"),           # batch not divisible by the group size
+    ("learner.micro_batch_size=24", "learner.micro_batch_size"),
+    ("sampler.compress_ratio=0.4", "sampler.compress_ratio"),  # compress without DPM
+    ("model.backend=flux", "model.path"),                   # FLUX needs a local path
+    ("reward.rewards.0.max_batch_size=600", "max_ongoing_requests"),
+    ("cluster.state_store=mongo://x", "state_store"),
+    ("reward.server.transport=http", "server.url"),
+])
+def test_bad_configs_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config([], [override])
+    assert needle in str(err.value)
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_override("window.size")
+    with pytest.raises(ConfigError, match="unknown preset 'mixgrpo_turbo'.*mixgrpo_flash"):
+        load_config(["mixgrpo_turbo"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(["/nonexistent/x.yaml"])
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("window: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([bad])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config([listy])
+
+
+def test_resolved_config_round_trips_as_json(tmp_path):
+    cfg = load_config(["flux_dev", "mixgrpo_flash"], ["window.size=6"])
+    path = dump_config(cfg, tmp_path / "run" / "config.json")
+    again = Config.model_validate(json.loads(path.read_text()))
+    assert again == cfg and again.window.size == 6
