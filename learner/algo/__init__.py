@@ -23,7 +23,7 @@ XueZeyue/DanceGRPO), on purpose:
 from .advantages import combine_advantages, group_advantages
 from .dpm import dpmpp_2m_step
 from .loss import grpo_loss
-from .sampler import Trajectory, repeat_cond, sample_mixed, transition_log_probs
+from .sampler import Trajectory, repeat_cond, sample_mixed, sample_ode, transition_log_probs
 from .schedule import flash_schedule, infer_shift, shift_sigma, sigma_schedule
 from .transitions import SdeStep, gaussian_log_prob, ode_step, sde_mean_std, sde_step
 from .window import STRATEGIES, Window, window_at
@@ -31,6 +31,6 @@ from .window import STRATEGIES, Window, window_at
 __all__ = [
     "STRATEGIES", "SdeStep", "Trajectory", "Window", "combine_advantages", "dpmpp_2m_step", "flash_schedule",
     "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "ode_step", "repeat_cond",
-    "sample_mixed", "sde_mean_std", "sde_step", "shift_sigma", "sigma_schedule", "transition_log_probs",
+    "sample_mixed", "sample_ode", "sde_mean_std", "sde_step", "shift_sigma", "sigma_schedule", "transition_log_probs",
     "window_at",
 ]

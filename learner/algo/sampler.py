@@ -133,3 +133,13 @@ def transition_log_probs(
     """
     v = velocity_fn(latents, sigma, cond).to(torch.float32)
     return sde_step(latents, v, sigma, sigma_next, eta=eta, kind=sde_kind, prev_sample=next_latents).log_prob
+
+
+@torch.no_grad()
+def sample_ode(velocity_fn: VelocityFn, noise: Tensor, cond: Cond, sigmas: Tensor) -> Tensor:
+    """Deterministic Euler sampling through the whole schedule (evaluation): (B, C, H, W) → (B, C, H, W)."""
+    x = noise.to(torch.float32)
+    for i in range(len(sigmas) - 1):
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        x = ode_step(x, _velocity(velocity_fn, x, s, cond), s, sn)
+    return x

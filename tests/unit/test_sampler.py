@@ -116,3 +116,13 @@ def test_validation():
         sample_mixed(velocity, noise, cond, sigmas, Window(4, 4), group_size=G, eta=0.7, generator=g)
     with pytest.raises(ValueError, match="sde_noise or a generator"):
         sample_mixed(velocity, noise, cond, sigmas, Window(0, 2), group_size=G, eta=0.7)
+
+
+def test_sample_ode_equals_mixed_sampler_limit():
+    # With η → 0 the window is deterministic, so the mixed sampler reduces to the plain ODE.
+    from learner.algo import sample_ode
+    cond, noise, g = _setup()
+    sigmas = sigma_schedule(12, 3.0)
+    ode = sample_ode(velocity, noise, cond, sigmas)
+    traj = sample_mixed(velocity, noise, cond, sigmas, Window(3, 4), group_size=1, eta=1e-12, generator=g)
+    torch.testing.assert_close(traj.final, ode, rtol=1e-5, atol=1e-5)

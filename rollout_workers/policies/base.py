@@ -1,0 +1,300 @@
+"""The policy protocol every backend satisfies, and the small helpers the backends share.
+
+Conventions (the same as `learner/algo`): noise level sigma in [0, 1], x_sigma = (1 - sigma) x0 + sigma eps,
+and the model predicts the velocity v ~ eps - x0. The sampler calls `policy.velocity(x, sigma, cond)`;
+the learner calls the same method with gradients on, so `velocity` must be a deterministic function of
+its inputs: every backend keeps its modules in eval mode (no dropout can fire) and LoRA dropout is 0.
+
+A `Cond` is the encoded prompt batch: a dict of batch-first tensors (dim 0 is the sample), so the
+sampler can `repeat_interleave` it over a group and index it like the latents. Keys are per backend.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+
+# Attention projections of the MM-DiT blocks (SD3 joint blocks, FLUX double and single blocks).
+DEFAULT_LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+    latent_shape: tuple[int, int, int]  # (C, H, W) of x
+    device: torch.device
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        """Deterministic prompt encoding without gradients; every tensor is (B, ...) and fp32."""
+        ...
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """x (B, C, H, W), sigma (B,) fp32 in [0, 1] -> velocity (B, C, H, W) fp32."""
+        ...
+
+    def decode(self, x: Tensor) -> np.ndarray:
+        """Final sample (B, C, H, W) -> uint8 images (B, H_img, W_img, 3)."""
+        ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """What a weight broadcast carries: detached CPU copies (full transformer or LoRA adapter only)."""
+        ...
+
+    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
+
+    def save(self, path: str | Path) -> None: ...
+
+    def train(self, mode: bool = True) -> Policy: ...
+
+    def to(self, device: str | torch.device) -> Policy: ...
+
+
+# ----------------------------------------------------------------------------- cond helpers
+def cond_repeat_interleave(cond: Cond, n: int) -> Cond:
+    """Each prompt's entry repeated n times in place: (B, ...) -> (B * n, ...), group members adjacent."""
+    return {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+
+
+def cond_index(cond: Cond, idx: Tensor | slice | Sequence[int]) -> Cond:
+    """Select samples along dim 0 (a slice, an index list or a 1-D index / boolean tensor)."""
+    if not isinstance(idx, slice | Tensor):
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def cond_cat(conds: Sequence[Cond]) -> Cond:
+    """Concatenate along dim 0; all conds must have the same keys."""
+    if not conds:
+        raise ValueError("cond_cat needs at least one cond")
+    keys = set(conds[0])
+    for c in conds[1:]:
+        if set(c) != keys:
+            raise ValueError(f"cond_cat: key sets differ: {sorted(keys)} vs {sorted(c)}")
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in conds[0]}
+
+
+def cond_to(cond: Cond, device: torch.device, dtype: torch.dtype | None = None) -> Cond:
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in cond.items()}
+
+
+def check_velocity_inputs(x: Tensor, sigma: Tensor, cond: Cond, latent_shape: tuple[int, int, int]) -> None:
+    """Fail at the boundary: x (B, C, H, W) with (C, H, W) = latent_shape, sigma (B,), cond batch B."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(latent_shape):
+        raise ValueError(f"x must be (B, {', '.join(map(str, latent_shape))}), got {tuple(x.shape)}")
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be ({x.shape[0]},), got {tuple(sigma.shape)}")
+    for k, v in cond.items():
+        if v.shape[0] != x.shape[0]:
+            raise ValueError(f"cond[{k!r}] has batch {v.shape[0]}, x has {x.shape[0]}")
+
+
+# ----------------------------------------------------------------------------- images
+def to_uint8_images(images: Tensor) -> np.ndarray:
+    """images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3); values outside are clamped."""
+    pixels = ((images.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- state dicts
+def check_state_dict(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str) -> None:
+    """Raise ValueError naming missing / unexpected keys and shape mismatches against `expected`."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: got {tuple(state[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(set(state) & set(expected))
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+    if problems:
+        raise ValueError(f"{what}: " + "; ".join(problems))
+
+
+def cpu_copy(named: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in named.items()}
+
+
+# ----------------------------------------------------------------------------- trainable transformer
+class TrainableTransformer:
+    """Which weights of a diffusers transformer train: all of them (lora_rank 0) or a peft LoRA adapter.
+
+    Composition helper for the backends (not a base class). With LoRA the base weights are frozen and the
+    adapter (fp32, dropout 0) is what `state_dict()` returns, through peft's own (de)serialisers.
+    The adapter is initialised from `seed` (B = 0, so it starts as the identity), so every process
+    that loads the same checkpoint with the same options starts from the same weights.
+    """
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        *,
+        lora_rank: int,
+        lora_alpha: float = 0.0,
+        lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
+        seed: int = 0,
+    ):
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        self.transformer = transformer
+        self.lora_rank = lora_rank
+        self.lora_alpha = float(lora_alpha) if lora_alpha > 0 else float(lora_rank)
+        transformer.requires_grad_(lora_rank == 0)
+        if lora_rank > 0:
+            from peft import LoraConfig
+
+            config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=0.0,
+                init_lora_weights=True,
+                target_modules=list(lora_targets),
+            )
+            with torch.random.fork_rng(devices=[]):  # adapters are added on CPU, before `.to(device)`
+                torch.manual_seed(seed)
+                transformer.add_adapter(config)  # diffusers PeftAdapterMixin: adapter "default"
+            for p in self.parameters():
+                p.data = p.data.float()  # fp32 adapter even over bf16 base weights
+
+    def parameters(self) -> list[nn.Parameter]:
+        if self.lora_rank == 0:
+            return list(self.transformer.parameters())
+        return [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+
+    def _live_state(self) -> dict[str, Tensor]:
+        """The trainable tensors themselves (no copies), under the names `state_dict` uses."""
+        if self.lora_rank == 0:
+            return dict(self.transformer.named_parameters())
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return cpu_copy(self._live_state())
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        check_state_dict(state, self._live_state(), "trainable state dict")
+        if self.lora_rank == 0:
+            for name, p in self.transformer.named_parameters():
+                p.copy_(state[name])
+            return
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.transformer, dict(state))
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"LoRA state dict: peft rejected keys {result.unexpected_keys[:3]}")
+
+
+# ----------------------------------------------------------------------------- diffusers pipeline folders
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_pipeline(pipeline_cls: type, path: str | Path, subfolders: Sequence[str], weights_dtype: str):
+    """Load a diffusers pipeline from a LOCAL folder (never the hub), checking its layout first.
+
+    Raises FileNotFoundError naming the path and the missing piece, ValueError for a folder diffusers
+    cannot read.
+    """
+    path = Path(path)
+    what = f"{pipeline_cls.__name__} folder {path}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what}: no such directory (a local diffusers pipeline folder is required)")
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{what}: missing model_index.json (not a diffusers pipeline folder)")
+    for name in subfolders:
+        if not (path / name).is_dir() or not any((path / name).iterdir()):
+            raise FileNotFoundError(
+                f"{what}: missing or empty subfolder {name!r} (needs {', '.join(subfolders)})"
+            )
+    if weights_dtype not in DTYPES:
+        raise ValueError(f"weights_dtype must be one of {sorted(DTYPES)}, got {weights_dtype!r}")
+    try:
+        pipe = pipeline_cls.from_pretrained(str(path), local_files_only=True, dtype=DTYPES[weights_dtype])
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{what}: cannot load ({type(e).__name__}: {e})") from e
+    if pipe.transformer.dtype != DTYPES[weights_dtype]:  # diffusers before `dtype=` ignores it
+        raise ValueError(
+            f"{what}: loaded as {pipe.transformer.dtype}, not {weights_dtype}; "
+            "this diffusers version does not accept `dtype=` (0.42 is tested)"
+        )
+    return pipe
+
+
+@torch.no_grad()
+def vae_decode(vae: nn.Module, latents: Tensor) -> np.ndarray:
+    """Scaled latents (B, C, h, w) -> uint8 images (B, H, W, 3) through the VAE (scaling, shift)."""
+    shift = vae.config.shift_factor or 0.0
+    latents = latents / vae.config.scaling_factor + shift
+    images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
+    return to_uint8_images(images)
+
+
+# ----------------------------------------------------------------------------- trainable-only checkpoints
+TRAINABLE_FILE = "trainable.safetensors"
+TRAINABLE_META = "trainable.json"
+
+
+def save_trainable(path: str | Path, trainable: TrainableTransformer, meta: Mapping[str, object]) -> None:
+    """Write the trainable weights (LoRA adapter or full transformer) and what they fit onto."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(trainable.state_dict(), str(path / TRAINABLE_FILE))
+    info = {**meta, "lora_rank": trainable.lora_rank, "lora_alpha": trainable.lora_alpha}
+    (path / TRAINABLE_META).write_text(json.dumps(info, indent=2))
+
+
+def load_trainable(path: str | Path, trainable: TrainableTransformer, backend: str) -> None:
+    """Load what `save_trainable` wrote; clear errors for missing, corrupt or mismatched files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    for name in (TRAINABLE_META, TRAINABLE_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"trainable checkpoint {path}: missing {name}")
+    try:
+        info = json.loads((path / TRAINABLE_META).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / TRAINABLE_META}: not valid JSON ({e})") from e
+    if info.get("backend") != backend or info.get("lora_rank") != trainable.lora_rank:
+        raise ValueError(
+            f"{path}: saved for backend {info.get('backend')!r} with lora_rank {info.get('lora_rank')}, "
+            f"loading into {backend!r} with lora_rank {trainable.lora_rank}"
+        )
+    try:
+        state = load_file(str(path / TRAINABLE_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"{path / TRAINABLE_FILE}: unreadable safetensors file (truncated or corrupted?): {e}"
+        ) from e
+    try:
+        trainable.load_state_dict(state)
+    except ValueError as e:
+        raise ValueError(f"{path / TRAINABLE_FILE}: {e}") from e
