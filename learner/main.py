@@ -1,34 +1,103 @@
 """MixGRPO-Ray driver: config → cluster → loop → cleanup.
 
-    python learner/main.py                                  # the embedded default (tiny shapes job)
-    python learner/main.py --config deploy/configs/mixgrpo_flash.yaml window.size=6
+    python learner/main.py                                   # the embedded default: tiny model, shapes world, CPU
+    python learner/main.py --config mixgrpo_flash window.size=6 run.iterations=100
+    python learner/main.py --config flux_dev --config mixgrpo # real models from local folders, on a cluster
+    python learner/main.py --resume runs/shapes-tiny-20261122-101500 [run.iterations=120]
+    ray job submit --working-dir . -- python learner/main.py --config mixgrpo run.iterations=5
+
+Connects to the cluster in `cluster.address` or RAY_ADDRESS (set inside `ray job submit`), else
+starts a local Ray. Writes <output_dir>/config.json, metrics.jsonl and checkpoints/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
-from services.config import ConfigError, load_config
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# `python learner/main.py` puts learner/ first on sys.path, where learner/learner.py would shadow the
+# `learner` package; put the repo root there instead (even when it is already on PYTHONPATH, as under
+# `ray job submit --working-dir .`).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO_ROOT))
+
+from services.config import ClusterConfig, Config, ConfigError, dump_config, load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], help="preset name or YAML file (repeatable, merged in order)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. window.size=6")
+    p.add_argument("--config", action="append", default=[],
+                   help="preset name (deploy/configs/<name>.yaml) or YAML file; repeatable, merged in order")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. window.size=6 run.seed=1")
     return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
+    """The config and output folder of a new run, or of the run being resumed."""
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / "config.json").is_file():
+            raise ConfigError(f"--resume {out}: no config.json there (is it a run directory?)")
+        if args.config:
+            raise ConfigError("--resume takes the run's own config.json; pass only dotted overrides")
+        return load_config([out / "config.json"], args.overrides), out, True
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.run.output_dir or REPO_ROOT / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
+        raise ConfigError(f"run.output_dir {out} already holds checkpoints: use --resume {out} or another folder")
+    cfg.run.output_dir = str(out)
+    return cfg, out, False
+
+
+@contextmanager
+def ray_session(cluster: ClusterConfig):
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cluster.namespace)
+    else:
+        # actors import the project's packages even without `pip install -e .`
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=cluster.dashboard, namespace=cluster.namespace)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        cfg, out, resuming = resolve(args)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"config ok: method={cfg.run.method} backend={cfg.model.backend}")
-    print("the distributed trainer has not landed yet (issue 5); nothing was trained", file=sys.stderr)
-    return 3
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.json")
+    print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
+          f"→ {out}", flush=True)
+    from learner.loop import run_loop
+    from learner.observe import default_observers
+    from reward_servers.service import reward_service
+
+    run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
+    t0 = time.perf_counter()
+    with ray_session(cfg.cluster), reward_service(cfg.reward):
+        result = run_loop(cfg, out, run_id, resume=resuming, observers=default_observers(out, run_id))
+    final = result["final_eval"] or {}
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out verifier score "
+          f"{final.get('eval_verifier_score', float('nan')):.3f}; outputs in {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -155,7 +155,9 @@ class RewardServerConfig(_Section):
 
 
 def _default_rewards() -> list[RewardSpec]:
-    return [RewardSpec(name="shapes_reward")]
+    # The learned reward model plus the rule verifier on train-split prompts (as Flow-GRPO trains on
+    # GenEval's rules); held-out colour-shape combinations are never trained on and measure generalisation.
+    return [RewardSpec(name="shapes_reward"), RewardSpec(name="shapes_verifier", num_cpus=0.1)]
 
 
 class RewardConfig(_Section):
@@ -192,7 +194,7 @@ class RolloutConfig(_Section):
 
 
 class LearnerConfig(_Section):
-    lr: float = Field(1e-4, gt=0.0, lt=1.0)
+    lr: float = Field(3e-5, gt=0.0, lt=1.0)
     """AdamW learning rate (FLUX reference: 1e-5)."""
     weight_decay: float = Field(1e-4, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -321,7 +323,7 @@ _CROSS_CHECKS = (_check_window, _check_batch, _check_sampler)
 def preset_path(name: str) -> Path:
     """Path of a config preset in deploy/configs/ by name (`mixgrpo_flash`) or an explicit path."""
     p = Path(name)
-    if p.suffix in (".yaml", ".yml"):
+    if p.suffix in (".yaml", ".yml", ".json"):
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         return p

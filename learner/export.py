@@ -1,0 +1,111 @@
+"""Export a run's trained weights in the format its model family loads natively.
+
+    python -m learner.export --run runs/X --out exported/X                  # latest checkpoint
+    python -m learner.export --run runs/X --checkpoint runs/X/checkpoints/iter_000019 --out exported/X19
+
+- tiny: the full tiny checkpoint (config.json + model.safetensors) that `TinyPolicy.load(OUT)` reads, with
+  the trained weights merged (a LoRA adapter is fused into the transformer; the result has no adapter).
+- SD3 / FLUX with LoRA: diffusers LoRA weights (OUT/pytorch_lora_weights.safetensors) written by
+  `StableDiffusion3Pipeline.save_lora_weights` / `FluxPipeline.save_lora_weights` with the adapter's
+  peft config as metadata (so rank and alpha survive), for `pipeline.load_lora_weights(OUT)` on the base
+  pipeline (the run's `model.path`).
+- SD3 / FLUX trained fully (lora_rank 0): the whole pipeline folder (`save_pretrained`).
+Every export also holds export.json: where the weights came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from services.config import Config, ConfigError, load_config
+
+EXPORT_INFO = "export.json"
+
+
+def load_trained(cfg: Config, checkpoint: Path):
+    """The run's starting model with the checkpoint's trainable weights, and the checkpoint's meta."""
+    from learner.actors import policy_from_config
+    from learner.checkpoint import load_checkpoint
+
+    weights, _, meta = load_checkpoint(checkpoint)
+    policy = policy_from_config(cfg.model)
+    policy.load_trainable_state_dict(weights)
+    return policy, meta
+
+
+def export_tiny(policy, out: Path) -> str:
+    """Write a self-contained tiny checkpoint; a LoRA adapter is fused into the transformer first."""
+    from rollout_workers.policies.tiny import TinyPolicy
+
+    if policy.trainable.lora_rank == 0:
+        policy.save(out)
+        return "tiny"
+    policy.transformer.fuse_lora()  # W ← W + (α/r)·B·A, then drop the adapter modules
+    policy.transformer.unload_lora()
+    TinyPolicy(policy.config, policy.transformer, policy.text_encoder).save(out)
+    return "tiny (LoRA fused)"
+
+
+def export_diffusers(policy, out: Path) -> str:
+    """LoRA → diffusers LoRA weights for `load_lora_weights`; full fine-tune → the whole pipeline folder."""
+    if policy.trainable.lora_rank == 0:
+        policy.pipe.save_pretrained(out)
+        return "diffusers pipeline"
+    from peft import get_peft_model_state_dict
+
+    transformer = policy.transformer
+    layers = get_peft_model_state_dict(transformer)  # peft names, e.g. transformer_blocks.0.attn.to_q.lora_A.weight
+    type(policy.pipe).save_lora_weights(
+        out, transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    return "diffusers LoRA"
+
+
+def export_run(cfg: Config, checkpoint: Path, out: Path) -> Path:
+    """Export `checkpoint` of a run configured by `cfg` into `out`; returns `out`."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
+    policy, meta = load_trained(cfg, checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    kind = export_tiny(policy, out) if cfg.model.backend == "tiny" else export_diffusers(policy, out)
+    info = {"format": kind, "backend": cfg.model.backend, "base_model": cfg.model.path or "shipped tiny checkpoint",
+            "checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "weight_version": meta.get("version"),
+            "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha}
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run directory (config.json, checkpoints/)")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    p.add_argument("--out", required=True, help="a new (or empty) output folder")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.path=/models/sd3.5-medium")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from learner.checkpoint import latest_checkpoint
+
+    args = parse_args(argv)
+    run = Path(args.run)
+    try:
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"--run {run}: no config.json there (is it a run directory?)")
+        cfg = load_config([run / "config.json"], args.overrides)
+        ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"--run {run}: no checkpoint in {run / 'checkpoints'}")
+        out = export_run(cfg, ckpt, Path(args.out))
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {ckpt} → {out} ({json.loads((out / EXPORT_INFO).read_text())['format']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The Learner: advantages per group, windowed GRPO updates, weights out, checkpoints.
+
+A plain class (a Ray actor via `learner/actors.py`). Each `update` consumes one iteration's rollout:
+log-probs of the trained window steps are recomputed with gradients by the same function the
+rollout used, so with identical weights the first ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from learner.algo import combine_advantages, grpo_loss, transition_log_probs
+from services.broadcast import CollectiveChannel, WeightPacket
+from services.types import RolloutBatch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+
+
+def trained_steps(window_size: int, fraction: float, seed: int, iteration: int) -> list[int]:
+    """Window-step indices trained this iteration: all, or a seeded random subset (DanceGRPO)."""
+    if fraction >= 1.0:
+        return list(range(window_size))
+    k = max(1, round(fraction * window_size))
+    gen = torch.Generator().manual_seed((seed * 7_919 + iteration) % (2**63))
+    return sorted(torch.randperm(window_size, generator=gen)[:k].tolist())
+
+
+class Learner:
+    def __init__(
+        self, policy, *, lr: float, weight_decay: float, betas: tuple[float, float], grad_clip: float,
+        micro_batch_size: int, gradient_accumulation_steps: int, clip_range: float, adv_clip_max: float,
+        reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
+        eta: float, sde_kind: str, seed: int, num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.policy = policy.train(False)  # eval mode: velocity must be the same function as in rollout
+        params = policy.trainable_parameters()
+        if not params:
+            raise ValueError("the policy has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.params = params
+        self.grad_clip, self.mb, self.accum = grad_clip, micro_batch_size, gradient_accumulation_steps
+        self.clip_range, self.adv_clip_max = clip_range, adv_clip_max
+        self.reward_weights, self.aggregation = dict(reward_weights), reward_aggregation
+        self.train_fraction, self.epochs, self.eta, self.sde_kind = train_fraction, num_inner_epochs, eta, sde_kind
+        self.seed = seed
+        self.version = 0
+        self.iteration = -1
+
+    # ------------------------------------------------------------------------------ update
+    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B,) group-relative advantages from every reward, aggregated per config."""
+        p, g = len(batch.prompts), batch.group_size
+        per_reward = {n: r.view(p, g) for n, r in batch.rewards.items()}
+        return combine_advantages(per_reward, self.reward_weights, aggregation=self.aggregation).flatten()
+
+    def update(self, batch: RolloutBatch) -> dict:
+        """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
+        t0 = time.perf_counter()
+        adv = self.advantages(batch)
+        steps = trained_steps(batch.window[1], self.train_fraction, self.seed, batch.iteration)
+        b = batch.num_rows
+        per_update = self.mb * self.accum
+        if b % per_update:
+            raise ValueError(f"{b} rows are not divisible by micro_batch × accumulation = {per_update}")
+        cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}  # (B, …)
+        stats: dict[str, list] = {k: [] for k in ("loss", "ratio_mean", "ratio_min", "ratio_max", "clip_frac",
+                                                  "approx_kl", "grad_norm", "first_ratio_dev")}
+        step_loss = torch.zeros(len(steps))
+        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(self.epochs):
+            gen = torch.Generator().manual_seed((self.seed * 104_729 + batch.iteration * 31 + epoch) % (2**63))
+            order = torch.randperm(b, generator=gen)
+            for u, lo in enumerate(range(0, b, self.mb)):
+                rows = order[lo:lo + self.mb]
+                loss, m = self._micro_step(batch, cond, rows, steps, adv)
+                (loss / self.accum).backward()
+                if epoch == 0 and lo == 0:
+                    # before any optimizer step the policy equals the rollout policy: ratio must be 1
+                    stats["first_ratio_dev"].append(max(abs(float(m["ratio_max"]) - 1), abs(float(m["ratio_min"]) - 1)))
+                for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl"):
+                    stats[k].append(float(m[k]))
+                stats["loss"].append(float(loss.detach()))
+                step_loss += m["loss_per_step"]
+                if (u + 1) % self.accum == 0:
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+                    if not torch.isfinite(norm):
+                        raise FloatingPointError(f"gradient norm is {float(norm)} at iteration {batch.iteration}")
+                    stats["grad_norm"].append(float(norm))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        self.iteration = batch.iteration
+        n_micro = len(stats["loss"])
+        adv_np = adv.numpy()
+        total_w = sum(self.reward_weights.values())
+        rewards = {
+            "reward_mean": sum(self.reward_weights[n] * float(r.mean()) for n, r in batch.rewards.items()) / total_w,
+            **{f"reward_mean/{n}": float(r.mean()) for n, r in batch.rewards.items()},
+            **{f"reward_std/{n}": float(r.std()) for n, r in batch.rewards.items()},
+        }
+        return {
+            **rewards, "nfe": batch.nfe, "image_evals": batch.image_evals, "rollout_timings": batch.timings,
+            "loss": float(np.mean(stats["loss"])), "ratio_mean": float(np.mean(stats["ratio_mean"])),
+            "ratio_min": float(np.min(stats["ratio_min"])), "ratio_max": float(np.max(stats["ratio_max"])),
+            "clip_frac": float(np.mean(stats["clip_frac"])), "approx_kl": float(np.mean(stats["approx_kl"])),
+            "grad_norm": float(np.mean(stats["grad_norm"])), "grad_norm_max": float(np.max(stats["grad_norm"])),
+            "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
+            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": [batch.window[0] + s for s in steps],
+            "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0,
+            "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
+        }
+
+    def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor):
+        k = len(steps)
+        idx = torch.as_tensor(steps)
+        x = batch.latents[rows][:, idx].flatten(0, 1)  # (mb·k, C, H, W)
+        x_next = batch.next_latents[rows][:, idx].flatten(0, 1)
+        sig = batch.sigmas[idx].repeat(len(rows))  # (mb·k,)
+        sig_next = batch.sigmas_next[idx].repeat(len(rows))
+        c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
+        lp = transition_log_probs(self.policy.velocity, x, x_next, sig, sig_next, c,
+                                  eta=self.eta, sde_kind=self.sde_kind).view(len(rows), k)
+        return grpo_loss(lp, batch.log_probs[rows][:, idx], adv[rows], clip_range=self.clip_range,
+                         adv_clip_max=self.adv_clip_max)
+
+    # ------------------------------------------------------------------------------ weights & state
+    def weight_version(self) -> int:
+        return self.version
+
+    def get_weights(self) -> WeightPacket:
+        return WeightPacket.build(self.version, self.policy.trainable_state_dict())
+
+    def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
+        """Join the weight-broadcast group as rank 0 (collective weight sync)."""
+        self.channel = CollectiveChannel(0, world_size, init_method, backend)
+
+    def send_weights(self) -> tuple[int, str]:
+        return self.channel.broadcast(self.policy.trainable_state_dict(), self.version)
+
+    def save(self, root: str, extra: dict | None = None) -> str:
+        meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), **(extra or {})}
+        return str(save_checkpoint(root, self.iteration, self.policy.trainable_state_dict(),
+                                   self.optimizer.state_dict(), meta))
+
+    def restore(self, path: str) -> dict:
+        weights, optim, meta = load_checkpoint(path)
+        self.policy.load_trainable_state_dict(weights)
+        self.optimizer.load_state_dict(optim)
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        self.version, self.iteration = int(meta["version"]), int(meta["iteration"])
+        return meta
+
+    def evaluate(self, prompts: list[str], *, num_steps: int, shift: float, seed: int, grid: int = 0) -> dict:
+        """Held-out evaluation with the current weights (full-step ODE, fixed seeds).
+
+        With `grid` = k > 0 also the run's sample grid: the first k prompts sampled from the same seeded noise
+        → "grid_images" (k, H, W, 3) uint8, "grid_prompts" (k,), "grid_scores" (k,) verifier scores.
+        """
+        from learner.evaluate_base import sample_images, score_images
+        from learner.pretrain import evaluate_policy
+
+        res = evaluate_policy(self.policy, prompts, num_steps=num_steps, shift=shift, seed=seed, batch_size=64)
+        if grid > 0:
+            first = list(prompts[:grid])
+            images = sample_images(self.policy, first, num_steps=num_steps, shift=shift, seed=seed, batch_size=64)
+            res |= {"grid_images": images, "grid_prompts": first, "grid_scores": score_images(first, images)["scores"]}
+        return res

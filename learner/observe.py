@@ -1,0 +1,176 @@
+"""Observers of the driver loop: Ray dashboard metrics, TensorBoard scalars and sample grids, the run report.
+
+    observers = default_observers(out, run_id)               # metrics + TensorBoard + report at the end
+    run_loop(cfg, out, run_id, resume, observers=observers)
+
+Each observer has `on_iteration(rec)`, `on_eval(rec, images=None, prompts=None)` and `close()` (the
+`learner.loop.Observer` hooks); records are the dicts of <run>/metrics.jsonl. An eval record's sample grid
+arrives either as arrays (`images` (k, H, W, 3) uint8, `prompts`) or, when the loop passes only the record,
+through `rec["samples"]`, the grid PNG (relative to the run directory) that `learner.loop.evaluate` saved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.telemetry import Telemetry, eval_updates, train_updates
+
+from .samples import default_scale, load_grid, make_grid
+
+SKIP = {"kind", "iteration", "time", "samples"}
+
+
+class MetricsObserver:
+    """The driver's Ray metrics (see services/telemetry.py); a no-op without a Ray session."""
+
+    def __init__(self, run: str, telemetry: Telemetry | None = None) -> None:
+        self.telemetry = telemetry or Telemetry(run)
+
+    def on_iteration(self, rec: dict) -> None:
+        self.telemetry.record(train_updates(rec))
+
+    def on_eval(self, rec: dict, images=None, prompts=None) -> None:
+        self.telemetry.record(eval_updates(rec))
+
+    def close(self) -> None:
+        self.telemetry.close()
+
+
+def scalar_tag(key: str) -> str:
+    """A record key → a TensorBoard tag grouped by what it measures (reward/, update/, time/, window/, train/)."""
+    if key.startswith("reward"):
+        return f"reward/{key.removeprefix('reward_')}"
+    if key.startswith(("window_", "trained_")):
+        return f"window/{key.removeprefix('window_')}"
+    if key.endswith(("_s", "_seconds")) or key.startswith("rollout_timings/"):
+        return f"time/{key.removeprefix('rollout_timings/')}"
+    if key.startswith(("ratio", "clip", "grad", "loss", "approx_kl", "adv", "first_ratio", "num_updates")):
+        return f"update/{key}"
+    return f"train/{key}"
+
+
+def scalars(rec: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a record (nested dicts flattened, lists and text skipped) by TensorBoard tag."""
+    flat: dict[str, Any] = {}
+    for k, v in rec.items():
+        if k in SKIP:
+            continue
+        if isinstance(v, Mapping):
+            flat |= {f"{k}/{sub}": x for sub, x in v.items()}
+        else:
+            flat[k] = v
+    numbers = {k: float(v) for k, v in flat.items()
+               if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    if rec.get("kind") == "eval":
+        return {f"eval/{k.removeprefix('eval_')}": v for k, v in numbers.items()}
+    return {scalar_tag(k): v for k, v in numbers.items()}
+
+
+def step_of(rec: Mapping[str, Any]) -> int:
+    """TensorBoard step = updates applied: iteration m's record is step m+1; the base evaluation is step 0."""
+    return int(rec["iteration"]) + 1
+
+
+def prompts_markdown(prompts: Sequence[str], scores: Sequence[float] | None = None, cols: int | None = None) -> str:
+    """A Markdown table: cell (row, col) → prompt (→ verifier score)."""
+    cols = cols or math.ceil(math.sqrt(len(prompts)))
+    head = "| cell | prompt |" + (" score |" if scores is not None else "")
+    lines = [head, "|---|---|" + ("---|" if scores is not None else "")]
+    for i, p in enumerate(prompts):
+        r, c = divmod(i, cols)
+        lines.append(f"| ({r},{c}) | {p} |" + (f" {scores[i]:.2f} |" if scores is not None else ""))
+    return "\n".join(lines)
+
+
+def open_summary_writer(logdir: Path, writer: str = "auto"):
+    """torch.utils.tensorboard's SummaryWriter when `tensorboard` is installed, else tensorboardX's (a Ray
+    dependency that writes the same event files without TensorBoard)."""
+    if writer in ("auto", "torch"):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(logdir))
+        except ImportError:
+            if writer == "torch":
+                raise
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(logdir))
+
+
+class TensorBoardObserver:
+    """Scalars of every record and each evaluation's sample grid + prompts under <run>/tensorboard/."""
+
+    def __init__(self, run_dir: str | Path, writer: str = "auto") -> None:
+        self.run_dir = Path(run_dir)
+        self.writer = open_summary_writer(self.run_dir / "tensorboard", writer)
+
+    def on_iteration(self, rec: dict) -> None:
+        for tag, v in scalars(rec).items():
+            self.writer.add_scalar(tag, v, step_of(rec))
+        self.writer.flush()
+
+    def on_eval(self, rec: dict, images=None, prompts=None) -> None:
+        step = step_of(rec)
+        for tag, v in scalars(rec).items():
+            self.writer.add_scalar(tag, v, step)
+        grid, prompts, scores = self._grid(rec, images, prompts)
+        if grid is not None:
+            self.writer.add_image("samples/heldout", grid, step, dataformats="HWC")
+            self.writer.add_text("samples/prompts", prompts_markdown(prompts, scores), step)
+        self.writer.flush()
+
+    def _grid(self, rec: dict, images, prompts) -> tuple[np.ndarray | None, list[str], list[float] | None]:
+        if images is not None:
+            images = np.asarray(images)
+            return make_grid(images, scale=default_scale(images.shape[1])), list(prompts or []), None
+        if rec.get("samples"):
+            grid, meta = load_grid(self.run_dir / rec["samples"])
+            return grid, meta["prompts"], meta.get("scores")
+        return None, [], None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ReportObserver:
+    """Writes <run>/report.md when the run ends (`python -m learner.report RUN_DIR` does the same any time).
+
+    A report that cannot be written is reported on stderr, not raised: the run's results are on disk
+    already and the close() runs in the loop's `finally`, where raising would hide the run's own error.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def on_iteration(self, rec: dict) -> None: ...
+
+    def on_eval(self, rec: dict, images=None, prompts=None) -> None: ...
+
+    def close(self) -> None:
+        import sys
+
+        from .report import write_report
+
+        try:
+            path = write_report(self.run_dir)
+            print(f"report: {path}", flush=True)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            print(f"report: not written ({type(e).__name__}: {e}); retry with "
+                  f"`python -m learner.report {self.run_dir}`", file=sys.stderr, flush=True)
+
+
+def default_observers(run_dir: str | Path, run_id: str, *, tensorboard: bool = True,
+                      report: bool = True) -> list:
+    """What learner/main.py passes to `run_loop`: metrics, TensorBoard, and the report at the end."""
+    observers: list = [MetricsObserver(run_id)]
+    if tensorboard:
+        observers.append(TensorBoardObserver(run_dir))
+    if report:
+        observers.append(ReportObserver(run_dir))
+    return observers

@@ -1,0 +1,281 @@
+"""Pre-train the shapes-world models, and evaluate the base policy.
+
+    python -m learner.pretrain policy --out rollout_workers/assets/tiny_policy --steps 1200 --seed 0
+    python -m learner.pretrain reward --out reward_servers/assets/shapes_reward
+    python -m learner.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
+
+`policy`: flow matching (rectified flow) on freshly rendered TRAIN-split images of every category:
+    x0 = render(prompt) in [-1, 1], ε ~ N(0, I), u ~ U(0, 1), σ = 3u / (1 + 2u)   (shift 3)
+    x_σ = (1 − σ)·x0 + σ·ε,   loss = ‖v_θ(x_σ, σ, c) − (ε − x0)‖² (mean over pixels and batch)
+AdamW, linear warmup then cosine decay to 0, grad-norm clip. Deterministic given (seed, thread count):
+prompts and renders come from a numpy Generator, noise and σ from a torch Generator, both seeded.
+
+Why shifted-uniform σ: it is the density of the σ's the shift-3 sampler visits (uniform u, shifted),
+so training spends its samples where sampling spends its steps: P(σ > 0.8) = 0.43. A first run with
+SD3's logit-normal(0, 1) (P(σ > 0.8) = 0.08) denoised well below σ = 0.6 but was poor at high noise,
+where the layout is decided, and its 25-step samples were scattered 4x4-patch fragments (verifier
+score ~0.33, no strict pass). Low noise is easy here (P(σ < 0.2) = 0.08 is plenty).
+
+`reward`: dispatches to `services.shapes_reward_model.train_reward_model` (the learned reward model).
+`eval`: `learner.evaluate_base` on held-out and train prompts; prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner.algo import shift_sigma
+from learner.evaluate_base import EVAL_SHIFT, EVAL_STEPS, eval_prompts, evaluate_policy, markdown_table
+from services import shapes_world
+
+TRAIN_SHIFT = 3.0  # σ sampling for training; see the module docstring
+
+# ---------------------------------------------------------------------- flow-matching pieces (pure)
+
+
+def images_to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 images (B, H, W, 3) -> float32 x0 (B, 3, H, W) in [-1, 1] (the inverse of `policy.decode`)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def render_batch(prompts: list[str], rng: np.random.Generator) -> Tensor:
+    """A fresh render of each prompt -> x0 (B, 3, 32, 32) in [-1, 1]."""
+    return images_to_tensor(np.stack([shapes_world.render(p, rng) for p in prompts]))
+
+
+def sample_sigma(batch: int, generator: torch.Generator, *, shift: float = TRAIN_SHIFT) -> Tensor:
+    """σ = shift·u / (1 + (shift − 1)·u) with u ~ U(0, 1): the sampler's σ density -> (B,) float32."""
+    return shift_sigma(torch.rand(batch, generator=generator), shift).float()
+
+
+def flow_matching_pair(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """x0, noise (B, C, H, W), sigma (B,) -> (x_σ = (1 − σ)·x0 + σ·ε, target v = ε − x0), both (B, C, H, W)."""
+    s = sigma.to(x0.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return (1.0 - s) * x0 + s * noise, noise - x0
+
+
+def flow_matching_loss(policy, x0: Tensor, noise: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    """Mean squared error between v_θ(x_σ, σ, c) and ε − x0; x0, noise (B, C, H, W), sigma (B,)."""
+    x_sigma, target = flow_matching_pair(x0, noise, sigma)
+    return torch.mean((policy.velocity(x_sigma, sigma, cond) - target) ** 2)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
+    """LR multiplier: linear 1/warmup … 1 over `warmup` steps, then cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_batch(policy, batch_size: int, rng: np.random.Generator, generator: torch.Generator,
+               split: str = "train") -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One training batch: (x0 (B, 3, 32, 32), noise (B, 3, 32, 32), sigma (B,), cond) of all categories."""
+    prompts = shapes_world.sample_prompts(batch_size, rng, split=split)
+    x0 = render_batch(prompts, rng)
+    noise = torch.randn(x0.shape, generator=generator)
+    return x0, noise, sample_sigma(batch_size, generator), policy.encode_prompts(prompts)
+
+
+# ---------------------------------------------------------------------- the pre-training loop
+
+
+def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 2e-3,
+                    weight_decay: float = 0.01, warmup: int = 100, grad_clip: float = 1.0,
+                    minutes: float | None = None, log_every: int = 50,
+                    log: Callable[[str], None] = print) -> dict:
+    """Train `policy`'s trainable parameters by flow matching, in place.
+
+    Every `log_every` steps logs the mean training loss since the last log and the loss on a fixed
+    held-aside batch (same renders, noise and σ each time, so its curve is not sampling noise).
+    `minutes` caps the wall time: the loop stops early (and says so) rather than overrun a budget.
+    Returns {"steps", "train_loss", "fixed_loss", "seconds", "stopped_early", "history"}.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    fixed = make_batch(policy, batch_size, np.random.default_rng(seed + 1),
+                       torch.Generator().manual_seed(seed + 1))
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup=warmup, total=steps))
+    policy.train(True)
+    history, window, t0, stopped_early, step = [], [], time.perf_counter(), False, 0
+    for step in range(1, steps + 1):
+        x0, noise, sigma, cond = make_batch(policy, batch_size, rng, generator)
+        loss = flow_matching_loss(policy, x0, noise, sigma, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        opt.step()
+        sched.step()
+        window.append(float(loss.detach()))
+        elapsed = time.perf_counter() - t0
+        out_of_time = minutes is not None and elapsed > 60.0 * minutes
+        if step % log_every == 0 or step == steps or out_of_time:
+            with torch.no_grad():
+                fixed_loss = float(flow_matching_loss(policy, *fixed))
+            rate = step / elapsed
+            history.append({"step": step, "train_loss": float(np.mean(window)), "fixed_loss": fixed_loss,
+                            "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "seconds": elapsed})
+            log(f"step {step:5d}/{steps}  loss {history[-1]['train_loss']:.4f}  fixed {fixed_loss:.4f}  "
+                f"|g| {grad_norm:.2f}  lr {history[-1]['lr']:.2e}  {rate:.2f} it/s  "
+                f"elapsed {elapsed / 60:.1f} min  ETA {(steps - step) / rate / 60:.1f} min")
+            window = []
+        if out_of_time:
+            log(f"stopping early at step {step}: the {minutes} min budget is spent (LR schedule unfinished)")
+            stopped_early = True
+            break
+    policy.train(False)
+    return {"steps": step, "train_loss": history[-1]["train_loss"], "fixed_loss": history[-1]["fixed_loss"],
+            "seconds": time.perf_counter() - t0, "stopped_early": stopped_early, "history": history}
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
+
+    policy = TinyPolicy.from_config(TinyConfig.for_shapes_world(), seed=args.seed)
+    n = policy.num_parameters()
+    print(f"tiny policy: {n['transformer']:,} transformer + {n['text_encoder']:,} text-encoder parameters "
+          f"({n['trainable']:,} trainable); {args.steps} steps x {args.batch_size}, seed {args.seed}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    result = pretrain_policy(policy, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
+                             warmup=args.warmup, minutes=args.minutes, log_every=args.log_every,
+                             log=lambda s: print(s, flush=True))
+    policy.save(args.out)
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "command")}
+    record = {"command": " ".join(["python -m learner.pretrain", *args.argv]), "parameters": n,
+              **settings, **result}
+    (Path(args.out) / "pretrain.json").write_text(json.dumps(record, indent=1))
+    print(f"saved {args.out} after {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
+          f"final train loss {result['train_loss']:.4f}, fixed-batch loss {result['fixed_loss']:.4f}")
+    return 0
+
+
+def policy_samples(policy, n: int, *, split: str, seed: int, num_steps: int = 16, shift: float = 3.0,
+                   batch_size: int = 64) -> dict:
+    """n images from `policy` labelled by the verifier: half plain ODE samples, half mixed ODE-SDE samples
+    with a random window (the distribution rollouts produce), so a reward model learns the images RL asks about.
+    """
+    from learner.algo import Window, sample_mixed, sample_ode, sigma_schedule
+    from services import shapes_world as sw
+
+    rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    sigmas, images, prompts = sigma_schedule(num_steps, shift), [], []
+    for lo in range(0, n, batch_size):
+        ps = sw.sample_prompts(min(batch_size, n - lo), rng, split=split)
+        cond, noise = policy.encode_prompts(ps), torch.randn(len(ps), *policy.latent_shape, generator=gen)
+        if (lo // batch_size) % 2 == 0:
+            x = sample_ode(policy.velocity, noise, cond, sigmas)
+        else:
+            size = min(4, num_steps - 1)
+            win = Window(int(rng.integers(0, num_steps - size)), size)  # start ≤ N−1−w
+            x = sample_mixed(policy.velocity, noise, cond, sigmas, win, group_size=1, eta=0.7, generator=gen).final
+        images.append(policy.decode(x))
+        prompts += ps
+    images = np.concatenate(images)
+    targets = np.array([sw.verify(p, im).score for p, im in zip(prompts, images)], dtype=np.float32)
+    return {"images": images, "prompts": prompts, "targets": targets, "kinds": ["policy"] * len(prompts)}
+
+
+def cmd_reward(args: argparse.Namespace) -> int:
+    from services.shapes_reward_model import train_reward_model  # lazy: the policy path does not need it
+
+    given = {"steps": args.steps, "batch_size": args.batch_size}
+    extra = extra_eval = None
+    if args.policy_samples:
+        from rollout_workers.policies.tiny import TinyPolicy
+
+        policy = TinyPolicy.load(args.policy)
+        t0 = time.perf_counter()
+        extra = policy_samples(policy, args.policy_samples, split="train", seed=args.seed)
+        extra_eval = policy_samples(policy, max(256, args.policy_samples // 8), split="heldout", seed=args.seed + 1)
+        print(f"labelled {len(extra['prompts'])} + {len(extra_eval['prompts'])} policy samples from {args.policy} "
+              f"in {time.perf_counter() - t0:.0f}s", flush=True)
+    metrics = train_reward_model(args.out, seed=args.seed, num_threads=torch.get_num_threads(), extra=extra,
+                                 extra_eval=extra_eval, **{k: v for k, v in given.items() if v is not None})
+    print(json.dumps({k: v for k, v in metrics.items() if k in ("train", "heldout", "extra_eval", "loss", "seconds")},
+                     indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rollout_workers.policies.tiny import TinyPolicy
+
+    policy = TinyPolicy.load(args.policy)
+    results = {}
+    for split in args.splits.split(","):
+        t0 = time.perf_counter()
+        prompts = eval_prompts(split, args.prompts_per_category, args.seed)
+        results[split] = evaluate_policy(policy, prompts, num_steps=args.num_steps, shift=args.shift,
+                                         seed=args.seed, batch_size=args.batch_size)
+        print(f"{split}: {len(prompts)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
+    print(f"\n{args.num_steps}-step ODE, shift {args.shift}, seed {args.seed}, "
+          f"{args.prompts_per_category} prompts per category\n")
+    print(markdown_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a contended box)")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    pol = sub.add_parser("policy", parents=[common], help="flow-matching pre-training of the tiny policy")
+    pol.add_argument("--out", required=True)
+    pol.add_argument("--steps", type=int, default=1200)
+    pol.add_argument("--batch-size", type=int, default=32)
+    pol.add_argument("--seed", type=int, default=0)
+    pol.add_argument("--lr", type=float, default=2e-3)
+    pol.add_argument("--warmup", type=int, default=100)
+    pol.add_argument("--minutes", type=float, default=None, help="wall-time cap; stops early when spent")
+    pol.add_argument("--log-every", type=int, default=50)
+    pol.set_defaults(func=cmd_policy)
+    rew = sub.add_parser("reward", parents=[common], help="train the learned shapes reward model")
+    rew.add_argument("--out", required=True)
+    rew.add_argument("--steps", type=int, default=None, help="default: train_reward_model's")
+    rew.add_argument("--batch-size", type=int, default=None, help="default: train_reward_model's")
+    rew.add_argument("--seed", type=int, default=0)
+    rew.add_argument("--policy", default=str(Path(__file__).resolve().parents[1] / "rollout_workers/assets/tiny_policy"),
+                     help="policy whose samples (labelled by the verifier) join the training data")
+    rew.add_argument("--policy-samples", type=int, default=4096, help="0: rendered/corrupted images only")
+    rew.set_defaults(func=cmd_reward)
+    ev = sub.add_parser("eval", parents=[common], help="verifier scores of a policy's ODE samples")
+    ev.add_argument("--policy", required=True)
+    ev.add_argument("--num-steps", type=int, default=EVAL_STEPS)
+    ev.add_argument("--shift", type=float, default=EVAL_SHIFT)
+    ev.add_argument("--prompts-per-category", type=int, default=32)
+    ev.add_argument("--splits", default="heldout,train")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--json", default=None)
+    ev.set_defaults(func=cmd_eval)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(args.threads)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Run outputs the driver writes: metrics.jsonl and human-readable progress lines (job logs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep the information as text
+    return v
+
+
+class MetricsLog:
+    """Append-only JSON lines; one record per iteration (`kind: train`) and per evaluation (`kind: eval`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        rec = {"time": time.time(), **{k: _clean(v) for k, v in record.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop records of iterations after the checkpoint (they will be re-run)."""
+        keep = [r for r in self.records() if r.get("iteration", -1) <= iteration]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+class Progress:
+    """One line per iteration: iteration, window, reward, time per iteration, ETA."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.times = total, []
+
+    def report(self, rec: dict) -> None:
+        self.times.append(rec["iteration_seconds"])
+        recent = self.times[-10:]
+        per_iter = sum(recent) / len(recent)
+        left = self.total - rec["iteration"] - 1
+        rewards = " ".join(f"{k.removeprefix('reward_mean/')}={v:.3f}" for k, v in rec.items()
+                           if k.startswith("reward_mean/"))
+        print(f"[iter {rec['iteration'] + 1:>4}/{self.total}] window=[{rec['window_start']},"
+              f"{rec['window_start'] + rec['window_size']}) reward={rec['reward_mean']:.3f} {rewards} "
+              f"ratio=[{rec['ratio_min']:.4f},{rec['ratio_max']:.4f}] clip={rec['clip_frac']:.2f} "
+              f"gnorm={rec['grad_norm']:.3f} {rec['iteration_seconds']:.1f}s/it ETA {left * per_iter / 60:.1f} min",
+              flush=True)
+
+    @staticmethod
+    def report_eval(rec: dict) -> None:
+        when = "before training" if rec["iteration"] < 0 else f"after iteration {rec['iteration'] + 1}"
+        print(f"[eval {when}] held-out verifier score={rec['eval_verifier_score']:.3f} "
+              f"strict={rec['eval_verifier_strict']:.3f}", flush=True)

@@ -1,0 +1,236 @@
+"""The run report: <run>/report.md with PNG plots in <run>/report/, from metrics.jsonl and the sample grids.
+
+    python -m learner.report runs/shapes-tiny-20261122-101500      # also written when a run ends
+
+Plots: rewards and the held-out verifier over training, the window position, the time of each
+iteration by phase (rollout sampling, reward wait, learner update, weight broadcast, other), and the
+first and last sample grids side by side. The summary table compares the base model (the evaluation
+before training) with the final one and gives the iteration count and median seconds per iteration.
+x axes count updates applied (iteration + 1; the base evaluation is at 0), as in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from .samples import list_grids, load_grid
+
+PHASES = {"rollout sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
+          "update": (None, "update_s"), "broadcast": (None, "broadcast_s")}
+PLOT_DIR = "report"
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _y(v: Any) -> float:
+    """A plotted value: missing (or written as text, like "nan") → NaN, a gap in the line."""
+    n = _num(v)
+    return float("nan") if n is None else n
+
+
+def load_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of <run>/metrics.jsonl, each in iteration order."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = sorted((r for r in recs if r.get("kind") == "train"), key=lambda r: r["iteration"])
+    evals = sorted((r for r in recs if r.get("kind") == "eval"), key=lambda r: r["iteration"])
+    return train, evals
+
+
+def phase_seconds(rec: dict) -> dict[str, float]:
+    """Seconds per phase of one train record; "other" is the rest of iteration_seconds (never negative)."""
+    out = {}
+    for name, (section, key) in PHASES.items():
+        v = _num((rec.get(section) or {}).get(key) if section else rec.get(key))
+        out[name] = v or 0.0
+    out["other"] = max(0.0, (_num(rec.get("iteration_seconds")) or 0.0) - sum(out.values()))
+    return out
+
+
+# ---------------------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rewards(train: list[dict], evals: list[dict], path: Path) -> Path:
+    """Training rewards (weighted mean and each reward) and the held-out verifier (score, strict)."""
+    plt = _pyplot()
+    fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
+    x = [r["iteration"] + 1 for r in train]
+    if train:
+        ax_r.plot(x, [_y(r.get("reward_mean")) for r in train], label="weighted mean", lw=2)
+        for key in sorted({k for r in train for k in r if k.startswith("reward_mean/")}):
+            ax_r.plot(x, [_y(r.get(key)) for r in train], label=key.removeprefix("reward_mean/"), alpha=0.8)
+        ax_r.legend(fontsize=8)
+    ax_r.set(title="training reward (rollouts)", xlabel="updates applied", ylabel="reward")
+    xe = [r["iteration"] + 1 for r in evals]
+    for key, label in (("eval_verifier_score", "verifier score"), ("eval_verifier_strict", "strict accuracy")):
+        ax_e.plot(xe, [_y(r.get(key)) for r in evals], marker="o", label=label)
+    ax_e.set(title="held-out verifier", xlabel="updates applied", ylim=(0, 1))
+    ax_e.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_window(train: list[dict], path: Path) -> Path:
+    """The window [start, start + size) of each iteration over the denoising steps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = [r["iteration"] + 1 for r in train]
+    start = [r["window_start"] for r in train]
+    end = [r["window_start"] + r["window_size"] for r in train]
+    ax.fill_between(x, start, end, step="mid", alpha=0.35, label="window steps")
+    ax.step(x, start, where="mid", label="window start")
+    ax.set(title="sliding window", xlabel="updates applied", ylabel="denoising step")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_time(train: list[dict], path: Path) -> Path:
+    """Stacked bars: seconds of each iteration by phase."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = [r["iteration"] + 1 for r in train]
+    bottom = [0.0] * len(train)
+    for phase in (*PHASES, "other"):
+        h = [phase_seconds(r)[phase] for r in train]
+        ax.bar(x, h, bottom=bottom, label=phase, width=0.9)
+        bottom = [b + v for b, v in zip(bottom, h)]
+    ax.set(title="time per iteration", xlabel="updates applied", ylabel="seconds")
+    ax.legend(fontsize=8, ncols=5, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    return _save(fig, path)
+
+
+def plot_grids(first: Path, last: Path, path: Path) -> Path:
+    """The first and the last sample grid side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.3))
+    for ax, png in zip(axes, (first, last)):
+        grid, meta = load_grid(png)
+        ax.imshow(grid, interpolation="nearest")
+        it = meta["iteration"]
+        ax.set_title("before training" if it < 0 else f"after iteration {it} ({it + 1} updates)")
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------- text
+def _fmt(v: float | None, signed: bool = False) -> str:
+    return "–" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
+
+
+def summary_table(train: list[dict], evals: list[dict]) -> str:
+    """Base vs final held-out verifier (overall, strict, per category), iterations, median s/iteration."""
+    base = next((e for e in evals if e["iteration"] < 0), None)
+    final = evals[-1] if evals and evals[-1]["iteration"] >= 0 else None
+    rows = ["| | base | final | change |", "|---|---|---|---|"]
+    keys = ["eval_verifier_score", "eval_verifier_strict"]
+    keys += sorted({k for e in evals for k in e if k.startswith("eval_") and k.endswith("_score")} - set(keys))
+    for key in keys:
+        b, f = _num((base or {}).get(key)), _num((final or {}).get(key))
+        label = key.removeprefix("eval_").replace("_", " ")
+        rows.append(f"| held-out {label} | {_fmt(b)} | {_fmt(f)} | {_fmt(f - b if None not in (b, f) else None, True)} |")
+    secs = [s for r in train if (s := _num(r.get("iteration_seconds"))) is not None]
+    rows.append(f"| iterations | | {len(train)} | |")
+    rows.append(f"| median s/iteration | | {statistics.median(secs):.2f} | |" if secs else "| median s/iteration | | – | |")
+    if train:
+        rows.append(f"| total iteration time (min) | | {sum(secs) / 60:.1f} | |")
+        rows.append(f"| final weight version | | {train[-1].get('weight_version', '–')} | |")
+    return "\n".join(rows)
+
+
+def phase_table(train: list[dict]) -> str:
+    phases = [phase_seconds(r) for r in train]
+    lines = ["| phase | median s | share |", "|---|---|---|"]
+    total = sum(sum(p.values()) for p in phases) or 1.0
+    for name in (*PHASES, "other"):
+        vals = [p[name] for p in phases]
+        lines.append(f"| {name} | {statistics.median(vals):.2f} | {100 * sum(vals) / total:.0f}% |")
+    return "\n".join(lines)
+
+
+def prompts_table(first: Path, last: Path) -> str:
+    (_, a), (_, b) = load_grid(first), load_grid(last)
+    sa, sb = a.get("scores") or [None] * len(a["prompts"]), b.get("scores") or [None] * len(b["prompts"])
+    lines = ["| cell | prompt | first | last |", "|---|---|---|---|"]
+    for i, p in enumerate(a["prompts"]):
+        r, c = divmod(i, a["cols"])
+        lines.append(f"| ({r},{c}) | {p} | {_fmt(sa[i])} | {_fmt(sb[i] if i < len(sb) else None)} |")
+    return "\n".join(lines)
+
+
+def _header(run_dir: Path) -> str:
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        return f"# Run report: {run_dir.name}\n"
+    cfg = json.loads(cfg_path.read_text())
+    run, model, win = cfg.get("run", {}), cfg.get("model", {}), cfg.get("window", {})
+    return (f"# Run report: {run_dir.name}\n\nmethod **{run.get('method')}**, backend **{model.get('backend')}**, "
+            f"{run.get('iterations')} iterations configured, window {win.get('strategy')} "
+            f"(size {win.get('size')}, shift every {win.get('shift_interval')}), "
+            f"{cfg.get('sampler', {}).get('num_steps')} sampling steps, seed {run.get('seed')}\n")
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render <run>/report.md and its plots; returns the report's path."""
+    run_dir = Path(run_dir)
+    train, evals = load_records(run_dir)
+    plots = run_dir / PLOT_DIR
+    parts = [_header(run_dir), "## Summary\n", summary_table(train, evals)]
+    if train or evals:
+        plot_rewards(train, evals, plots / "rewards.png")
+        parts += ["\n## Rewards and the held-out verifier\n", f"![rewards]({PLOT_DIR}/rewards.png)"]
+    if train:
+        plot_window(train, plots / "window.png")
+        plot_time(train, plots / "time.png")
+        parts += ["\n## Window position\n", f"![window]({PLOT_DIR}/window.png)",
+                  "\n## Time per iteration\n", f"![time]({PLOT_DIR}/time.png)\n", phase_table(train)]
+    grids = list_grids(run_dir)
+    if grids:
+        plot_grids(grids[0], grids[-1], plots / "samples.png")
+        parts += ["\n## Samples: first and last evaluation\n",
+                  "Same held-out prompts and starting noise in every grid (cells row by row).\n",
+                  f"![samples]({PLOT_DIR}/samples.png)\n", prompts_table(grids[0], grids[-1])]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(parts) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    args = p.parse_args(argv)
+    try:
+        print(write_report(args.run_dir))
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Build and run the reward Serve application.
+
+    app = build_app([RewardSpec(name="shapes_reward", num_replicas=2)], RewardServerConfig())
+    serve.run(app, name="rewards", route_prefix="/")          # or: python -m reward_servers --port 8000
+    serve run deploy/serve_rewards.yaml                        # import path reward_servers.app:app_builder
+
+One `reward_<name>` deployment per RewardSpec (own replicas, batching, backpressure) behind one FastAPI
+ingress (`RewardIngress`). The bearer token is read here, on the side that builds the app, from the env
+var named by `RewardServerConfig.auth_token_env`; only its SHA-256 travels to the ingress replica, so the
+token never appears in the Serve config, the controller's checkpoint or the dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+from ray import serve
+
+from reward_servers.deployments import ingress_deployment
+from reward_servers.http_api import token_digest
+from reward_servers.scorers import SCORERS
+from services.config import RewardServerConfig, RewardSpec, load_config
+
+
+def build_app(specs: list[RewardSpec], server: RewardServerConfig) -> serve.Application:
+    """The Serve application: an ingress plus one deployment per spec. Names must be registered scorers."""
+    if not specs:
+        raise ValueError("build_app needs at least one RewardSpec")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"reward names must be unique, got {names}")
+    unknown = [n for n in names if n not in SCORERS]
+    if unknown:
+        raise ValueError(f"unknown reward scorer(s) {unknown}; known scorers: {', '.join(sorted(SCORERS))}")
+    token = os.environ.get(server.auth_token_env)
+    return ingress_deployment(specs, server, token_digest(token) if token else None)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (the `args:` block of a Serve config file).
+
+    Either `config`, a run-config YAML whose `reward` section is used, or `rewards` (+ `server`) inline;
+    inline values win over the file's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    config: str | None = None
+    rewards: list[RewardSpec] | None = None
+    server: RewardServerConfig | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> AppArgs:
+        if self.config is None and self.rewards is None:
+            raise ValueError("give 'config' (a run config YAML) or 'rewards' (a list of reward specs)")
+        return self
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder for `serve run` / `serve deploy` (import path reward_servers.app:app_builder)."""
+    parsed = AppArgs.model_validate(args)
+    section = load_config([parsed.config]).reward if parsed.config else None
+    specs = parsed.rewards if parsed.rewards is not None else section.rewards
+    server = parsed.server or (section.server if section else RewardServerConfig())
+    return build_app(specs, server)
+
+
+def serve_forever(specs: list[RewardSpec], server: RewardServerConfig, *, address: str | None = None,
+                  ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """Start Ray (or join `address` / RAY_ADDRESS), deploy the app on server.host:port and block.
+
+    Returns after SIGINT/SIGTERM (or `stop` being set), having shut Serve down. Local clusters started by
+    Ray 2.60 use token auth for the dashboard; set RAY_AUTH_MODE=disabled for a throwaway local cluster.
+    """
+    import ray
+
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace="mixgrpo-rewards")
+    serve.start(http_options={"host": server.host, "port": server.port})
+    serve.run(build_app(specs, server), name=server.app_name, route_prefix=server.route_prefix)
+    print(f"reward service up: http://{server.host}:{server.port}{server.route_prefix.rstrip('/')}/docs "
+          f"(rewards: {', '.join(s.name for s in specs)})", flush=True)
+    if ready is not None:
+        ready.set()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    try:
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

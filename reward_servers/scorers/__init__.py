@@ -1,0 +1,105 @@
+"""Reward scorers: plain classes behind the `Scorer` protocol, one file each, built by name.
+
+    scorer = build_scorer("pickscore", model_path="/models/PickScore_v1", normalize=True)
+    scorer.score(images, prompts)   # (B, H, W, 3) uint8, B prompts -> (B,) float32
+
+| name                   | file                | weights                                     |
+|------------------------|---------------------|---------------------------------------------|
+| shapes_verifier        | shapes_verifier.py  | none (rule verifier)                        |
+| shapes_reward          | shapes_reward.py    | reward_servers/assets/shapes_reward         |
+| jpeg_compressibility   | jpeg.py             | none (PIL JPEG size, negated)               |
+| jpeg_incompressibility | jpeg.py             | none (PIL JPEG size)                        |
+| clip_score             | clip_score.py       | local CLIP dir                              |
+| pickscore              | pickscore.py        | local PickScore_v1 dir (CLIP format)        |
+| aesthetic              | aesthetic.py        | local CLIP ViT-L/14 dir + LAION MLP head    |
+| hpsv2                  | hpsv2.py            | extra [hpsv2] + HPS_v2.1_compressed.pt      |
+| imagereward            | imagereward.py      | extra [imagereward] + ImageReward.pt        |
+
+Heavy imports (transformers, the optional packages) happen inside the constructors, so importing this
+module is cheap and a missing extra only matters to the scorer that needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from reward_servers.scorers.base import Scorer, ScorerLoadError, check_batch
+
+
+def _shapes_verifier(**kw: Any) -> Scorer:
+    from reward_servers.scorers.shapes_verifier import ShapesVerifier
+    return ShapesVerifier(**kw)
+
+
+def _shapes_reward(**kw: Any) -> Scorer:
+    from reward_servers.scorers.shapes_reward import ShapesReward
+    return ShapesReward(**kw)
+
+
+def _jpeg_compressibility(**kw: Any) -> Scorer:
+    from reward_servers.scorers.jpeg import jpeg_compressibility
+    return jpeg_compressibility(**kw)
+
+
+def _jpeg_incompressibility(**kw: Any) -> Scorer:
+    from reward_servers.scorers.jpeg import jpeg_incompressibility
+    return jpeg_incompressibility(**kw)
+
+
+def _clip_score(**kw: Any) -> Scorer:
+    from reward_servers.scorers.clip_score import ClipScore
+    return ClipScore(**kw)
+
+
+def _pickscore(**kw: Any) -> Scorer:
+    from reward_servers.scorers.pickscore import PickScore
+    return PickScore(**kw)
+
+
+def _aesthetic(**kw: Any) -> Scorer:
+    from reward_servers.scorers.aesthetic import Aesthetic
+    return Aesthetic(**kw)
+
+
+def _hpsv2(**kw: Any) -> Scorer:
+    from reward_servers.scorers.hpsv2 import HPSv2
+    return HPSv2(**kw)
+
+
+def _imagereward(**kw: Any) -> Scorer:
+    from reward_servers.scorers.imagereward import ImageReward
+    return ImageReward(**kw)
+
+
+SCORERS: dict[str, Callable[..., Scorer]] = {
+    "shapes_verifier": _shapes_verifier,
+    "shapes_reward": _shapes_reward,
+    "jpeg_compressibility": _jpeg_compressibility,
+    "jpeg_incompressibility": _jpeg_incompressibility,
+    "clip_score": _clip_score,
+    "pickscore": _pickscore,
+    "aesthetic": _aesthetic,
+    "hpsv2": _hpsv2,
+    "imagereward": _imagereward,
+}
+"""name -> constructor(model_path=None, **options). Keys are the names used in RewardSpec.name."""
+
+
+def build_scorer(name: str, model_path: str | None = None, **options: Any) -> Scorer:
+    """Construct the scorer registered as `name`.
+
+    Raises ValueError listing the known names for an unknown one, TypeError naming the scorer for an
+    unknown option, ScorerLoadError for missing weights or packages.
+    """
+    if name not in SCORERS:
+        raise ValueError(f"unknown reward scorer {name!r}; known scorers: {', '.join(sorted(SCORERS))}")
+    try:
+        return SCORERS[name](model_path=model_path, **options)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise TypeError(f"scorer {name!r}: bad option ({e})") from e
+        raise
+
+
+__all__ = ["SCORERS", "Scorer", "ScorerLoadError", "build_scorer", "check_batch"]

@@ -1,0 +1,36 @@
+"""The shapes world's rule verifier as a reward: partial-credit score in [0, 1] from pixels.
+
+reward_i = shapes_world.verify(p_i, x_i).score, or the strict pass as 0/1 with strict=True. This is the
+gold metric of the embedded task; training on it directly is the "oracle reward" baseline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from reward_servers.scorers.base import check_batch
+from services import shapes_world
+
+
+class ShapesVerifier:
+    """Rule-based reward for 32×32 shapes-world images; ValueError for out-of-grammar prompts."""
+
+    name = "shapes_verifier"
+
+    def __init__(self, model_path: str | None = None, strict: bool = False) -> None:
+        if model_path is not None:
+            raise ValueError(f"shapes_verifier is rule-based; model_path must not be set (got {model_path!r})")
+        self.strict = bool(strict)
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """images: (B, 32, 32, 3) uint8; prompts: B shapes-grammar prompts -> (B,) float32 in [0, 1]."""
+        size = shapes_world.IMAGE_SIZE
+        prompts = check_batch(images, prompts, size=(size, size))
+        for p in prompts:  # parse all first: one bad prompt fails the batch before any work
+            shapes_world.parse(p)
+        verdicts = [shapes_world.verify(p, img) for p, img in zip(prompts, images, strict=True)]
+        return np.array([float(v.strict) if self.strict else v.score for v in verdicts], dtype=np.float32)
+
+    def info(self) -> dict[str, object]:
+        return {"architecture": "rule verifier (services.shapes_world.verify)", "strict": self.strict,
+                "image_size": shapes_world.IMAGE_SIZE}

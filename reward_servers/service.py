@@ -1,0 +1,38 @@
+"""The training job's reward service: deploy the configured rewards on Serve for the run, or use an
+external service (transport=http), and take them down afterwards.
+
+    with reward_service(cfg.reward):      # inside a Ray session
+        ...                               # rollout workers score through handles or HTTP
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from services.config import RewardConfig
+
+
+@contextmanager
+def reward_service(cfg: RewardConfig, *, keep: bool = False):
+    """Deploys `cfg.rewards` as the Serve app `cfg.server.app_name` unless an external URL is used."""
+    if cfg.server.transport == "http":
+        yield None  # an external service (e.g. a RayService): nothing to deploy
+        return
+    from ray import serve
+
+    from .app import build_app
+
+    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
+    # per-request access logs would drown the training progress in the job's output (they stay in the
+    # replica log files under /tmp/ray/session_latest/logs/serve)
+    handle = serve.run(build_app(cfg.rewards, cfg.server), name=cfg.server.app_name,
+                       route_prefix=cfg.server.route_prefix,
+                       logging_config={"enable_access_log": False, "log_level": "WARNING"})
+    print(f"reward service: {', '.join(r.name for r in cfg.rewards)} on "
+          f"http://{cfg.server.host}:{cfg.server.port}{cfg.server.route_prefix}", flush=True)
+    try:
+        yield handle
+    finally:
+        if not keep:
+            serve.delete(cfg.server.app_name)
+            serve.shutdown()

@@ -1,0 +1,144 @@
+"""RolloutWorker: samples whole groups with the mixed ODE-SDE sampler, decodes, scores, returns fp32
+window transitions. A plain class; `learner/actors.py` makes it a Ray actor.
+
+Seeding: each group's initial noise and window noise come from a generator seeded by
+(run seed, iteration, global group id), so results do not depend on how groups are split across
+workers, and a resumed run repeats them exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from learner.algo import Window, sample_mixed, sigma_schedule
+from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded
+from services.types import RolloutBatch
+
+from .policies import Policy
+from .policies.base import cond_cat
+
+
+class RewardFuture(Protocol):
+    def result(self) -> np.ndarray: ...
+
+
+class RewardSink(Protocol):
+    """What a worker needs from the reward service: submit a batch now, collect the scores later."""
+
+    def submit(self, name: str, images: np.ndarray, prompts: Sequence[str]) -> RewardFuture: ...
+
+
+def group_generator(seed: int, iteration: int, group_id: int) -> torch.Generator:
+    # 64-bit mix of the three numbers; distinct (seed, iteration, group) → distinct streams
+    mixed = (seed * 1_000_003 + iteration) * 1_000_033 + group_id
+    return torch.Generator().manual_seed(mixed % (2**63))
+
+
+class RolloutWorker:
+    def __init__(
+        self, policy: Policy, rewards: RewardSink, reward_names: Sequence[str], *, num_steps: int, shift: float,
+        eta: float, sde_kind: str, post_window: str, compress_ratio: float, group_size: int, seed: int,
+        chunk_groups: int = 4, log_images: int = 4, num_threads: int | None = None, worker_id: int = 0,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1
+        self.policy, self.rewards, self.reward_names = policy.train(False), rewards, list(reward_names)
+        self.sigmas = sigma_schedule(num_steps, shift)
+        self.eta, self.sde_kind, self.post_window, self.compress_ratio = eta, sde_kind, post_window, compress_ratio
+        self.group_size, self.seed, self.chunk_groups, self.log_images = group_size, seed, chunk_groups, log_images
+        self.worker_id = worker_id
+        self.version = 0
+
+    # ----------------------------------------------------------------------------- weights
+    def sync_weights(self, packet: WeightPacket) -> int:
+        """Load a newer version; verify version and checksum; return the version now held.
+
+        An equal version is only verified (at start-up: the worker must begin from the learner's weights).
+        """
+        if packet.version < self.version:
+            return self.version
+        if packet.version == self.version:
+            verify_loaded(packet, self.policy.trainable_state_dict(), self.version)
+            return self.version
+        self.policy.load_trainable_state_dict(packet.state)
+        verify_loaded(packet, self.policy.trainable_state_dict(), packet.version)
+        self.version = packet.version
+        return self.version
+
+    def open_channel(self, rank: int, init_method: str, world_size: int, backend: str) -> None:
+        """Join the weight-broadcast group (collective weight sync); the learner is rank 0."""
+        self.channel = CollectiveChannel(rank, world_size, init_method, backend)
+
+    def receive_weights(self) -> int:
+        """Receive the learner's broadcast into buffers, load, and verify version and checksum."""
+        state = self.policy.trainable_state_dict()  # detached copies, used as receive buffers
+        version, checksum = self.channel.broadcast(state, -1)
+        self.policy.load_trainable_state_dict(state)
+        verify_loaded((version, checksum), self.policy.trainable_state_dict(), version)
+        self.version = version
+        return version
+
+    def weight_version(self) -> int:
+        return self.version
+
+    # ----------------------------------------------------------------------------- rollout
+    def _noise(self, iteration: int, group_ids: Sequence[int], window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = self.policy.latent_shape
+        inits, sde = [], []
+        for gid in group_ids:
+            gen = group_generator(self.seed, iteration, gid)
+            inits.append(torch.randn(shape, generator=gen))
+            sde.append(torch.randn((self.group_size, window.size, *shape), generator=gen))
+        return torch.stack(inits), torch.cat(sde)  # (P, C, H, W), (P·G, w, C, H, W)
+
+    def rollout(self, iteration: int, window: tuple[int, int], prompts: Sequence[str],
+                group_ids: Sequence[int]) -> RolloutBatch:
+        """Sample, decode and score the groups of `prompts`; scoring of a chunk overlaps the next chunk."""
+        if len(prompts) != len(group_ids):
+            raise ValueError("one group id per prompt is required")
+        win = Window(*window)
+        t0 = time.perf_counter()
+        conds, trajs, pending = [], [], []
+        for lo in range(0, len(prompts), self.chunk_groups):
+            chunk, ids = list(prompts[lo:lo + self.chunk_groups]), list(group_ids[lo:lo + self.chunk_groups])
+            cond = self.policy.encode_prompts(chunk)
+            noise, sde_noise = self._noise(iteration, ids, win)
+            traj = sample_mixed(self.policy.velocity, noise, cond, self.sigmas, win, group_size=self.group_size,
+                                eta=self.eta, sde_kind=self.sde_kind, post_window=self.post_window,
+                                compress_ratio=self.compress_ratio, sde_noise=sde_noise)
+            images = self.policy.decode(traj.final)  # (P_chunk·G, H, W, 3) uint8
+            member_prompts = [p for p in chunk for _ in range(self.group_size)]
+            pending.append({n: self.rewards.submit(n, images, member_prompts) for n in self.reward_names})
+            conds.append(cond)
+            trajs.append((traj, images))
+        t_sample = time.perf_counter() - t0
+        rewards = self._collect(pending)
+        t_total = time.perf_counter() - t0
+        first = trajs[0][0]
+        images = np.concatenate([im for _, im in trajs])
+        k = min(self.log_images, len(images))
+        return RolloutBatch(
+            prompts=list(prompts), prompt_ids=list(group_ids), group_size=self.group_size,
+            latents=torch.cat([t.latents for t, _ in trajs]), next_latents=torch.cat([t.next_latents for t, _ in trajs]),
+            log_probs=torch.cat([t.log_probs for t, _ in trajs]), sigmas=first.sigmas, sigmas_next=first.sigmas_next,
+            rewards=rewards, window=(win.start, win.size), iteration=iteration, weight_version=self.version,
+            nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
+            images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
+            image_prompts=[p for p in prompts for _ in range(self.group_size)][:: max(1, len(images) // max(k, 1))][:k],
+            timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total},
+        )
+
+    def _collect(self, pending: list[Mapping[str, RewardFuture]]) -> dict[str, torch.Tensor]:
+        out: dict[str, list[np.ndarray]] = {n: [] for n in self.reward_names}
+        for futures in pending:
+            for name, fut in futures.items():
+                scores = np.asarray(fut.result(), dtype=np.float32)
+                if not np.all(np.isfinite(scores)):
+                    raise ValueError(f"reward {name!r} returned non-finite scores")
+                out[name].append(scores)
+        return {n: torch.from_numpy(np.concatenate(v)) for n, v in out.items()}

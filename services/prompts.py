@@ -1,0 +1,75 @@
+"""Prompt sources: the shapes world's train split, or a text file with one prompt per line.
+
+Prompts for an iteration are a pure function of (run seed, iteration), so a resumed run sees the
+same prompts as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import shapes_world
+
+MAX_PROMPT_CHARS = 2000
+
+
+def iteration_rng(seed: int, iteration: int, stream: int = 0) -> np.random.Generator:
+    """A generator for (run seed, iteration, stream) independent of anything else that happened."""
+    return np.random.default_rng([seed, iteration, stream])
+
+
+def read_prompts_file(path: str | Path, *, shapes_grammar: bool = False) -> list[str]:
+    """Non-empty lines of a UTF-8 file. Every bad line is reported with its number in one error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    prompts, problems = [], []
+    for no, line in enumerate(lines, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        if len(text) > MAX_PROMPT_CHARS:
+            problems.append(f"line {no}: longer than {MAX_PROMPT_CHARS} characters")
+        elif any(ord(ch) < 32 for ch in text):
+            problems.append(f"line {no}: contains control characters")
+        elif shapes_grammar:
+            try:
+                shapes_world.parse(text)
+            except ValueError as e:
+                problems.append(f"line {no}: {e}")
+        prompts.append(text)
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} bad line(s):\n  " + "\n  ".join(problems[:20]))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (only blank or comment lines)")
+    return prompts
+
+
+class PromptSource:
+    """`source="shapes"` samples the train split; `"file"` draws uniformly from the file's lines."""
+
+    def __init__(self, source: str, seed: int, prompts_file: str | None = None, *, shapes_grammar: bool = False):
+        self.source, self.seed = source, seed
+        if source == "file":
+            if prompts_file is None:
+                raise ValueError("a prompts file is required for source='file'")
+            self.pool = read_prompts_file(prompts_file, shapes_grammar=shapes_grammar)
+        elif source != "shapes":
+            raise ValueError(f"unknown prompt source {source!r}; expected 'shapes' or 'file'")
+
+    def for_iteration(self, iteration: int, n: int) -> list[str]:
+        rng = iteration_rng(self.seed, iteration, stream=1)
+        if self.source == "shapes":
+            return shapes_world.sample_prompts(n, rng, split="train")
+        return [self.pool[i] for i in rng.integers(0, len(self.pool), size=n)]
+
+
+def heldout_prompts(n: int, seed: int = 1234) -> list[str]:
+    """The fixed held-out evaluation prompts (same for every run with the same n and seed)."""
+    return shapes_world.sample_prompts(n, np.random.default_rng(seed), split="heldout")

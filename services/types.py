@@ -1,0 +1,89 @@
+"""Data that crosses process boundaries between rollout workers, the driver and the learner.
+
+Latents and log-probs are fp32 (bf16 storage breaks ratio = 1 at the first update). Inside Ray these
+travel through the object store; over HTTP only JSON is used (see reward_servers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RolloutBatch:
+    """The window transitions of whole groups, their rewards, and what produced them.
+
+    B = groups × group_size rows, group members adjacent; w window steps.
+    """
+
+    prompts: list[str]  # (P,) one per group
+    prompt_ids: list[int]  # (P,) global index of each group in the iteration (for seeding and dedup)
+    group_size: int
+    latents: Tensor  # (B, w, C, H, W) fp32, x_i
+    next_latents: Tensor  # (B, w, C, H, W) fp32, x_{i+1}
+    log_probs: Tensor  # (B, w) fp32, log π_old
+    sigmas: Tensor  # (w,) fp32
+    sigmas_next: Tensor  # (w,) fp32
+    rewards: dict[str, Tensor]  # name → (B,) fp32
+    cond: dict[str, Tensor]  # (P, …) per group: the conditioning the rollout used (the learner reuses it)
+    window: tuple[int, int]  # (start, size)
+    iteration: int
+    weight_version: int
+    nfe: int
+    image_evals: int
+    images: np.ndarray | None = None  # (k, H, W, 3) uint8, a few for logging
+    image_prompts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b, w = self.log_probs.shape
+        if b != len(self.prompts) * self.group_size:
+            raise ValueError(f"{b} rows for {len(self.prompts)} groups of {self.group_size}")
+        for name, t in {"latents": self.latents, "next_latents": self.next_latents, "log_probs": self.log_probs}.items():
+            if t.dtype != torch.float32:
+                raise TypeError(f"RolloutBatch.{name} must be fp32, got {t.dtype}")
+        for name, r in self.rewards.items():
+            if r.shape != (b,) or not torch.isfinite(r).all():
+                raise ValueError(f"reward {name!r} must be {b} finite values, got shape {tuple(r.shape)}")
+
+    @property
+    def num_rows(self) -> int:
+        return self.log_probs.shape[0]
+
+
+def merge_batches(batches: list[RolloutBatch]) -> RolloutBatch:
+    """Concatenate the groups of several workers' batches (same iteration, window and version)."""
+    if not batches:
+        raise ValueError("no rollout batches to merge")
+    first = batches[0]
+    for b in batches[1:]:
+        if (b.iteration, b.window, b.group_size) != (first.iteration, first.window, first.group_size):
+            raise ValueError("rollout batches from different iterations or windows cannot be merged")
+    order = np.argsort([pid for b in batches for pid in b.prompt_ids], kind="stable")
+    prompts = [p for b in batches for p in b.prompts]
+    ids = [i for b in batches for i in b.prompt_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate groups across rollout batches: {sorted(ids)}")
+    g = first.group_size
+    rows = torch.as_tensor(np.concatenate([np.arange(k * g, (k + 1) * g) for k in order]), dtype=torch.long)
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(b, name) for b in batches])[rows]
+
+    images = [b.images for b in batches if b.images is not None and len(b.images)]
+    return RolloutBatch(
+        prompts=[prompts[k] for k in order], prompt_ids=[ids[k] for k in order], group_size=g,
+        latents=cat("latents"), next_latents=cat("next_latents"), log_probs=cat("log_probs"),
+        sigmas=first.sigmas, sigmas_next=first.sigmas_next,
+        rewards={n: torch.cat([b.rewards[n] for b in batches])[rows] for n in first.rewards},
+        cond={k: torch.cat([b.cond[k] for b in batches])[torch.as_tensor(order)] for k in first.cond},
+        window=first.window, iteration=first.iteration, weight_version=min(b.weight_version for b in batches),
+        nfe=first.nfe, image_evals=sum(b.image_evals for b in batches),
+        images=np.concatenate(images) if images else None,
+        image_prompts=[p for b in batches for p in b.image_prompts],
+        timings={k: max(b.timings.get(k, 0.0) for b in batches) for k in first.timings},
+    )

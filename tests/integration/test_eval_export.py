@@ -1,0 +1,136 @@
+"""`learner.eval` (per-category scores, determinism, hybrid inference) and `learner.export` (tiny checkpoint,
+diffusers LoRA for SD3 / FLUX) on small models built in code; no Ray."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+from learner import eval as evaluation
+from learner import export
+from learner.actors import policy_from_config
+from learner.checkpoint import save_checkpoint
+from learner.evaluate_base import eval_prompts, sample_images
+from rollout_workers.policies.flux import FluxPolicy
+from rollout_workers.policies.sd3 import SD3Policy
+from rollout_workers.policies.tiny import TinyPolicy
+from services import shapes_world
+from services.config import dump_config, load_config
+from tests.integration.test_policies_diffusers import PROMPTS, SIZE, TEXT_LEN, flux_dir, inputs, sd3_dir  # noqa: F401
+from tests.integration.test_trainer_ray import small_checkpoint  # noqa: F401
+
+pytestmark = pytest.mark.integration
+EVAL = dict(per_category=2, num_steps=6, seed=0)
+
+
+def make_run(run, *model):
+    """A run folder: config.json and one checkpoint whose trainable weights are the start's plus noise."""
+    cfg = load_config([], [f"run.output_dir={run}", "sampler.num_steps=6", "reward.rewards=[{name: shapes_verifier}]",
+                           *model])
+    dump_config(cfg, run / "config.json")
+    policy = policy_from_config(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():  # LoRA: A and B, so the adapter is not the identity
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    save_checkpoint(run / "checkpoints", 0, policy.trainable_state_dict(), {}, {"version": 1, "run_id": "t"})
+    return cfg, run / "checkpoints" / "iter_000000", policy
+
+
+def scores(result):
+    return {k: result[k] for k in ("overall", "per_category")}
+
+
+def test_eval_per_category_deterministic_and_hybrid(small_checkpoint, tmp_path):  # noqa: F811
+    cfg, ckpt, _ = make_run(tmp_path, f"model.path={small_checkpoint}")
+    full = evaluation.evaluate_checkpoint(cfg, ckpt, **EVAL)
+    assert list(full["per_category"]) == list(shapes_world.CATEGORIES)
+    for m in [*full["per_category"].values(), full["overall"]]:
+        assert set(m) == {"n", "shapes_verifier", "verifier_score", "verifier_strict"}
+        assert all(0.0 <= m[k] <= 1.0 for k in m if k != "n")
+    assert scores(evaluation.evaluate_checkpoint(cfg, ckpt, **EVAL)) == scores(full)  # deterministic
+    base = evaluation.evaluate_checkpoint(cfg, None, **EVAL)
+    assert scores(evaluation.evaluate_checkpoint(cfg, ckpt, hybrid_fraction=0.0, **EVAL)) == scores(base)
+    assert scores(evaluation.evaluate_checkpoint(cfg, ckpt, hybrid_fraction=1.0, **EVAL)) == scores(full)
+
+
+def test_hybrid_sampling_switches_models_at_the_fraction(small_checkpoint, tmp_path):  # noqa: F811
+    cfg, ckpt, _ = make_run(tmp_path, f"model.path={small_checkpoint}")
+    trained, base = evaluation.load_models(cfg, ckpt, need_base=True)
+    prompts = eval_prompts("heldout", 1, 0)
+    kw = dict(num_steps=6, shift=3.0, seed=3, batch_size=3)
+    t_img, b_img = sample_images(trained, prompts, **kw), sample_images(base, prompts, **kw)
+    assert not np.array_equal(t_img, b_img)
+    assert np.array_equal(evaluation.sample_hybrid(trained, base, prompts, fraction=1.0, **kw), t_img)
+    assert np.array_equal(evaluation.sample_hybrid(trained, base, prompts, fraction=0.0, **kw), b_img)
+    half = evaluation.sample_hybrid(trained, base, prompts, fraction=0.5, **kw)
+    assert not np.array_equal(half, t_img) and not np.array_equal(half, b_img)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        evaluation.sample_hybrid(trained, base, prompts, fraction=1.5, **kw)
+
+
+def test_lora_base_is_the_policy_with_its_adapter_off(small_checkpoint, tmp_path):  # noqa: F811
+    cfg, ckpt, _ = make_run(tmp_path, f"model.path={small_checkpoint}", "model.lora_rank=4")
+    trained, base = evaluation.load_models(cfg, ckpt, need_base=True)
+    assert isinstance(base, evaluation.AdapterOff)
+    start = TinyPolicy.load(small_checkpoint)
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.9, 0.4])
+    cond = start.encode_prompts(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        torch.testing.assert_close(base.velocity(x, sigma, cond), start.velocity(x, sigma, cond))
+        assert not torch.allclose(trained.velocity(x, sigma, cond), start.velocity(x, sigma, cond))
+
+
+def test_eval_cli_writes_json(small_checkpoint, tmp_path, capsys):  # noqa: F811
+    make_run(tmp_path, f"model.path={small_checkpoint}")
+    out = tmp_path / "eval.json"
+    assert evaluation.main(["--run", str(tmp_path), "--per-category", "1", "--num-steps", "4", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["checkpoint"].endswith("iter_000000") and result["num_steps"] == 4
+    assert "| **overall** |" in capsys.readouterr().out
+    assert evaluation.main(["--run", str(tmp_path / "nowhere")]) == 2
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_export_tiny_loads_with_the_trained_weights(small_checkpoint, tmp_path, lora):  # noqa: F811
+    _, ckpt, trained = make_run(tmp_path, f"model.path={small_checkpoint}", f"model.lora_rank={lora}",
+                                "model.lora_alpha=8")
+    out = tmp_path / "exported"
+    assert export.main(["--run", str(tmp_path), "--out", str(out)]) == 0
+    loaded = TinyPolicy.load(out)
+    assert loaded.trainable.lora_rank == 0  # a plain checkpoint: the adapter is fused
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.9, 0.4])
+    cond = loaded.encode_prompts(["a red circle", "two blue squares"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.velocity(x, sigma, cond), trained.velocity(x, sigma, cond),
+                                   rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "export.json").read_text())["iteration"] == 0
+    assert export.main(["--run", str(tmp_path), "--out", str(out)]) == 2  # never overwrites
+
+
+@pytest.mark.parametrize("backend", ["sd3", "flux"])
+def test_export_lora_loads_into_the_diffusers_pipeline(backend, sd3_dir, flux_dir, tmp_path):  # noqa: F811
+    base_dir = {"sd3": sd3_dir, "flux": flux_dir}[backend]
+    _, ckpt, trained = make_run(tmp_path, f"model.backend={backend}", f"model.path={base_dir}", "model.lora_rank=4",
+                                "model.lora_alpha=8", f"model.height={SIZE}", f"model.width={SIZE}",
+                                f"model.guidance_scale={3.5 if backend == 'flux' else 1.0}")
+    out = tmp_path / "lora"
+    assert export.main(["--run", str(tmp_path), "--out", str(out)]) == 0
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+    pipe_cls, policy_cls = {"sd3": (StableDiffusion3Pipeline, SD3Policy), "flux": (FluxPipeline, FluxPolicy)}[backend]
+    pipe = pipe_cls.from_pretrained(base_dir, local_files_only=True)
+    plain = policy_cls(pipe, height=SIZE, width=SIZE, lora_rank=0, max_sequence_length=TEXT_LEN,
+                       **({"guidance_scale": 3.5} if backend == "flux" else {}))
+    trained.max_sequence_length = TEXT_LEN
+    x, sigma = inputs(plain)
+    cond = plain.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        before = plain.velocity(x, sigma, cond)
+        pipe.load_lora_weights(out)  # the exported folder, as a user would load it
+        after = plain.velocity(x, sigma, cond)
+        expected = trained.velocity(x, sigma, cond)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-5)  # rank and alpha (scale 2) preserved
