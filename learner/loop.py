@@ -97,7 +97,8 @@ def evaluate(cl: Cluster, cfg: Config, iteration: int, log: MetricsLog) -> dict:
     from .samples import save_grid
 
     res = ray.get(cl.learner.call.remote("evaluate", heldout_prompts(cfg.run.eval_prompts), grid=16,
-                                         num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, seed=cfg.run.seed))
+                                         num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift,
+                                         seed=cfg.run.eval_seed))
     rec = {"kind": "eval", "iteration": iteration, "eval_verifier_score": res["score"],
            "eval_verifier_strict": res["strict"],
            **{f"eval_{c}_score": v["score"] for c, v in res.get("per_category", {}).items()}}

@@ -241,7 +241,10 @@ class RunConfig(_Section):
     iterations: int = Field(60, ge=1)
     eval_every: int = Field(20, ge=0)
     """Iterations between held-out evaluations (0: only before and after)."""
-    eval_prompts: int = Field(48, ge=1)
+    eval_prompts: int = Field(192, ge=1)
+    """Held-out prompts per evaluation (one image each); fewer makes the score too noisy to compare."""
+    eval_seed: int = Field(1234, ge=0)
+    """Noise seed of every evaluation: the same for all runs, so their scores compare directly."""
     async_rollout: bool = False
     """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1)."""
     resume: str | None = None

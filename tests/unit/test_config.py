@@ -96,3 +96,12 @@ def test_resolved_config_round_trips_as_json(tmp_path):
     path = dump_config(cfg, tmp_path / "run" / "config.json")
     again = Config.model_validate(json.loads(path.read_text()))
     assert again == cfg and again.window.size == 6
+
+
+def test_driver_rejects_bad_config_before_starting_anything(capsys, tmp_path):
+    from learner import main as driver
+
+    assert driver.main(["window.sise=6"]) == 2
+    assert "window.sise" in capsys.readouterr().err
+    assert driver.main(["--resume", str(tmp_path)]) == 2  # not a run directory
+    assert "no config.json" in capsys.readouterr().err
