@@ -8,7 +8,6 @@ iteration m+1 runs while the learner updates on m (staleness 1, corrected by the
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +188,3 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         if not cfg.run.async_rollout and not done:
             pending = launch_rollout(cl, cfg, prompts, m + 1)
     return {"final_eval": last_eval, "output_dir": str(out)}
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

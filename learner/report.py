@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .progress import MetricsLog
 from .samples import list_grids, load_grid
 
 PHASES = {"rollout sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
@@ -40,7 +41,7 @@ def load_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recs = MetricsLog(path).records()
     train = sorted((r for r in recs if r.get("kind") == "train"), key=lambda r: r["iteration"])
     evals = sorted((r for r in recs if r.get("kind") == "eval"), key=lambda r: r["iteration"])
     return train, evals
