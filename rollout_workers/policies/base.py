@@ -259,6 +259,18 @@ TRAINABLE_FILE = "trainable.safetensors"
 TRAINABLE_META = "trainable.json"
 
 
+def load_diffusers_policy(policy_cls, pipeline_cls: type, subfolders: Sequence[str], path: str | Path, *,
+                          weights_dtype: str, trainable_from: str | Path | None, options: Mapping):
+    """Shared `load` of the SD3 / FLUX backends: pipeline from a local folder, then optionally the trainable
+    weights `save` wrote (`trainable_from`) in place of the initial adapter (or transformer)."""
+    pipe = load_pipeline(pipeline_cls, path, subfolders, weights_dtype)
+    policy = policy_cls(pipe, **options)
+    policy.base_path = str(path)
+    if trainable_from is not None:
+        load_trainable(trainable_from, policy.trainable, policy_cls.name)
+    return policy
+
+
 def save_trainable(path: str | Path, trainable: TrainableTransformer, meta: Mapping[str, object]) -> None:
     """Write the trainable weights (LoRA adapter or full transformer) and what they fit onto."""
     from safetensors.torch import save_file

@@ -28,8 +28,7 @@ from .base import (
     TrainableTransformer,
     check_velocity_inputs,
     cond_to,
-    load_pipeline,
-    load_trainable,
+    load_diffusers_policy,
     save_trainable,
     vae_decode,
 )
@@ -125,12 +124,8 @@ class FluxPolicy:
         `trainable_from` a folder written by `save` whose adapter (or transformer) replaces the initial
         one.
         """
-        pipe = load_pipeline(FluxPipeline, path, SUBFOLDERS, weights_dtype)
-        policy = cls(pipe, **options)
-        policy.base_path = str(path)
-        if trainable_from is not None:
-            load_trainable(trainable_from, policy.trainable, cls.name)
-        return policy
+        return load_diffusers_policy(cls, FluxPipeline, SUBFOLDERS, path, weights_dtype=weights_dtype,
+                                     trainable_from=trainable_from, options=options)
 
     def save(self, path: str | Path) -> None:
         """Only the trainable weights (`trainable.safetensors`, `trainable.json`); not the base folder."""

@@ -29,8 +29,7 @@ from .base import (
     TrainableTransformer,
     check_velocity_inputs,
     cond_to,
-    load_pipeline,
-    load_trainable,
+    load_diffusers_policy,
     save_trainable,
     vae_decode,
 )
@@ -115,12 +114,8 @@ class SD3Policy:
         `trainable_from` a folder written by `save` whose adapter (or transformer) replaces the initial
         one.
         """
-        pipe = load_pipeline(StableDiffusion3Pipeline, path, SUBFOLDERS, weights_dtype)
-        policy = cls(pipe, **options)
-        policy.base_path = str(path)
-        if trainable_from is not None:
-            load_trainable(trainable_from, policy.trainable, cls.name)
-        return policy
+        return load_diffusers_policy(cls, StableDiffusion3Pipeline, SUBFOLDERS, path, weights_dtype=weights_dtype,
+                                     trainable_from=trainable_from, options=options)
 
     def save(self, path: str | Path) -> None:
         """Only the trainable weights (`trainable.safetensors`, `trainable.json`); not the base folder."""
