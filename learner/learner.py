@@ -72,14 +72,19 @@ class Learner:
         stats: dict[str, list] = {k: [] for k in ("loss", "ratio_mean", "ratio_min", "ratio_max", "clip_frac",
                                                   "approx_kl", "grad_norm", "first_ratio_dev")}
         step_loss = torch.zeros(len(steps))
+        forward_backward_s = optimizer_s = 0.0  # model compute inside update_s (benchmarks/overhead.py)
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(self.epochs):
             gen = torch.Generator().manual_seed((self.seed * 104_729 + batch.iteration * 31 + epoch) % (2**63))
             order = torch.randperm(b, generator=gen)
             for u, lo in enumerate(range(0, b, self.mb)):
                 rows = order[lo:lo + self.mb]
+                t_fb = time.perf_counter()
                 loss, m = self._micro_step(batch, cond, rows, steps, adv)
                 (loss / self.accum).backward()
+                if loss.is_cuda:  # time the kernels, not their launch
+                    torch.cuda.synchronize(loss.device)
+                forward_backward_s += time.perf_counter() - t_fb
                 if epoch == 0 and lo == 0:
                     # before any optimizer step the policy equals the rollout policy: ratio must be 1
                     stats["first_ratio_dev"].append(max(abs(float(m["ratio_max"]) - 1), abs(float(m["ratio_min"]) - 1)))
@@ -88,12 +93,14 @@ class Learner:
                 stats["loss"].append(float(loss.detach()))
                 step_loss += m["loss_per_step"]
                 if (u + 1) % self.accum == 0:
+                    t_opt = time.perf_counter()
                     norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
                     if not torch.isfinite(norm):
                         raise FloatingPointError(f"gradient norm is {float(norm)} at iteration {batch.iteration}")
                     stats["grad_norm"].append(float(norm))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    optimizer_s += time.perf_counter() - t_opt
         self.version += 1
         self.iteration = batch.iteration
         n_micro = len(stats["loss"])
@@ -113,6 +120,7 @@ class Learner:
             "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
             "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": [batch.window[0] + s for s in steps],
             "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0,
+            "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
             "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
         }
 

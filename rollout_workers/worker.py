@@ -39,6 +39,22 @@ def group_generator(seed: int, iteration: int, group_id: int) -> torch.Generator
     return torch.Generator().manual_seed(mixed % (2**63))
 
 
+def _timed(fn, seconds: dict[str, float], key: str):
+    """`fn`, adding its wall time to seconds[key] (benchmarks/overhead.py: model compute vs the rest).
+
+    On CUDA the device is synchronised after each call so the time is the kernels', not the launch's.
+    """
+    def call(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        seconds[key] += time.perf_counter() - t
+        return out
+
+    return call
+
+
 class RolloutWorker:
     def __init__(
         self, policy: Policy, rewards: RewardSink, reward_names: Sequence[str], *, num_steps: int, shift: float,
@@ -104,14 +120,16 @@ class RolloutWorker:
         win = Window(*window)
         t0 = time.perf_counter()
         conds, trajs, pending = [], [], []
+        model = {"encode_s": 0.0, "forward_s": 0.0, "decode_s": 0.0}  # model compute inside sample_s
+        velocity = _timed(self.policy.velocity, model, "forward_s")
         for lo in range(0, len(prompts), self.chunk_groups):
             chunk, ids = list(prompts[lo:lo + self.chunk_groups]), list(group_ids[lo:lo + self.chunk_groups])
-            cond = self.policy.encode_prompts(chunk)
+            cond = _timed(self.policy.encode_prompts, model, "encode_s")(chunk)
             noise, sde_noise = self._noise(iteration, ids, win)
-            traj = sample_mixed(self.policy.velocity, noise, cond, self.sigmas, win, group_size=self.group_size,
+            traj = sample_mixed(velocity, noise, cond, self.sigmas, win, group_size=self.group_size,
                                 eta=self.eta, sde_kind=self.sde_kind, post_window=self.post_window,
                                 compress_ratio=self.compress_ratio, sde_noise=sde_noise)
-            images = self.policy.decode(traj.final)  # (P_chunk·G, H, W, 3) uint8
+            images = _timed(self.policy.decode, model, "decode_s")(traj.final)  # (P_chunk·G, H, W, 3) uint8
             member_prompts = [p for p in chunk for _ in range(self.group_size)]
             pending.append({n: self.rewards.submit(n, images, member_prompts) for n in self.reward_names})
             conds.append(cond)
@@ -130,7 +148,7 @@ class RolloutWorker:
             nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
             image_prompts=[p for p in prompts for _ in range(self.group_size)][:: max(1, len(images) // max(k, 1))][:k],
-            timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total},
+            timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
         )
 
     def _collect(self, pending: list[Mapping[str, RewardFuture]]) -> dict[str, torch.Tensor]:
