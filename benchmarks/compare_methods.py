@@ -1,0 +1,238 @@
+"""MixGRPO against its baselines, side by side: same tiny model, prompts, seeds and reward, one invocation.
+
+    python benchmarks/compare_methods.py --quick                  # a few minutes: 4 iterations, 32 images/iter
+    python benchmarks/compare_methods.py                          # default tiny job, 20 iterations per method
+    python benchmarks/compare_methods.py --methods dance_grpo mixgrpo --iterations 10 --out /tmp/t.md
+
+Each method runs through the real driver path (`learner.loop.run_loop`: scheduler, rollout worker and
+learner actors, the Serve reward deployments, weight broadcast, evaluations) one after another on one
+local Ray, with the same run seed (prompts and noise), the same rewards and the same held-out evaluation.
+From each run's metrics.jsonl the table gives:
+
+- rollout NFE: sequential model evaluations along one trajectory (mean over iterations; Flash varies with
+  the window), and image evals: model evaluations × batch rows per iteration (the compute spent, which the
+  shared pre-window prefix lowers);
+- steps trained per iteration (window steps that get a gradient);
+- median seconds per iteration, skipping the first `--warmup` iterations, and its ratio to dance_grpo next
+  to the paper's target for that method;
+- reward gain: mean train reward of the last k iterations minus the first k (k = `--reward-k`);
+- held-out verifier gain: the final evaluation minus the one before training (same prompts and noise).
+
+Timings on a shared two-core CPU are noisy; the ratios are only meaningful within one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+# (label, preset, extra overrides); the label is the table row
+VARIANTS = {
+    "flow_grpo": ("flow_grpo", []),
+    "dance_grpo": ("dance_grpo", []),
+    "mixgrpo": ("mixgrpo", []),
+    "mixgrpo_flash": ("mixgrpo_flash", []),
+    "mixgrpo_flash_star": ("mixgrpo_flash_star", []),
+    "mixgrpo_flash_star async": ("mixgrpo_flash_star", ["run.async_rollout=true"]),
+    "mixgrpo async": ("mixgrpo", ["run.async_rollout=true"]),
+}
+BASELINE = "dance_grpo"
+# the issue's goals: time per iteration as a fraction of DanceGRPO's (paper: 0.52, 0.39, 0.29 on FLUX)
+TARGETS = {"mixgrpo": 0.50, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29, "mixgrpo_flash_star async": 0.20}
+PAPER = {"mixgrpo": 0.52, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29}  # ALGORITHM.md §8, FLUX on 32 GPUs
+QUICK = {"iterations": 4, "batch_size": 32, "eval_prompts": 48, "reward_k": 1}
+FULL = {"iterations": 20, "batch_size": 64, "eval_prompts": 192, "reward_k": 5}
+
+
+# ---------------------------------------------------------------------------------- pure helpers
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k: int = 5) -> dict:
+    """One method's row from its metrics.jsonl records (train records in iteration order, eval records).
+
+    Median s/iter skips the first `warmup` iterations (actor start-up, first calls); with too few
+    iterations it falls back to all of them. k for the reward gain is capped at half the iterations.
+    """
+    if not train:
+        raise ValueError("no train records")
+    timed = train[warmup:] or train
+    k = max(1, min(reward_k, len(train) // 2))
+    rewards = [float(r["reward_mean"]) for r in train]
+    by_iter = sorted(evals, key=lambda r: r["iteration"])
+    base = next((e for e in by_iter if e["iteration"] < 0), None)
+    final = by_iter[-1] if by_iter and by_iter[-1]["iteration"] >= 0 else None
+    return {
+        "iterations": len(train),
+        "nfe": _mean([float(r["nfe"]) for r in train]),
+        "image_evals": _mean([float(r["image_evals"]) for r in train]),
+        "steps_trained": _mean([float(len(r["trained_steps"])) for r in train]),
+        "median_s": statistics.median(float(r["iteration_seconds"]) for r in timed),
+        "reward_first": _mean(rewards[:k]), "reward_last": _mean(rewards[-k:]),
+        "reward_gain": _mean(rewards[-k:]) - _mean(rewards[:k]),
+        "eval_base": base["eval_verifier_score"] if base else float("nan"),
+        "eval_final": final["eval_verifier_score"] if final else float("nan"),
+        "verifier_gain": (final["eval_verifier_score"] - base["eval_verifier_score"]
+                          if base and final else float("nan")),
+        "phases": {name: statistics.median(_phases(r)[name] for r in timed) for name in (*PHASE_KEYS, "rest")},
+    }
+
+
+PHASE_KEYS = {"sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
+              "update": (None, "update_s"), "broadcast": (None, "broadcast_s")}
+
+
+def _phases(rec: dict) -> dict[str, float]:
+    """Seconds per phase of one train record; "rest" = iteration_seconds − the phases (negative when an
+    async rollout overlapped the update by more than the driver's own time)."""
+    out = {}
+    for name, (section, key) in PHASE_KEYS.items():
+        v = (rec.get(section) or {}).get(key) if section else rec.get(key)
+        out[name] = float(v) if isinstance(v, int | float) else 0.0
+    out["rest"] = float(rec["iteration_seconds"]) - sum(out.values())
+    return out
+
+
+def with_ratios(rows: dict[str, dict], baseline: str = BASELINE) -> dict[str, dict]:
+    """Adds "ratio" (median s/iter ÷ the baseline's; NaN without a baseline) and "target" to each row."""
+    base = rows.get(baseline, {}).get("median_s")
+    return {name: {**row, "ratio": row["median_s"] / base if base else float("nan"),
+                   "target": TARGETS.get(name)} for name, row in rows.items()}
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "–" if v is None or v != v else format(v, fmt)  # v != v: NaN
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    """The comparison table (rows from `with_ratios`) and the per-phase medians behind the times."""
+    lines = ["| method | rollout NFE | image evals / iter | steps trained / iter | median s / iter | "
+             f"× {BASELINE} | goal | reward gain | held-out verifier gain (base → final) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        goal = f"≤ {r['target']:.2f}" if r.get("target") else "–"
+        if name in PAPER:
+            goal += f" (paper {PAPER[name]:.2f})"
+        met = "" if not r.get("target") or r["ratio"] != r["ratio"] else (" ✓" if r["ratio"] <= r["target"] else " ✗")
+        lines.append(
+            f"| {name} | {_f(r['nfe'], '.1f')} | {_f(r['image_evals'], '.0f')} | {_f(r['steps_trained'], '.1f')} | "
+            f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met} | {goal} | {_f(r['reward_gain'], '+.3f')} | "
+            f"{_f(r['verifier_gain'], '+.3f')} ({_f(r['eval_base'], '.3f')} → {_f(r['eval_final'], '.3f')}) |")
+    lines += ["", "Median seconds per phase (same iterations). Async rows overlap the next rollout with the update, so "
+              "their phases add up to more than the iteration and the rest goes negative.", "",
+              "| method | rollout sampling | reward wait | learner update | broadcast | rest (driver, Ray, transfer) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        ph = r["phases"]
+        lines.append(f"| {name} | {ph['sample']:.2f} | {ph['reward wait']:.2f} | {ph['update']:.2f} | "
+                     f"{ph['broadcast']:.2f} | {ph['rest']:.2f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- running
+@contextmanager
+def local_ray(num_cpus: int = 2):
+    """A throwaway local Ray (no dashboard, worker logs kept in their files) with the repo importable."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, namespace="mixgrpo-bench")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def common_overrides(settings: dict, seed: int) -> list[str]:
+    """What every variant shares: iterations, batch, evaluation, seed; no mid-run evaluations or checkpoints."""
+    return [f"run.iterations={settings['iterations']}", f"rollout.batch_size={settings['batch_size']}",
+            f"run.eval_prompts={settings['eval_prompts']}", "run.eval_every=0", f"run.seed={seed}",
+            "learner.checkpoint_every=0", f"reward.server.port={free_port()}"]
+
+
+def run_variants(labels: list[str], overrides: list[str], workdir: Path) -> dict[str, dict]:
+    """Each variant through `run_loop`, sequentially, on one local Ray with one reward deployment.
+
+    Returns label → {"dir": run directory, "wall_min": minutes including start-up and evaluations,
+    "load": 1-minute load average at start and end}.
+    """
+    from learner.loop import run_loop
+    from reward_servers.service import reward_service
+    from services.config import load_config
+
+    cfgs = {label: load_config([VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
+                                                     f"run.output_dir={workdir / label.replace(' ', '_')}"])
+            for label in labels}
+    runs = {}
+    with local_ray(), reward_service(cfgs[labels[0]].reward):  # all variants share the reward config
+        for label in labels:
+            cfg, out = cfgs[label], Path(cfgs[label].run.output_dir)
+            load0, t0 = os.getloadavg()[0], time.perf_counter()
+            print(f"== {label}: {cfg.run.iterations} iterations → {out}", flush=True)
+            run_loop(cfg, out, f"bench-{label.replace(' ', '-')}-{int(time.time())}")
+            runs[label] = {"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
+                           "load": (load0, os.getloadavg()[0])}
+    return runs
+
+
+def report(rows: dict[str, dict], settings: dict, seed: int, mode: str) -> str:
+    rows = with_ratios(rows)
+    loads = ", ".join(f"{n} {r['load'][0]:.1f}→{r['load'][1]:.1f}" for n, r in rows.items())
+    head = [f"{mode}: {settings['iterations']} iterations per method, {settings['batch_size']} images per iteration, "
+            f"run seed {seed}, {settings['eval_prompts']} held-out prompts; median s/iter skips iteration 1; reward "
+            f"gain = mean of the last {settings['reward_k']} iterations − the first {settings['reward_k']}.",
+            f"Machine: {os.cpu_count()} CPU cores; 1-min load average at start→end of each method: {loads}.", ""]
+    return "\n".join(head) + markdown_table(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="4 iterations, 32 images/iteration, 48 held-out prompts")
+    p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="METHOD",
+                   help=f"variants to run, in order (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--iterations", type=int, help="override the mode's iterations per method")
+    p.add_argument("--batch-size", type=int, help="override the mode's images per iteration")
+    p.add_argument("--eval-prompts", type=int, help="override the mode's held-out prompts")
+    p.add_argument("--reward-k", type=int, help="iterations averaged at each end for the reward gain")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compare_methods.md")
+    p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-compare-<timestamp>)")
+    args = p.parse_args(argv)
+    settings = dict(QUICK if args.quick else FULL)
+    for key in ("iterations", "batch_size", "eval_prompts", "reward_k"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    workdir = args.workdir or REPO_ROOT / "runs" / f"bench-compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    from learner.report import load_records
+
+    runs = run_variants(args.methods, common_overrides(settings, args.seed), workdir)
+    rows = {}
+    for label, run in runs.items():
+        rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}
+    text = report(rows, settings, args.seed, "quick" if args.quick else "full")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print("\n" + text + f"\nwritten to {args.out}; runs in {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The benchmarks' arithmetic on worked examples (the benchmarks themselves are not run in the suite)."""
+
+import math
+
+import pytest
+
+from benchmarks.compare_methods import markdown_table, summarize, with_ratios
+from benchmarks.overhead import compute_share, median_breakdown, phase_breakdown
+from benchmarks.weight_sync import peak_bytes, tensor_sizes
+
+
+def train_rec(i, seconds, reward, *, nfe=16, image_evals=512, trained=(0, 1, 2, 3), sample=2.0):
+    return {"kind": "train", "iteration": i, "iteration_seconds": seconds, "reward_mean": reward, "nfe": nfe,
+            "image_evals": image_evals, "trained_steps": list(trained), "update_s": 1.0, "broadcast_s": 0.2,
+            "rollout_timings": {"sample_s": sample, "reward_wait_s": 0.3}}
+
+
+def test_summarize_worked_example():
+    # 6 iterations; the first (warm-up, 9 s) is not timed → median of 4, 5, 3, 6, 4 = 4
+    train = [train_rec(i, s, r) for i, (s, r) in enumerate(zip([9, 4, 5, 3, 6, 4], [0.1, 0.3, 0.2, 0.4, 0.6, 0.5]))]
+    evals = [{"kind": "eval", "iteration": 5, "eval_verifier_score": 0.45},
+             {"kind": "eval", "iteration": -1, "eval_verifier_score": 0.40}]
+    row = summarize(train, evals, warmup=1, reward_k=2)
+    assert row["median_s"] == 4
+    assert row["reward_gain"] == pytest.approx((0.6 + 0.5) / 2 - (0.1 + 0.3) / 2)  # last 2 − first 2 = 0.35
+    assert row["verifier_gain"] == pytest.approx(0.05)
+    assert (row["nfe"], row["image_evals"], row["steps_trained"]) == (16, 512, 4)
+    # rest = iteration − (sample 2 + reward wait 0.3 + update 1 + broadcast 0.2) per record, then the median
+    assert row["phases"]["rest"] == pytest.approx(4 - 3.5)
+
+
+def test_summarize_caps_k_and_handles_missing_evals():
+    row = summarize([train_rec(0, 5, 0.2), train_rec(1, 7, 0.4)], [], warmup=5, reward_k=5)
+    assert row["median_s"] == 6  # nothing left after the warm-up: all iterations are timed
+    assert row["reward_gain"] == pytest.approx(0.2)  # k capped at 1 of 2 iterations
+    assert math.isnan(row["verifier_gain"])
+
+
+def test_ratios_to_dance_grpo_and_table():
+    rows = {"dance_grpo": summarize([train_rec(0, 8, 0.1), train_rec(1, 8, 0.2)], []),
+            "mixgrpo": summarize([train_rec(0, 6, 0.1), train_rec(1, 6, 0.3)], []),
+            "mixgrpo_flash_star": summarize([train_rec(0, 2, 0.1), train_rec(1, 2, 0.1)], [])}
+    out = with_ratios(rows)
+    assert out["dance_grpo"]["ratio"] == 1.0
+    assert out["mixgrpo"]["ratio"] == 0.75 and out["mixgrpo"]["target"] == 0.50
+    assert out["mixgrpo_flash_star"]["ratio"] == 0.25
+    table = markdown_table(out)
+    assert "| mixgrpo | 16.0 | 512 | 4.0 | 6.00 | 0.75 ✗ | ≤ 0.50 (paper 0.52) | +0.200 |" in table
+    assert "| mixgrpo_flash_star | 16.0 | 512 | 4.0 | 2.00 | 0.25 ✓ | ≤ 0.29 (paper 0.29) |" in table
+    assert all(math.isnan(r["ratio"]) for r in with_ratios({"mixgrpo": rows["mixgrpo"]}).values())
+
+
+def overhead_rec(seconds=10.0):
+    return {"kind": "train", "iteration_seconds": seconds, "update_s": 3.0, "forward_backward_s": 2.4,
+            "optimizer_s": 0.1, "broadcast_s": 0.5,
+            "rollout_timings": {"sample_s": 5.0, "reward_wait_s": 1.0, "rollout_s": 6.0, "encode_s": 0.1,
+                                "forward_s": 4.2, "decode_s": 0.2}}
+
+
+def test_phase_breakdown_worked_example():
+    ph = phase_breakdown(overhead_rec())
+    assert ph["rollout: model forward"] == pytest.approx(4.5)
+    assert ph["rollout: sampler, other"] == pytest.approx(0.5)
+    assert ph["learner: other"] == pytest.approx(0.5)
+    assert ph["driver / Ray overhead"] == pytest.approx(10 - 6 - 3 - 0.5)
+    parts = sum(v for k, v in ph.items() if k != "iteration")
+    assert parts == pytest.approx(10.0)  # the phases add up to the iteration
+    assert compute_share(ph) == pytest.approx((4.5 + 2.4 + 0.1) / 10)  # 70%
+
+
+def test_median_breakdown_skips_warmup():
+    recs = [overhead_rec(30.0), overhead_rec(10.0), overhead_rec(12.0), overhead_rec(11.0)]
+    med = median_breakdown(recs, warmup=1)
+    assert med["iteration"] == 11.0 and med["driver / Ray overhead"] == pytest.approx(1.5)
+
+
+def test_weight_sync_helpers():
+    assert tensor_sizes(10, 3) == [4, 3, 3] and sum(tensor_sizes(10**9, 32)) == 10**9
+    assert tensor_sizes(2, 4) == [1, 1]
+    assert peak_bytes(10**9, 1, "object_store") == 16 * 10**9  # sender + store + worker + its copy
+    assert peak_bytes(10**9, 2, "collective") == 12 * 10**9
