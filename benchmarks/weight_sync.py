@@ -52,12 +52,12 @@ def tensor_sizes(num_params: int, num_tensors: int) -> list[int]:
 def peak_bytes(num_params: int, workers: int, path: str) -> int:
     """Estimated peak memory of one configuration in fp32 bytes.
 
-    Object store: sender weights + the packet in the object store + per worker its weights and the
-    deserialised packet (Ray copies torch tensors out of the store). Collective: sender + per worker its
-    weights (the broadcast writes into them in place).
+    Object store: sender weights + the packet in the object store + per worker 3× (its weights, the
+    deserialised packet, and the pickled bytes it is rebuilt from: a 1B-parameter worker was measured at
+    10.5 GB). Collective: sender + per worker its weights (the broadcast writes into them in place).
     """
     size = 4 * num_params
-    return size * (2 + 2 * workers) if path == "object_store" else size * (1 + workers)
+    return size * (2 + 3 * workers) if path == "object_store" else size * (1 + workers)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -226,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             for workers in args.workers:
                 for path in args.paths:
                     why = "above --max-params" if n > args.max_params else fits(n, workers, path, args.margin_gib)
+                    if not why:
+                        try:
+                            rows.append(measure(path, n, workers, args.tensors, args.repeats))
+                        except ray.exceptions.RayError as e:  # e.g. Ray's OOM killer took an actor
+                            why = f"failed: {type(e).__name__}"
                     if why:
                         rows.append({"params": n, "path": path, "workers": workers, "skipped": why})
-                    else:
-                        rows.append(measure(path, n, workers, args.tensors, args.repeats))
                     print("  " + markdown(rows[-1:]).splitlines()[-1], flush=True)
     finally:
         store = ray.cluster_resources().get("object_store_memory", 0)
