@@ -124,6 +124,21 @@ class Learner:
             "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
         }
 
+    def policy_gradient(self, batch: RolloutBatch) -> torch.Tensor:
+        """The flattened gradient of this batch's GRPO loss at the current weights, all window steps
+        (at ratio 1, i.e. the policy-gradient estimate); no optimizer step, `.grad` left cleared."""
+        adv = self.advantages(batch)
+        steps = list(range(batch.window[1]))
+        cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}
+        self.optimizer.zero_grad(set_to_none=True)
+        for lo in range(0, batch.num_rows, self.mb):
+            rows = torch.arange(lo, min(lo + self.mb, batch.num_rows))
+            loss, _ = self._micro_step(batch, cond, rows, steps, adv)
+            (loss * len(rows) / batch.num_rows).backward()
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad.detach().clone()
+
     def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor):
         k = len(steps)
         idx = torch.as_tensor(steps)
