@@ -66,6 +66,10 @@ def build_worker(cfg: Config, rewards, worker_id: int = 0) -> RolloutWorker:
     )
 
 
+class WorkerOutOfSync(RuntimeError):
+    """A rollout was sent to a worker that does not hold the rollout's weights (it was restarted)."""
+
+
 # Named and restartable: a restarted scheduler reads its state back from the store in __init__.
 @ray.remote
 class SchedulerActor:
@@ -106,13 +110,14 @@ class LearnerActor:
             port = sock.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def update(self, *batches):
+    def update(self, *batches, num_groups: int | None = None):
+        """Merge the shards (each group id exactly once, all of 0…num_groups-1) and update on them."""
         from services.types import merge_batches
 
-        batch = merge_batches(list(batches))
+        batch = merge_batches(list(batches), num_groups=num_groups)
         stats = self.inner.update(batch)
         self.telemetry.record(learner_updates(stats, batch.num_rows))
-        return stats
+        return {**stats, "num_groups": len(batch.prompt_ids)}
 
 
 @ray.remote
@@ -128,7 +133,16 @@ class WorkerActor:
     def call(self, method: str, *args, **kwargs):
         return getattr(self.inner, method)(*args, **kwargs)
 
-    def rollout(self, iteration, window, prompts, group_ids):
+    @ray.method(num_returns=2)
+    def rollout(self, iteration, window, prompts, group_ids, weight_version: int):
+        """-> (RolloutBatch, its group ids): the driver checks the small second object, the learner pulls the first.
+
+        Refuses to sample unless it holds `weight_version` (the weights every shard of this rollout uses):
+        a worker restarted by Ray comes back at version 0.
+        """
+        if self.inner.version != weight_version:
+            raise WorkerOutOfSync(f"rollout worker {self.worker} holds weights version {self.inner.version}, "
+                                  f"the rollout of iteration {iteration} needs {weight_version} (restarted?)")
         try:
             batch = self.inner.rollout(iteration, window, prompts, group_ids)
         finally:  # reward requests, retries and failures, also when a reward failed the rollout
@@ -136,7 +150,13 @@ class WorkerActor:
             self.telemetry.record(reward_counter_updates(self.reward_counts, counts, self.worker))
             self.reward_counts = counts
         self.telemetry.record(rollout_updates(batch.timings, batch.num_rows, batch.weight_version, self.worker))
-        return batch
+        return batch, list(batch.prompt_ids)
 
     def sync_weights(self, packet):
         return self.inner.sync_weights(packet)
+
+    def load_weights(self, packet):
+        return self.inner.load_weights(packet)
+
+    def weight_version(self) -> int:
+        return self.inner.version

@@ -81,6 +81,14 @@ class RolloutWorker:
         if packet.version == self.version:
             verify_loaded(packet, self.policy.trainable_state_dict(), self.version)
             return self.version
+        return self.load_weights(packet)
+
+    def load_weights(self, packet: WeightPacket) -> int:
+        """Load exactly `packet`, older or newer than what is held, and verify it; return its version.
+
+        For re-running a lost shard: it must sample with the weights its rollout started with, which in
+        async mode are one version behind the learner.
+        """
         self.policy.load_trainable_state_dict(packet.state)
         verify_loaded(packet, self.policy.trainable_state_dict(), packet.version)
         self.version = packet.version

@@ -191,6 +191,16 @@ class RolloutConfig(_Section):
     """Images per iteration returned for logging."""
     num_threads: int = Field(1, ge=1)
     """torch threads per worker (Ray sets OMP_NUM_THREADS=1 for fractional actors)."""
+    max_restarts: int = Field(-1, ge=-1)
+    """Ray restarts of a crashed worker actor (-1: unlimited). A restarted worker is brought to the learner's
+    weights (checksum-verified) before it samples again. Needs cluster.weight_sync=object_store (a collective
+    group cannot re-admit a process), so with `collective` workers are not restarted."""
+    max_retries: int = Field(3, ge=0)
+    """Re-runs of one shard of groups whose worker died mid-rollout, on the other workers in turn; the run
+    fails with an error naming the groups when they are used up. Re-runs repeat the groups exactly (their
+    noise is seeded by run seed, iteration and group id; the weights are those the rollout started with)."""
+    restart_timeout_s: float = Field(300.0, gt=0.0)
+    """How long to wait for a crashed worker to come back (a new node on a cluster can take minutes)."""
 
 
 class LearnerConfig(_Section):

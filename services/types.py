@@ -55,8 +55,12 @@ class RolloutBatch:
         return self.log_probs.shape[0]
 
 
-def merge_batches(batches: list[RolloutBatch]) -> RolloutBatch:
-    """Concatenate the groups of several workers' batches (same iteration, window and version)."""
+def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) -> RolloutBatch:
+    """Concatenate the groups of several workers' batches (same iteration, window and version).
+
+    Every group id must appear once; with `num_groups`, the ids must be exactly 0…num_groups-1 (after a
+    worker failure and re-runs, no group may be lost or counted twice).
+    """
     if not batches:
         raise ValueError("no rollout batches to merge")
     first = batches[0]
@@ -68,6 +72,10 @@ def merge_batches(batches: list[RolloutBatch]) -> RolloutBatch:
     ids = [i for b in batches for i in b.prompt_ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"duplicate groups across rollout batches: {sorted(ids)}")
+    if num_groups is not None and sorted(ids) != list(range(num_groups)):
+        missing = sorted(set(range(num_groups)) - set(ids))
+        raise ValueError(f"rollout batches hold groups {sorted(ids)}, expected 0…{num_groups - 1} "
+                         f"(missing {missing})")
     g = first.group_size
     rows = torch.as_tensor(np.concatenate([np.arange(k * g, (k + 1) * g) for k in order]), dtype=torch.long)
 

@@ -74,6 +74,27 @@ def test_rollout_batch_is_fp32_and_sharding_does_not_change_it():
     assert not torch.allclose(other_iter.next_latents, whole.next_latents)
 
 
+def test_merge_refuses_lost_or_double_counted_groups():
+    worker = make_worker(small_policy())
+    a, b = worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1]), worker.rollout(0, (2, 3), PROMPTS[2:], [2, 3])
+    assert merge_batches([b, a], num_groups=4).prompt_ids == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"missing \[2, 3\]"):  # a lost shard
+        merge_batches([a], num_groups=4)
+    with pytest.raises(ValueError, match="duplicate groups"):  # a re-run shard counted next to the original
+        merge_batches([a, b, a], num_groups=4)
+
+
+def test_a_rerun_loads_the_exact_older_weights():
+    """A lost shard is re-run with the weights its rollout started with, even on a worker already ahead."""
+    worker, old = make_worker(small_policy()), WeightPacket.build(3, small_policy(seed=1).trainable_state_dict())
+    first = (worker.load_weights(old), worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1]))
+    assert worker.sync_weights(WeightPacket.build(4, small_policy(seed=2).trainable_state_dict())) == 4
+    assert worker.load_weights(old) == 3  # back to version 3, checksum-verified
+    again = worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1])
+    assert first[0] == 3 and torch.equal(again.next_latents, first[1].next_latents)
+    torch.testing.assert_close(again.rewards["verifier"], first[1].rewards["verifier"], rtol=0, atol=0)
+
+
 def test_first_update_ratio_is_one_and_weights_change():
     policy_w, policy_l = small_policy(), small_policy()
     worker, learner = make_worker(policy_w), make_learner(policy_l)
