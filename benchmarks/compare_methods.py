@@ -200,7 +200,7 @@ def report(rows: dict[str, dict], settings: dict, seed: int, mode: str) -> str:
             f"run seed {seed}, {settings['eval_prompts']} held-out prompts; median s/iter skips iteration 1; reward "
             f"gain = mean of the last {settings['reward_k']} iterations − the first {settings['reward_k']}.",
             f"Machine: {os.cpu_count()} CPU cores; 1-min load average at start→end of each method: {loads}.", ""]
-    return "\n".join(head) + markdown_table(rows) + "\n"
+    return "\n".join(head) + "\n" + markdown_table(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
