@@ -162,7 +162,9 @@ def test_rollout_worker_killed_mid_rollout_loses_and_repeats_nothing(ray_cluster
     assert [r["iteration"] for r in recs] == [0, 1, 2, 3]  # training went on after the fault
     assert [r["rollout_retries"] for r in recs] == [int(m == lost) for m in range(4)]  # then worker 0 was back
     assert all(r["num_groups"] == cfg.num_groups for r in recs)  # merged: groups 0…P-1, each exactly once
-    assert "lost groups [0, 1]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "lost groups [0, 1]" in out
+    print("\n".join(line for line in out.splitlines() if line.startswith(("rollout:", "weight sync:", "[iter"))))
     ref_stats, ref_windows, ref_weights = reference_run(cfg)
     assert_same_training(recs, ref_stats, ref_windows, ref_weights, tmp_path / "checkpoints" / "iter_000003")
 
@@ -194,6 +196,7 @@ def test_reward_replica_killed_under_load_every_score_is_right(ray_cluster, rewa
     for scores in results:
         np.testing.assert_array_equal(scores, expected)
     assert counts["retries"] >= 1 and counts["failures"] == 0
+    print(f"client after the kill: {counts}")
     deadline = time.monotonic() + 180  # Serve starts a replacement: back to two running replicas
     while time.monotonic() < deadline:
         now, status = replicas(), serve.status().applications[rewards_app.server.app_name]
