@@ -3,6 +3,7 @@
     python benchmarks/compare_methods.py --quick                  # a few minutes: 4 iterations, 32 images/iter
     python benchmarks/compare_methods.py                          # default tiny job, 20 iterations per method
     python benchmarks/compare_methods.py --methods dance_grpo mixgrpo --iterations 10 --out /tmp/t.md
+    python benchmarks/compare_methods.py --quick learner.num_threads=2     # dotted overrides apply to every variant
 
 Each method runs through the real driver path (`learner.loop.run_loop`: scheduler, rollout worker and
 learner actors, the Serve reward deployments, weight broadcast, evaluations) one after another on one
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compare_methods.md")
     p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-compare-<timestamp>)")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. rollout.num_workers=1")
     args = p.parse_args(argv)
     settings = dict(QUICK if args.quick else FULL)
     for key in ("iterations", "batch_size", "eval_prompts", "reward_k"):
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or REPO_ROOT / "runs" / f"bench-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     from learner.report import load_records
 
-    runs = run_variants(args.methods, common_overrides(settings, args.seed), workdir)
+    runs = run_variants(args.methods, [*common_overrides(settings, args.seed), *args.overrides], workdir)
     rows = {}
     for label, run in runs.items():
         rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}

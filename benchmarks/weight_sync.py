@@ -199,7 +199,7 @@ def fits(num_params: int, workers: int, path: str, margin_gib: float) -> str | N
     need = peak_bytes(num_params, workers, path)
     avail = psutil.virtual_memory().available
     if need + margin_gib * GiB > avail:
-        return f"needs ~{need / GiB:.0f} GiB, {avail / GiB:.0f} GiB free"
+        return f"needs ~{need / GiB:.0f} GiB + {margin_gib:g} GiB margin, {avail / GiB:.0f} GiB free"
     store = ray.cluster_resources().get("object_store_memory", 0)
     if path == "object_store" and 4 * num_params > 0.8 * store:
         return f"packet {4 * num_params / GiB:.1f} GiB > 80% of the {store / GiB:.1f} GiB object store"
