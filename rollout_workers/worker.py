@@ -100,7 +100,7 @@ class RolloutWorker:
 
     def receive_weights(self) -> int:
         """Receive the learner's broadcast into buffers, load, and verify version and checksum."""
-        state = self.policy.trainable_state_dict()  # detached copies, used as receive buffers
+        state = self.policy.trainable_state_dict()  # the live weights' storage: received into in place
         version, checksum = self.channel.broadcast(state, -1)
         self.policy.load_trainable_state_dict(state)
         verify_loaded((version, checksum), self.policy.trainable_state_dict(), version)

@@ -36,7 +36,8 @@ class WeightPacket:
 
     @classmethod
     def build(cls, version: int, state: Mapping[str, Tensor]) -> WeightPacket:
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        # a snapshot: policies hand out tensors that share storage with their live weights
+        cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
         return cls(version, weights_checksum(cpu), cpu, sum(t.numel() * t.element_size() for t in cpu.values()))
 
 

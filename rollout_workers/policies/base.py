@@ -56,7 +56,8 @@ class Policy(Protocol):
     def trainable_parameters(self) -> list[nn.Parameter]: ...
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """What a weight broadcast carries: detached CPU copies (full transformer or LoRA adapter only)."""
+        """What a weight broadcast carries (full transformer or LoRA adapter only): detached tensors that share
+        storage with the live weights, not copies."""
         ...
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None: ...

@@ -181,7 +181,8 @@ class SD3Policy:
         return self.trainable.parameters()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Detached CPU copies of the LoRA adapter (peft key names), or all transformer weights at rank 0."""
+        """The LoRA adapter (peft key names), or all transformer weights at rank 0: detached tensors sharing
+        storage with the live weights (WeightPacket.build snapshots them)."""
         return self.trainable.state_dict()
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:

@@ -274,7 +274,8 @@ class TinyPolicy:
         return self.trainable.parameters()
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Detached CPU copies: every transformer parameter, or only the LoRA adapter (peft key names)."""
+        """Every transformer parameter, or only the LoRA adapter (peft key names): detached tensors sharing
+        storage with the live weights (WeightPacket.build snapshots them)."""
         return self.trainable.state_dict()
 
     def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:

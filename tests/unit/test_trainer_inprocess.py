@@ -10,7 +10,7 @@ from learner.learner import Learner, trained_steps
 from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 from rollout_workers.worker import RolloutWorker
 from services import shapes_world
-from services.broadcast import WeightPacket, WeightSyncError
+from services.broadcast import WeightPacket, WeightSyncError, verify_loaded
 from services.types import merge_batches
 
 G = 4
@@ -146,3 +146,15 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (tmp_path / "iter_000000" / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="state.json is corrupted"):
         load_checkpoint(path)
+
+
+
+def test_a_weight_packet_is_a_snapshot_of_its_version():
+    """Training goes on after a packet is built; the packet must keep (and verify as) its version's bytes."""
+    module = torch.nn.Linear(4, 3)  # nn.Module.state_dict() tensors share storage with the parameters
+    packet = WeightPacket.build(2, module.state_dict())
+    snapshot = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        module.weight.add_(1.0)  # what an optimizer step does to the live weights
+    assert all(torch.equal(packet.state[k], snapshot[k]) for k in snapshot)
+    verify_loaded(packet, snapshot, 2)  # the checksum still describes the packet's bytes
