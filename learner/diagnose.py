@@ -10,7 +10,7 @@ E[cos(g_i, g_j)] = |s|² / (|s|² + E|n|²) = SNR² / (1 + SNR²), so SNR² = c 
 Averaging T batch gradients (to first order what T small optimizer steps do) multiplies SNR² by T, so a
 cumulative SNR of k needs about k²(1 − c)/c iterations; below that the updates are mostly a random walk
 and the score moves by as much between seeds as it gains. Measured on the default job (64 images,
-window 4 of 16 steps): the rule verifier c ≈ 0.01, a mean-brightness reward c ≈ 0.1 (README,
+window 4 of 16 steps): the rule verifier c ≈ 0 (≤ 0.03), a mean-brightness reward c ≈ 0.1–0.17 (README,
 "Why the default run does not raise the verifier score").
 
 Runs in-process (no Ray); rewards are scored by the same scorers the Serve deployments wrap.
