@@ -54,24 +54,6 @@ def iterations_for_snr(cosine: float, k: float = 3.0) -> float:
     return k * k / s2 if s2 > 0 else float("inf")
 
 
-class _Now:
-    def __init__(self, value: np.ndarray) -> None:
-        self.value = value
-
-    def result(self) -> np.ndarray:
-        return self.value
-
-
-class InProcessRewards:
-    """RewardSink over plain functions (images, prompts) → scores, answered immediately."""
-
-    def __init__(self, fns: Mapping[str, RewardFn]) -> None:
-        self.fns = dict(fns)
-
-    def submit(self, name: str, images: np.ndarray, prompts: Sequence[str]) -> _Now:
-        return _Now(np.asarray(self.fns[name](images, list(prompts)), dtype=np.float32))
-
-
 def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
                  window_starts: Sequence[int] = (0,), iteration: int = 0) -> list[dict]:
     """Mean pairwise gradient cosine per (window start, reward) on the config's policy and batch shape.
@@ -80,6 +62,7 @@ def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
     Returns rows {"window_start", "reward", "cosine", "cosine_std", "snr2", "iterations_for_snr3",
     "reward_mean", "reward_std_in_group"}.
     """
+    from reward_servers.client import LocalRewards
     from services.prompts import PromptSource
 
     from .actors import build_learner, build_worker
@@ -89,7 +72,7 @@ def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
     names = list(rewards)
     learner = build_learner(cfg)
     learner.reward_weights = {}
-    worker = build_worker(cfg, InProcessRewards(rewards), 0)
+    worker = build_worker(cfg, LocalRewards(rewards), 0)
     worker.reward_names = names
     worker.sync_weights(learner.get_weights())
     prompts = PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
@@ -148,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from reward_servers.scorers import build_scorer
+    from reward_servers.client import LocalRewards
     from services.config import ConfigError, load_config
 
     args = parse_args(argv)
@@ -158,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    rewards: dict[str, RewardFn] = {}
-    for spec in cfg.reward.rewards:
-        scorer = build_scorer(spec.name, spec.model_path)
-        rewards[spec.name] = scorer.score
+    rewards: dict[str, RewardFn] = LocalRewards.from_specs(cfg.reward.rewards).fns
     if not args.no_brightness:
         rewards["brightness"] = brightness
     rows = gradient_snr(cfg, rewards, num_batches=args.batches, window_starts=args.window_start)

@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -27,7 +28,7 @@ import httpx
 import numpy as np
 
 from reward_servers.payload import encode_array
-from services.config import RewardServerConfig
+from services.config import RewardServerConfig, RewardSpec
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 
@@ -46,6 +47,28 @@ class _Retryable(Exception):
     def __init__(self, cause: str, status: int | None = None) -> None:
         super().__init__(cause)
         self.status = status
+
+
+class LocalRewards:
+    """A reward sink scoring in this process with plain functions (images, prompts) → scores: no Ray, no HTTP.
+
+    For in-process tools and reference runs; `from_specs` uses the same scorers the Serve replicas run.
+    `submit` returns an already completed Future, like `RewardClient.submit`'s.
+    """
+
+    def __init__(self, fns: Mapping[str, Callable[[np.ndarray, list[str]], np.ndarray]]) -> None:
+        self.fns = dict(fns)
+
+    @classmethod
+    def from_specs(cls, specs: Iterable[RewardSpec]) -> LocalRewards:
+        from reward_servers.scorers import build_scorer
+
+        return cls({s.name: build_scorer(s.name, s.model_path).score for s in specs})
+
+    def submit(self, name: str, images: np.ndarray, prompts: Sequence[str]) -> Future[np.ndarray]:
+        fut: Future[np.ndarray] = Future()
+        fut.set_result(np.asarray(self.fns[name](images, list(prompts)), dtype=np.float32))
+        return fut
 
 
 class RewardClient:

@@ -31,7 +31,7 @@ import torch
 from learner.actors import build_learner, build_worker, window_spec
 from learner.checkpoint import load_checkpoint
 from learner.loop import run_loop, shard
-from reward_servers.client import RewardClient
+from reward_servers.client import LocalRewards, RewardClient
 from reward_servers.scorers import build_scorer
 from reward_servers.service import reward_service
 from services import shapes_world as sw
@@ -69,27 +69,13 @@ def rewards_app(ray_cluster, small_checkpoint, tmp_path_factory):  # noqa: F811
         yield cfg.reward
 
 
-class LocalVerifier:
-    """In-process reward sink: the same scorer code the Serve replicas run."""
-
-    def __init__(self):
-        self.scorer = build_scorer("shapes_verifier")
-
-    def submit(self, name, images, prompts):
-        from concurrent.futures import Future
-
-        fut = Future()
-        fut.set_result(self.scorer.score(images, list(prompts)))
-        return fut
-
-
 def reference_run(cfg):
     """The run without Ray or faults: same shards, seeds, weights and (a)sync schedule as learner/loop.py.
 
     -> (train statistics per iteration, windows per iteration, final trainable weights)
     """
     torch.set_num_threads(1)
-    learner, worker = build_learner(cfg), build_worker(cfg, LocalVerifier())
+    learner, worker = build_learner(cfg), build_worker(cfg, LocalRewards.from_specs(cfg.reward.rewards))
     spec, n = window_spec(cfg), cfg.run.iterations
     prompts = PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=True)
 
