@@ -37,6 +37,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import publish  # noqa: E402 (needs the path above)
+
 # (label, preset, extra overrides); the label is the table row
 VARIANTS = {
     "flow_grpo": ("flow_grpo", []),
@@ -230,9 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, run in runs.items():
         rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}
     text = report(rows, settings, args.seed, "quick" if args.quick else "full")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print("\n" + text + f"\nwritten to {args.out}; runs in {workdir}")
+    publish(text, args.out)
+    print(f"runs in {workdir}")
     return 0
 
 

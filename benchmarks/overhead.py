@@ -35,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import publish  # noqa: E402 (needs the path above)
+
 GOAL_SHARE = 0.90  # the goal: model compute ≥ 90% of iteration time at the default size
 PHASES = ("rollout: model forward", "rollout: sampler, other", "reward wait", "learner: forward+backward",
           "learner: optimizer step", "learner: other", "broadcast", "driver / Ray overhead")
@@ -149,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(r.get("staleness", 0) > 0 for r in records):
         print("note: asynchronous iterations overlap rollout and update; the split below double-counts")
     text = f"{desc}\n\n{markdown(median_breakdown(records, args.warmup))}\n"
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

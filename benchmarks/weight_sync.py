@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.common import publish  # noqa: E402 (needs the path above)
 from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded  # noqa: E402
 
 GiB = 2**30
@@ -242,10 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"{os.cpu_count()} CPU cores, {psutil.virtual_memory().total / GiB:.0f} GiB RAM, object store "
             f"{store / GiB:.1f} GiB; fp32 weights in {args.tensors} tensors; median of {args.repeats} syncs after "
             f"one warm-up; 1-min load average at the end {os.getloadavg()[0]:.1f}\n\n{markdown(rows)}\n")
-    print("\n" + text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 
