@@ -170,23 +170,37 @@ def test_reward_replica_killed_under_load_every_score_is_right(ray_cluster, rewa
         return sorted(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
                       if n["name"].startswith(f"SERVE_REPLICA::{rewards_app.server.app_name}#reward_shapes_verifier#"))
 
+    def holding_requests(names, timeout_s):
+        """The first of the replicas `names` seen with requests in flight (polled through Serve's own counter)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for name in names:
+                if ray.get(ray.get_actor(name, namespace="serve").get_num_ongoing_requests.remote()) > 0:
+                    return name
+            time.sleep(0.01)
+        pytest.fail(f"no replica of {names} held a request within {timeout_s} s")
+
     before = replicas()
     assert len(before) == 2
     # 16 client threads keep 16 requests in flight; each batch waits 1 s to fill: the victim holds some
     with RewardClient(transport="handle", app_name=rewards_app.server.app_name, max_workers=16) as client:
         futures = [client.submit("shapes_verifier", images, prompts) for _ in range(48)]
         futures[0].result(timeout=120)
-        ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
+        victim = holding_requests(before, timeout_s=60)  # kill a replica while it holds requests (batches wait 1 s)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
         results = [f.result(timeout=120) for f in futures]
         counts = client.metrics()
     for scores in results:
         np.testing.assert_array_equal(scores, expected)
-    assert counts["retries"] >= 1 and counts["failures"] == 0
+    # The victim held requests when it died (holding_requests); who re-sent them varies from run to run: Serve's
+    # router re-routes a request whose replica died (ray/serve/_private/router.py, ActorDiedError), and what
+    # surfaces as an error is retried by RewardClient (counted in "retries"). Either way none failed or was 0.
+    assert counts["requests"] == len(futures) and counts["failures"] == 0
     print(f"client after the kill: {counts}")
     deadline = time.monotonic() + 180  # Serve starts a replacement: back to two running replicas
     while time.monotonic() < deadline:
         now, status = replicas(), serve.status().applications[rewards_app.server.app_name]
-        if (len(now) == 2 and before[0] not in now
+        if (len(now) == 2 and victim not in now
                 and status.deployments["reward_shapes_verifier"].replica_states.get("RUNNING") == 2):
             break
         time.sleep(0.5)
