@@ -1,6 +1,6 @@
 """Pre-train the shapes-world models, and evaluate the base policy.
 
-    python -m learner.pretrain policy --out rollout_workers/assets/tiny_policy --steps 1200 --seed 0
+    python -m learner.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
     python -m learner.pretrain reward --out reward_servers/assets/shapes_reward
     python -m learner.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
 
@@ -240,11 +240,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="command", required=True)
     pol = sub.add_parser("policy", parents=[common], help="flow-matching pre-training of the tiny policy")
     pol.add_argument("--out", required=True)
-    pol.add_argument("--steps", type=int, default=1200)
+    pol.add_argument("--steps", type=int, default=9000)
     pol.add_argument("--batch-size", type=int, default=32)
     pol.add_argument("--seed", type=int, default=0)
     pol.add_argument("--lr", type=float, default=2e-3)
-    pol.add_argument("--warmup", type=int, default=100)
+    pol.add_argument("--warmup", type=int, default=200)
     pol.add_argument("--minutes", type=float, default=None, help="wall-time cap; stops early when spent")
     pol.add_argument("--log-every", type=int, default=50)
     pol.set_defaults(func=cmd_policy)
