@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from benchmarks.compare_methods import markdown_table, summarize, with_ratios
 from benchmarks.overhead import compute_share, median_breakdown, phase_breakdown
+from benchmarks.reward_control import random_rewards, run_control
 from benchmarks.weight_sync import peak_bytes, tensor_sizes
 
 
@@ -79,3 +81,22 @@ def test_weight_sync_helpers():
     assert tensor_sizes(2, 4) == [1, 1]
     assert peak_bytes(10**9, 1, "object_store") == 20 * 10**9  # sender + store + worker (weights, copy, bytes)
     assert peak_bytes(10**9, 2, "collective") == 12 * 10**9
+
+
+def test_random_rewards_are_seeded_uniform_and_ignore_the_images():
+    images = np.zeros((5, 32, 32, 3), np.uint8)
+    a = random_rewards(["shapes_reward", "shapes_verifier"], seed=3)
+    b = random_rewards(["shapes_reward", "shapes_verifier"], seed=3)
+    first = [a.submit(n, images, ["a red circle"] * 5).result() for n in ("shapes_reward", "shapes_verifier")]
+    again = [b.submit(n, images + 255, ["two blue squares"] * 5).result() for n in ("shapes_reward", "shapes_verifier")]
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))  # the same stream, whatever the images
+    assert not np.array_equal(first[0], first[1])  # independent draws per call
+    assert all(x.dtype == np.float32 and x.shape == (5,) and (x >= 0).all() and (x < 1).all() for x in first)
+
+
+def test_random_reward_control_is_reproducible():
+    overrides = ["rollout.batch_size=8", "grpo.group_size=4", "learner.micro_batch_size=8", "run.iterations=2", "run.eval_prompts=4",
+                 "run.eval_every=0", "sampler.num_steps=4", "window.size=2"]
+    first = run_control(overrides, reward_seed=1, save=None)
+    assert [n for n, _, _ in first] == [0, 2]
+    assert run_control(overrides, reward_seed=1, save=None) == first
