@@ -11,7 +11,7 @@ Averaging T batch gradients (to first order what T small optimizer steps do) mul
 cumulative SNR of k needs about k²(1 − c)/c iterations. Measured on the default job (64 images, window
 4 of 16 steps): the rule verifier and the learned reward c ≈ −0.01–0.03 (± 0.05 over 6 pairs, so four
 batches cannot tell these from 0), a mean-brightness reward c ≈ 0.07–0.17; brightness is learned within
-ten iterations, the default job's held-out gain (+0.016 on fresh sets) over 60. A clearly positive c
+ten iterations, the default job's held-out gain (+0.015 on fresh sets) over 60. A clearly positive c
 means a reward is learnable at this batch size; for c near 0 compare a run with a random-reward control
 on fresh evaluation sets (README, "Results on the embedded default").
 
