@@ -3,7 +3,7 @@
 - a rollout worker killed mid-rollout: its groups are re-run on the other worker with the weights the
   rollout started with; Ray restarts the killed one, which gets the weights before it samples again. The
   run must equal a run without the fault: group noise is seeded by (run seed, iteration, group id), so
-  the reference is the same training done in-process without Ray (`reference_run`), shard for shard;
+  the reference is the same training done in-process without Ray (`learner.loop.run_inprocess`), shard for shard;
 - a reward replica killed under load: Serve replaces it, the client retries what was in flight, and every
   score equals the rule verifier computed here (never a silent 0);
 - the driver SIGKILLed after a checkpoint (slow: three processes start their own Ray): `--resume` gives the
@@ -28,15 +28,12 @@ import numpy as np
 import pytest
 import torch
 
-from learner.actors import build_learner, build_worker, window_spec
 from learner.checkpoint import load_checkpoint
-from learner.loop import run_loop, shard
+from learner.loop import run_inprocess, run_loop
 from reward_servers.client import LocalRewards, RewardClient
 from reward_servers.scorers import build_scorer
 from reward_servers.service import reward_service
 from services import shapes_world as sw
-from services.prompts import PromptSource
-from services.types import merge_batches
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.integration
@@ -70,32 +67,13 @@ def rewards_app(ray_cluster, small_checkpoint, tmp_path_factory):  # noqa: F811
 
 
 def reference_run(cfg):
-    """The run without Ray or faults: same shards, seeds, weights and (a)sync schedule as learner/loop.py.
+    """`run_inprocess` (the run without Ray or faults) on the verifier scored in-process, one thread.
 
     -> (train statistics per iteration, windows per iteration, final trainable weights)
     """
     torch.set_num_threads(1)
-    learner, worker = build_learner(cfg), build_worker(cfg, LocalRewards.from_specs(cfg.reward.rewards))
-    spec, n = window_spec(cfg), cfg.run.iterations
-    prompts = PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=True)
-
-    def rollout(m):
-        parts = shard(list(enumerate(prompts.for_iteration(m, cfg.num_groups))), cfg.rollout.num_workers)
-        window = tuple(spec.window(m))
-        return merge_batches([worker.rollout(m, window, [p for _, p in part], [i for i, _ in part]) for part in parts],
-                             num_groups=cfg.num_groups)
-
-    worker.sync_weights(learner.get_weights())
-    pending, stats = rollout(0), []
-    for m in range(n):
-        batch = pending
-        if cfg.run.async_rollout and m + 1 < n:
-            pending = rollout(m + 1)  # sampled with the weights before this update: staleness 1
-        stats.append(learner.update(batch))
-        worker.sync_weights(learner.get_weights())
-        if not cfg.run.async_rollout and m + 1 < n:
-            pending = rollout(m + 1)
-    return stats, [tuple(spec.window(m)) for m in range(n)], learner.policy.trainable_state_dict()
+    stats, windows, learner = run_inprocess(cfg, LocalRewards.from_specs(cfg.reward.rewards))
+    return stats, windows, learner.policy.trainable_state_dict()
 
 
 def train_records(out):
