@@ -5,7 +5,7 @@
     python benchmarks/compare_methods.py --methods dance_grpo mixgrpo --iterations 10 --out /tmp/t.md
     python benchmarks/compare_methods.py --quick learner.num_threads=2     # dotted overrides apply to every variant
 
-Each method runs through the real driver path (`learner.loop.run_loop`: scheduler, rollout worker and
+Each method runs through the real driver path (`learner.driver.loop.run_loop`: scheduler, rollout worker and
 learner actors, the Serve reward deployments, weight broadcast, evaluations) one after another on one
 local Ray, with the same run seed (prompts and noise), the same rewards and the same held-out evaluation.
 From each run's metrics.jsonl the table gives:
@@ -177,7 +177,7 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path) -> dict
     Returns label → {"dir": run directory, "wall_min": minutes including start-up and evaluations,
     "load": 1-minute load average at start and end}.
     """
-    from learner.loop import run_loop
+    from learner.driver.loop import run_loop
     from reward_servers.service import reward_service
     from services.config import load_config
 
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     workdir = args.workdir or REPO_ROOT / "runs" / f"bench-compare-{time.strftime('%Y%m%d-%H%M%S')}"
-    from learner.report import load_records
+    from learner.outputs.report import load_records
 
     runs = run_variants(args.methods, [*common_overrides(settings, args.seed), *args.overrides], workdir)
     rows = {}

@@ -5,7 +5,7 @@
     python benchmarks/overhead.py --config mixgrpo_flash_star      # another method preset
     python benchmarks/overhead.py --from-run runs/shapes-tiny-…    # analyse an existing run's metrics.jsonl
 
-Runs the job through the real driver path (`learner.loop.run_loop` on a local Ray, rewards on Serve) and
+Runs the job through the real driver path (`learner.driver.loop.run_loop` on a local Ray, rewards on Serve) and
 splits each synchronous iteration (`iteration_seconds`, from the rollout's launch to the verified broadcast)
 with the timings the roles record:
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-overhead-<timestamp>)")
     p.add_argument("--out", type=Path, help="also write the table here (Markdown)")
     args = p.parse_args(argv)
-    from learner.progress import MetricsLog
+    from learner.outputs.metrics import MetricsLog
 
     if args.from_run:
         run_dir, desc = args.from_run, f"run {args.from_run}"

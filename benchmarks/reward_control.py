@@ -3,12 +3,12 @@
     python benchmarks/reward_control.py --seed 0 --save /tmp/rand0          # ~6 min, one thread
     python benchmarks/reward_control.py --evaluate base /tmp/rand0/iter_000059 runs/<dir>/checkpoints/iter_000059
 
-Run mode is the default job without Ray (`learner.loop.run_inprocess`: the loop's shards, windows, seeds
+Run mode is the default job without Ray (`learner.driver.inprocess.run_inprocess`: the loop's shards, windows, seeds
 and weight syncs, and its in-run evaluation), but every configured reward returns U(0, 1) draws (seeded by
 `--reward-seed`), so the advantages carry no information and any change of the held-out score is the
 optimizer's random walk; `--save DIR` writes the final weights as a checkpoint folder. Evaluate mode scores
-"base" or checkpoint folders with `learner.eval` on `--sets` fresh held-out sets (seeds 1…k, 48 prompts per
-category each), never the in-run set. The README's "Results on the embedded default" table was measured so.
+"base" or checkpoint folders with `learner.tools.eval` on `--sets` fresh held-out sets (seeds 1…k, 48 prompts per
+category each), never the in-run set (seed `run.eval_seed`). The README's "Results on the embedded default" table was measured so.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import publish  # noqa: E402
-from learner.eval import evaluate_checkpoint  # noqa: E402
-from learner.loop import run_inprocess  # noqa: E402
+from learner import evaluation  # noqa: E402
+from learner.driver.inprocess import run_inprocess  # noqa: E402
+from learner.tools.eval import evaluate_checkpoint  # noqa: E402
 from reward_servers.client import LocalRewards  # noqa: E402
 from services.config import load_config  # noqa: E402
-from services.prompts import heldout_prompts  # noqa: E402
 
 
 def random_rewards(names: list[str], seed: int) -> LocalRewards:
@@ -40,13 +40,13 @@ def random_rewards(names: list[str], seed: int) -> LocalRewards:
 def run_control(overrides: list[str], reward_seed: int, save: Path | None) -> list[tuple[int, float, float]]:
     """The default loop on random rewards; returns (iterations done, in-run eval score, strict) rows."""
     cfg = load_config([], overrides)
-    held = heldout_prompts(cfg.run.eval_prompts)  # the loop's in-run set
+    held = evaluation.run_prompts(cfg)  # the loop's in-run set
 
     def evaluate(learner, done: int) -> tuple[int, float, float]:
-        r = learner.evaluate(held, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, seed=cfg.run.eval_seed)
-        print(f"[eval after {done} iterations] in-run held-out score {r['score']:.3f} strict {r['strict']:.3f}",
-              flush=True)
-        return done, float(r["score"]), float(r["strict"])
+        r = evaluation.evaluate(learner.policy, held, **evaluation.settings(cfg))["overall"]
+        print(f"[eval after {done} iterations] in-run held-out score {r['verifier_score']:.3f} "
+              f"strict {r['verifier_strict']:.3f}", flush=True)
+        return done, r["verifier_score"], r["verifier_strict"]
 
     rows, t0 = [], time.perf_counter()
 
@@ -65,7 +65,7 @@ def run_control(overrides: list[str], reward_seed: int, save: Path | None) -> li
 
 
 def fresh_set_scores(cfg, model: str, sets: int) -> list[float]:
-    """Held-out verifier score of `model` ("base" or a checkpoint folder) on fresh sets 1…k (`learner.eval`)."""
+    """Held-out verifier score of `model` ("base" or a checkpoint folder) on fresh sets 1…k (`learner.tools.eval`)."""
     checkpoint = None if model == "base" else Path(model)
     return [float(evaluate_checkpoint(cfg, checkpoint, seed=s, per_category=48)["overall"]["verifier_score"])
             for s in range(1, sets + 1)]

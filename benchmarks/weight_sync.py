@@ -4,7 +4,7 @@
     python benchmarks/weight_sync.py --max-params 1e9 --repeats 2    # also 1B where memory allows (4 GB fp32)
     python benchmarks/weight_sync.py --sizes 1e6 1e7 --workers 1 2 4
 
-Both paths do what a training run does each iteration (`learner/loop.py` `broadcast`, `services/broadcast.py`),
+Both paths do what a training run does each iteration (`learner/driver/rollouts.py` `broadcast`, `services/broadcast.py`),
 on plain fp32 tensors in Ray actors instead of a model:
 
 - object store: the sender builds one `WeightPacket` (CPU tensors + blake2b checksum) and returns it; the

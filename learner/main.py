@@ -19,14 +19,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# `python learner/main.py` puts learner/ first on sys.path, where learner/learner.py would shadow the
-# `learner` package; put the repo root there instead (even when it is already on PYTHONPATH, as under
-# `ray job submit --working-dir .`).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(REPO_ROOT))
+try:
+    from services.config import ClusterConfig, Config, ConfigError, dump_config, load_config
+except ModuleNotFoundError as e:  # `python learner/main.py` puts learner/ on sys.path, not the repository root
+    sys.exit(f"error: cannot import the project's packages ({e}); run `pip install -e .` in the repository root "
+             "(or put the root on PYTHONPATH; `ray job submit --working-dir .` does)")
 
-from services.config import ClusterConfig, Config, ConfigError, dump_config, load_config  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +54,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     return cfg, out, False
 
 
+def preflight(cfg: Config) -> None:
+    """Read the prompt files before any actor starts, so a bad one is an error naming it, not a dead actor."""
+    from learner.evaluation import run_prompts
+    from services.prompts import PromptSource
+
+    PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=cfg.model.backend == "tiny")
+    run_prompts(cfg)
+
+
 @contextmanager
 def ray_session(cluster: ClusterConfig):
     import ray
@@ -79,24 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg, out, resuming = resolve(args)
-    except (ConfigError, FileNotFoundError) as e:
+        preflight(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.json")
     print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
           f"→ {out}", flush=True)
-    from learner.loop import run_loop
-    from learner.observe import default_observers
+    from learner.driver.loop import run_loop
+    from learner.outputs.metrics import eval_summary
+    from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
     with ray_session(cfg.cluster), reward_service(cfg.reward):
         result = run_loop(cfg, out, run_id, resume=resuming, observers=default_observers(out, run_id))
-    final = result["final_eval"] or {}
-    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out verifier score "
-          f"{final.get('eval_verifier_score', float('nan')):.3f}; outputs in {out}", flush=True)
+    final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"
+    print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out {final}; outputs in {out}", flush=True)
     return 0
 
 

@@ -12,6 +12,9 @@ connection errors; no retry on other 4xx (the request itself is wrong); a score 
 raises `RewardError` naming the reward and the cause, never a silent 0. `metrics()` counts requests,
 retries and failures for the run's metrics. Over HTTP the images travel as raw uint8 bytes (base64) in
 JSON; over handles as numpy arrays through Ray's object transport.
+
+Also here: `LocalRewards`, the same contract scored in-process (tools, reference runs), and `TimedRewards`,
+a proxy that reports each request's latency to the run's dashboard metrics.
 """
 
 from __future__ import annotations
@@ -221,3 +224,25 @@ def _check_scores(name: str, scores: Any, n: int, attempts: int) -> np.ndarray:
                                 f"for {n} images", attempts=attempts)
     return scores
 
+
+class TimedRewards:
+    """A RewardSink proxy that observes each request's latency (submit → scores) per reward.
+
+    Wraps a `RewardClient` (whose `submit` returns a concurrent Future) and a `services.telemetry.Telemetry`;
+    failed requests are counted by the client itself (`services.telemetry.reward_counter_updates`), not timed here.
+    """
+
+    def __init__(self, sink, telemetry, worker: str) -> None:
+        self.sink, self.telemetry, self.worker = sink, telemetry, worker
+
+    def submit(self, name: str, images, prompts) -> Future:
+        t0 = time.perf_counter()
+        future = self.sink.submit(name, images, prompts)
+
+        def done(f: Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.telemetry.observe("mixgrpo_reward_latency_seconds", time.perf_counter() - t0,
+                                       reward=name, worker=self.worker)
+
+        future.add_done_callback(done)
+        return future

@@ -1,5 +1,5 @@
 """RolloutWorker: samples whole groups with the mixed ODE-SDE sampler, decodes, scores, returns fp32
-window transitions. A plain class; `learner/actors.py` makes it a Ray actor.
+window transitions. A plain class; `learner/driver/actors.py` makes it a Ray actor.
 
 Seeding: each group's initial noise and window noise come from a generator seeded by
 (run seed, iteration, global group id), so results do not depend on how groups are split across

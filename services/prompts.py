@@ -68,8 +68,3 @@ class PromptSource:
         if self.source == "shapes":
             return shapes_world.sample_prompts(n, rng, split="train")
         return [self.pool[i] for i in rng.integers(0, len(self.pool), size=n)]
-
-
-def heldout_prompts(n: int, seed: int = 1234) -> list[str]:
-    """The fixed held-out evaluation prompts (same for every run with the same n and seed)."""
-    return shapes_world.sample_prompts(n, np.random.default_rng(seed), split="heldout")

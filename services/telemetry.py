@@ -20,9 +20,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,7 +49,7 @@ def _c(description: str, *tags: str) -> MetricSpec:
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 METRICS: dict[str, MetricSpec] = {
-    # ---- the driver, from each iteration's record (learner/observe.py: MetricsObserver)
+    # ---- the driver, from each iteration's record (learner/outputs/observers.py: MetricsObserver)
     "mixgrpo_iteration": _g("Last finished iteration (0-based)"),
     "mixgrpo_iterations": _c("Iterations finished"),
     "mixgrpo_reward_weighted_mean": _g("Weighted mean reward of the iteration's rollouts"),
@@ -72,6 +70,7 @@ METRICS: dict[str, MetricSpec] = {
     "mixgrpo_eval_verifier_score": _g("Held-out verifier score (partial credit, macro over categories)"),
     "mixgrpo_eval_verifier_strict": _g("Held-out verifier strict accuracy"),
     "mixgrpo_eval_category_score": _g("Held-out verifier score per prompt category", "category"),
+    "mixgrpo_eval_reward": _g("Held-out mean of a reward (real models; tiny: run.eval_rewards)", "reward"),
     # ---- the learner actor
     "mixgrpo_learner_update_seconds": _g("Learner time of the last update"),
     "mixgrpo_learner_samples_per_second": _g("Rollout samples consumed per second of update"),
@@ -241,13 +240,16 @@ def train_updates(rec: Mapping[str, Any]) -> list[Update]:
 
 
 def eval_updates(rec: Mapping[str, Any]) -> list[Update]:
-    """An eval record → held-out verifier gauges (overall, strict, per category)."""
-    cats = [k[len("eval_"):-len("_score")] for k in rec
-            if k.startswith("eval_") and k.endswith("_score") and k != "eval_verifier_score"]
+    """An eval record → held-out gauges: the verifier's (overall, strict, per category) and each reward's."""
+    columns = rec.get("eval_columns") or []
+    rewards = [c for c in columns if c not in ("verifier_score", "verifier_strict")]
+    cats = [k[len("eval_"):-len("_score")] for k in rec if k.startswith("eval_") and k.endswith("_score")
+            and k != "eval_verifier_score" and k[len("eval_"):] not in columns]
     return _present([
         ("mixgrpo_eval_verifier_score", _num(rec, "eval_verifier_score"), {}),
         ("mixgrpo_eval_verifier_strict", _num(rec, "eval_verifier_strict"), {}),
         *[("mixgrpo_eval_category_score", _num(rec, f"eval_{c}_score"), {"category": c}) for c in cats],
+        *[("mixgrpo_eval_reward", _num(rec, f"eval_{r}"), {"reward": r}) for r in rewards],
     ])
 
 
@@ -291,26 +293,3 @@ def scheduler_updates(iteration: int, window: tuple[int, int]) -> list[Update]:
     return [("mixgrpo_scheduler_iteration", float(iteration), {}),
             ("mixgrpo_scheduler_window_start", float(window[0]), {}),
             ("mixgrpo_scheduler_window_size", float(window[1]), {})]
-
-
-class TimedRewards:
-    """A RewardSink proxy that observes each request's latency (submit → scores) per reward.
-
-    Wraps `reward_servers.client.RewardClient` (whose `submit` returns a concurrent Future); failed
-    requests are counted by the client itself (`reward_counter_updates`), not timed here.
-    """
-
-    def __init__(self, sink, telemetry: Telemetry, worker: str) -> None:
-        self.sink, self.telemetry, self.worker = sink, telemetry, worker
-
-    def submit(self, name: str, images, prompts) -> Future:
-        t0 = time.perf_counter()
-        future = self.sink.submit(name, images, prompts)
-
-        def done(f: Future) -> None:
-            if not f.cancelled() and f.exception() is None:
-                self.telemetry.observe("mixgrpo_reward_latency_seconds", time.perf_counter() - t0,
-                                       reward=name, worker=self.worker)
-
-        future.add_done_callback(done)
-        return future

@@ -1,8 +1,8 @@
-"""The learned shapes reward model (services/shapes_reward_model.py) as a scorer.
+"""The learned shapes reward model (shapes_reward_model.py, beside this file) as a scorer.
 
 reward_i = sigmoid(ShapesRewardModel(x_i, p_i)) in [0, 1], an approximation of the rule verifier's
 score trained on rendered and corrupted images. Weights: `model_path`, default the checkpoint shipped in
-reward_servers/assets/shapes_reward (rebuilt by `python -m learner.pretrain reward --out ...`).
+reward_servers/assets/shapes_reward (rebuilt by `python -m learner.tools.pretrain reward --out ...`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reward_servers.scorers import shapes_reward_model
 from reward_servers.scorers.base import ScorerLoadError, check_batch
-from services import shapes_reward_model, shapes_world
+from services import shapes_world
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "assets" / "shapes_reward"
 

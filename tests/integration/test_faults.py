@@ -3,7 +3,7 @@
 - a rollout worker killed mid-rollout: its groups are re-run on the other worker with the weights the
   rollout started with; Ray restarts the killed one, which gets the weights before it samples again. The
   run must equal a run without the fault: group noise is seeded by (run seed, iteration, group id), so
-  the reference is the same training done in-process without Ray (`learner.loop.run_inprocess`), shard for shard;
+  the reference is the same training done in-process without Ray (`learner.driver.inprocess.run_inprocess`), shard for shard;
 - a reward replica killed under load: Serve replaces it, the client retries what was in flight, and every
   score equals the rule verifier computed here (never a silent 0);
 - the driver SIGKILLed after a checkpoint (slow: three processes start their own Ray): `--resume` gives the
@@ -28,8 +28,9 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import load_checkpoint
-from learner.loop import run_inprocess, run_loop
+from learner.driver.inprocess import run_inprocess
+from learner.driver.loop import run_loop
+from learner.training import load_checkpoint
 from reward_servers.client import LocalRewards, RewardClient
 from reward_servers.scorers import build_scorer
 from reward_servers.service import reward_service

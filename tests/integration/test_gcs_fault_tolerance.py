@@ -43,15 +43,15 @@ from tests.redis_server import free_port, redis_server
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SPEC = dict(num_steps=16, size=4, shift_interval=2, stride=1)
+WINDOW = dict(size=4, shift_interval=2, stride=1)  # the `window` config section; 16 sampling steps, seed 0
 
 CREATE = f"""
 import json, os, sys, ray
-from learner.actors import SchedulerActor
-from services.scheduler import WindowSpec
+from learner.driver.actors import SchedulerActor
+from services.config import WindowConfig
 ray.init(address=sys.argv[1], namespace=sys.argv[2], log_to_driver=False)
 actor = SchedulerActor.options(name=sys.argv[3], lifetime="detached", num_cpus=0).remote(
-    WindowSpec(**{SPEC!r}), "memory", "gcs-ft-demo")
+    WindowConfig(**{WINDOW!r}), 16, 0, "memory", "gcs-ft-demo")
 for i in range(8):
     ray.get(actor.advance.remote(i), timeout=60)
 """
@@ -68,9 +68,10 @@ print(json.dumps({"current": ray.get(actor.current.remote(), timeout=60), "pid":
 
 def expected(iteration: int) -> list:
     """What `current()` returns at `iteration`, as JSON: [iteration, [start, size]]."""
-    from services.scheduler import WindowSpec
+    from services.config import WindowConfig
+    from services.scheduler import WindowScheduler
 
-    return [iteration, list(WindowSpec(**SPEC).window(iteration))]
+    return [iteration, list(WindowScheduler(WindowConfig(**WINDOW), num_steps=16).window(iteration))]
 
 
 def as_json(current: tuple) -> list:
@@ -107,12 +108,12 @@ def test_scheduler_actor_restart_restores_state_from_store(ray_cluster, tmp_path
     """Killed with restarts allowed, the actor re-runs __init__: with a Redis store it comes back at the
     same iteration and window; with the memory store (the control) it starts over."""
     ray = ray_cluster
-    from learner.actors import SchedulerActor
-    from services.scheduler import WindowSpec
+    from learner.driver.actors import SchedulerActor
+    from services.config import WindowConfig
 
     with redis_server(tmp_path) if store == "redis" else nullcontext("memory") as url:
         name = f"scheduler-{uuid.uuid4().hex[:8]}"
-        actor = SchedulerActor.options(name=name, max_restarts=1, num_cpus=0).remote(WindowSpec(**SPEC), url, name)
+        actor = SchedulerActor.options(name=name, max_restarts=1, num_cpus=0).remote(WindowConfig(**WINDOW), 16, 0, url, name)
         try:
             for i in range(8):
                 ray.get(actor.advance.remote(i), timeout=60)

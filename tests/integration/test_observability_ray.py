@@ -8,8 +8,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from learner.loop import run_loop
-from learner.observe import default_observers
+from learner.driver.loop import run_loop
+from learner.outputs.observers import default_observers
 from reward_servers.service import reward_service
 from services.telemetry import run_tag
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint  # noqa: F401

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from learner.loop import run_loop
+from learner.driver.loop import run_loop
 from reward_servers.service import reward_service
 from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 from services.config import load_config
@@ -70,7 +70,7 @@ def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
 
 
 def test_resume_continues_exactly(ray_cluster, small_checkpoint, tmp_path):
-    from learner.checkpoint import load_checkpoint
+    from learner.training import load_checkpoint
 
     full, part = tmp_path / "full", tmp_path / "part"
     cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", "run.iterations=3")

@@ -105,3 +105,51 @@ def test_driver_rejects_bad_config_before_starting_anything(capsys, tmp_path):
     assert "window.sise" in capsys.readouterr().err
     assert driver.main(["--resume", str(tmp_path)]) == 2  # not a run directory
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_driver_preflight_names_a_missing_eval_prompts_file(capsys, tmp_path):
+    from learner import main as driver
+
+    args = ["model.backend=sd3", f"model.path={tmp_path}", "model.height=64", "model.width=64",
+            f"run.eval_prompts_file={tmp_path / 'missing.txt'}", f"run.output_dir={tmp_path / 'run'}"]
+    assert driver.main(args) == 2
+    assert "missing.txt" in capsys.readouterr().err
+
+
+def test_kl_beta_is_refused_until_implemented():
+    assert load_config([], ["grpo.kl_beta=0"]).grpo.kl_beta == 0.0
+    with pytest.raises(ConfigError, match=r"grpo\.kl_beta=0\.04: .*not implemented"):
+        load_config([], ["grpo.kl_beta=0.04"])
+
+
+def test_retired_run_resume_field(tmp_path):
+    """Old run directories' config.json hold `run.resume: null` and still load; a value is refused, as an override is."""
+    old = json.loads(json.dumps(Config().model_dump(mode="json")))
+    old["run"]["resume"] = None
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert load_config([tmp_path / "config.json"]) == Config()
+    old["run"]["resume"] = "runs/x"
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match=r"run\.resume is no longer a config field; resume a run with"):
+        load_config([tmp_path / "config.json"])
+    with pytest.raises(ConfigError, match=r"run\.resume"):
+        load_config([], ["run.resume=runs/x"])
+
+
+def test_every_config_field_is_read_somewhere():
+    """A field nothing reads is a defect: setting it would silently do nothing. Each field must be read as
+    `.<field>` outside its declaration; the window section is passed whole to `window_at` (its fields are
+    window_at's parameters: tests/unit/test_scheduler_store.py)."""
+    import re
+    from pathlib import Path
+
+    from services.config import WindowConfig, sections
+
+    root = Path(__file__).resolve().parents[2]
+    code = "\n".join(p.read_text() for d in ("learner", "rollout_workers", "reward_servers", "services")
+                     for p in (root / d).rglob("*.py") if p.name != "sections.py")
+    unread = [f"{cls.__name__}.{f}" for cls in vars(sections).values()
+              if isinstance(cls, type) and issubclass(cls, sections._Section) and cls not in (sections._Section,
+                                                                                              WindowConfig)
+              for f in cls.model_fields if not re.search(rf"\.{f}\b", code)]
+    assert not unread

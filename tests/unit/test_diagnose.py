@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.diagnose import brightness, gradient_snr, iterations_for_snr, pairwise_cosine, snr_squared
+from learner.tools.diagnose import brightness, gradient_snr, iterations_for_snr, pairwise_cosine, snr_squared
 from services.config import load_config
 
 

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from learner import observe, report, samples
+from learner.outputs import grids as samples
+from learner.outputs import observers as observe
+from learner.outputs import report
 from tests.tb_events import read_events
 
 CATS = ("single", "counting", "spatial")
@@ -108,7 +110,9 @@ def test_report_renders_plots_and_summary(run_dir):
 
 
 def test_report_cli_and_observer_errors(tmp_path, capsys):
-    assert report.main([str(tmp_path)]) == 2
+    from learner.tools import report as report_cli
+
+    assert report_cli.main([str(tmp_path)]) == 2
     observe.ReportObserver(tmp_path).close()  # no metrics.jsonl: reported, not raised
     assert "report: not written" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""Flow-matching pre-training, the base-policy evaluation, and the shipped tiny checkpoint."""
+"""Flow-matching pre-training, the pre-training command line, and the shipped tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner import pretrain
-from learner.evaluate_base import eval_prompts, evaluate_policy, score_images
+from learner.tools import pretrain
 from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 from services import shapes_world
 
@@ -23,19 +22,7 @@ def small_policy(seed: int = 0) -> TinyPolicy:
     return TinyPolicy.from_config(config, seed=seed)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and on a shared, loaded CPU much faster than two
-    (every op of a multi-threaded forward waits for its descheduled sibling thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def shipped() -> TinyPolicy:
-    return TinyPolicy.load(SHIPPED)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------- flow-matching math
@@ -96,38 +83,6 @@ def test_pretraining_is_deterministic_given_the_seed():
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-# ---------------------------------------------------------------------- evaluation
-
-
-def test_eval_prompts_are_balanced_fixed_and_in_split():
-    prompts = eval_prompts("heldout", per_category=6, seed=3)
-    assert prompts == eval_prompts("heldout", per_category=6, seed=3)
-    assert [shapes_world.category(p) for p in prompts] == [c for c in shapes_world.CATEGORIES for _ in range(6)]
-    assert all(shapes_world.is_heldout(p) for p in prompts)
-    single = prompts[:6]  # the held-out single pool has 4 prompts: all of them, then repeats
-    assert set(single) == set(shapes_world.all_prompts("heldout", ("single",)))
-
-
-def test_evaluate_shipped_policy_is_bounded_and_deterministic(shipped):
-    prompts = eval_prompts("heldout", per_category=1, seed=0)
-    a = evaluate_policy(shipped, prompts, num_steps=6, shift=3.0, seed=0, batch_size=3)
-    b = evaluate_policy(shipped, prompts, num_steps=6, shift=3.0, seed=0, batch_size=4)
-    assert set(a["per_category"]) == set(shapes_world.CATEGORIES)
-    assert 0.0 <= a["score"] <= 1.0 and 0.0 <= a["strict"] <= 1.0
-    assert all(0.0 <= m["score"] <= 1.0 and 0.0 <= m["strict"] <= 1.0 for m in a["per_category"].values())
-    assert a == b  # the noise is drawn once per call, so the batch size does not matter
-
-
-def test_shipped_policy_beats_pure_noise(shipped):
-    prompts = eval_prompts("heldout", per_category=4, seed=0)
-    result = evaluate_policy(shipped, prompts, num_steps=12, shift=3.0, seed=0)
-    noise = torch.randn((len(prompts), 3, 32, 32), generator=torch.Generator().manual_seed(0))
-    chance = score_images(prompts, shipped.decode(noise))
-    # Pure noise scores ~0.17 (random palette-coloured blobs earn colour and shape points); the
-    # shipped policy ~0.33 on this set and ~0.39 on the README's 32 per category with 25 steps.
-    assert result["score"] > chance["score"] + 0.1, (result["score"], chance["score"])
-
-
 def test_shipped_checkpoint_files(shipped):
     assert {p.name for p in SHIPPED.iterdir()} >= {"config.json", "model.safetensors", "README.md"}
     assert (SHIPPED / "model.safetensors").stat().st_size < 20 * 2**20
@@ -146,7 +101,7 @@ def test_eval_command_writes_json(tmp_path, capsys):
 
 
 def test_reward_command_dispatches_to_train_reward_model(monkeypatch, tmp_path):
-    from services import shapes_reward_model
+    from reward_servers.scorers import shapes_reward_model
 
     calls = []
     monkeypatch.setattr(shapes_reward_model, "train_reward_model",

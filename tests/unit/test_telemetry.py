@@ -4,6 +4,7 @@ from concurrent.futures import Future
 
 import pytest
 
+from reward_servers.client import TimedRewards
 from services import telemetry as t
 
 TRAIN = {
@@ -59,6 +60,13 @@ def test_eval_record_to_gauges():
                    ("mixgrpo_eval_category_score", (("category", "spatial"),)): 0.2}
 
 
+def test_eval_record_of_a_real_model_reports_its_rewards():
+    rec = {"kind": "eval", "iteration": 4, "eval_columns": ["pickscore", "clip_score"], "eval_pickscore": 0.22,
+           "eval_clip_score": 0.31, "eval_num_prompts": 50}
+    assert as_dict(t.eval_updates(rec)) == {("mixgrpo_eval_reward", (("reward", "pickscore"),)): 0.22,
+                                            ("mixgrpo_eval_reward", (("reward", "clip_score"),)): 0.31}
+
+
 def test_actor_side_updates():
     w = as_dict(t.rollout_updates({"sample_s": 1.5, "reward_wait_s": 0.5, "rollout_s": 2.0}, 32, 3, "1"))
     assert w[("mixgrpo_rollout_images_per_second", (("worker", "1"),))] == 16.0
@@ -112,7 +120,7 @@ class Sink:
 
 def test_timed_rewards_observes_latency_of_successful_requests_only():
     tel, sink = RecordingTelemetry(), Sink()
-    timed = t.TimedRewards(sink, tel, "2")
+    timed = TimedRewards(sink, tel, "2")
     ok, bad = timed.submit("a", None, []), timed.submit("b", None, [])
     sink.futures[0].set_result([1.0])
     sink.futures[1].set_exception(RuntimeError("reward failed"))

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from learner.checkpoint import CheckpointError, load_checkpoint
-from learner.learner import Learner, trained_steps
+from learner.training import CheckpointError, Learner, load_checkpoint, trained_steps
 from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 from rollout_workers.worker import RolloutWorker
 from services import shapes_world

@@ -1,8 +1,8 @@
 """Pre-train the shapes-world models, and evaluate the base policy.
 
-    python -m learner.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
-    python -m learner.pretrain reward --out reward_servers/assets/shapes_reward
-    python -m learner.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
+    python -m learner.tools.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
+    python -m learner.tools.pretrain reward --out reward_servers/assets/shapes_reward
+    python -m learner.tools.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
 
 `policy`: flow matching (rectified flow) on freshly rendered TRAIN-split images of every category:
     x0 = render(prompt) in [-1, 1], ε ~ N(0, I), u ~ U(0, 1), σ = 3u / (1 + 2u)   (shift 3)
@@ -16,8 +16,9 @@ SD3's logit-normal(0, 1) (P(σ > 0.8) = 0.08) denoised well below σ = 0.6 but w
 where the layout is decided, and its 25-step samples were scattered 4x4-patch fragments (verifier
 score ~0.33, no strict pass). Low noise is easy here (P(σ < 0.2) = 0.08 is plenty).
 
-`reward`: dispatches to `services.shapes_reward_model.train_reward_model` (the learned reward model).
-`eval`: `learner.evaluate_base` on held-out and train prompts; prints a Markdown table.
+`reward`: dispatches to `reward_servers.scorers.shapes_reward_model.train_reward_model` (the learned reward
+model), with policy samples labelled by the verifier.
+`eval`: `learner.evaluation` on balanced held-out and train prompts (the verifier); prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ import torch
 from torch import Tensor
 
 from learner.algo import shift_sigma
-from learner.evaluate_base import EVAL_SHIFT, EVAL_STEPS, eval_prompts, evaluate_policy, markdown_table
+from learner.evaluation import evaluate, markdown_table, sample_images, shapes_prompts
 from services import shapes_world
 
 TRAIN_SHIFT = 3.0  # σ sampling for training; see the module docstring
+EVAL_STEPS, EVAL_SHIFT = 25, 3.0  # `eval`: the paper's reference schedule, N = 25, shift 3
 
 # ---------------------------------------------------------------------- flow-matching pieces (pure)
 
@@ -158,7 +160,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
                              log=lambda s: print(s, flush=True))
     policy.save(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "command")}
-    record = {"command": " ".join(["python -m learner.pretrain", *args.argv]), "parameters": n,
+    record = {"command": " ".join(["python -m learner.tools.pretrain", *args.argv]), "parameters": n,
               **settings, **result}
     (Path(args.out) / "pretrain.json").write_text(json.dumps(record, indent=1))
     print(f"saved {args.out} after {result['steps']} steps in {result['seconds'] / 60:.1f} min; "
@@ -171,21 +173,22 @@ def policy_samples(policy, n: int, *, split: str, seed: int, num_steps: int = 16
     """n images from `policy` labelled by the verifier: half plain ODE samples, half mixed ODE-SDE samples
     with a random window (the distribution rollouts produce), so a reward model learns the images RL asks about.
     """
-    from learner.algo import Window, sample_mixed, sample_ode, sigma_schedule
+    from learner.algo import Window, sample_mixed, sigma_schedule
     from services import shapes_world as sw
 
     rng, gen = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     sigmas, images, prompts = sigma_schedule(num_steps, shift), [], []
     for lo in range(0, n, batch_size):
         ps = sw.sample_prompts(min(batch_size, n - lo), rng, split=split)
-        cond, noise = policy.encode_prompts(ps), torch.randn(len(ps), *policy.latent_shape, generator=gen)
-        if (lo // batch_size) % 2 == 0:
-            x = sample_ode(policy.velocity, noise, cond, sigmas)
+        noise = torch.randn(len(ps), *policy.latent_shape, generator=gen)
+        if (lo // batch_size) % 2 == 0:  # the evaluation sampler: full-step ODE
+            images.append(sample_images(policy, ps, num_steps=num_steps, shift=shift, noise=noise, batch_size=len(ps)))
         else:
             size = min(4, num_steps - 1)
             win = Window(int(rng.integers(0, num_steps - size)), size)  # start ≤ N−1−w
-            x = sample_mixed(policy.velocity, noise, cond, sigmas, win, group_size=1, eta=0.7, generator=gen).final
-        images.append(policy.decode(x))
+            x = sample_mixed(policy.velocity, noise, policy.encode_prompts(ps), sigmas, win, group_size=1, eta=0.7,
+                             generator=gen).final
+            images.append(policy.decode(x))
         prompts += ps
     images = np.concatenate(images)
     targets = np.array([sw.verify(p, im).score for p, im in zip(prompts, images)], dtype=np.float32)
@@ -193,7 +196,8 @@ def policy_samples(policy, n: int, *, split: str, seed: int, num_steps: int = 16
 
 
 def cmd_reward(args: argparse.Namespace) -> int:
-    from services.shapes_reward_model import train_reward_model  # lazy: the policy path does not need it
+    # lazy: the policy command does not need the reward model
+    from reward_servers.scorers.shapes_reward_model import train_reward_model
 
     given = {"steps": args.steps, "batch_size": args.batch_size}
     extra = extra_eval = None
@@ -220,9 +224,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     for split in args.splits.split(","):
         t0 = time.perf_counter()
-        prompts = eval_prompts(split, args.prompts_per_category, args.seed)
-        results[split] = evaluate_policy(policy, prompts, num_steps=args.num_steps, shift=args.shift,
-                                         seed=args.seed, batch_size=args.batch_size)
+        prompts = shapes_prompts(split, args.prompts_per_category, args.seed)
+        results[split] = evaluate(policy, prompts, num_steps=args.num_steps, shift=args.shift, seed=args.seed,
+                                  verifier=True, batch_size=args.batch_size)
         print(f"{split}: {len(prompts)} prompts in {time.perf_counter() - t0:.0f}s", flush=True)
     print(f"\n{args.num_steps}-step ODE, shift {args.shift}, seed {args.seed}, "
           f"{args.prompts_per_category} prompts per category\n")
@@ -253,7 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     rew.add_argument("--steps", type=int, default=None, help="default: train_reward_model's")
     rew.add_argument("--batch-size", type=int, default=None, help="default: train_reward_model's")
     rew.add_argument("--seed", type=int, default=0)
-    rew.add_argument("--policy", default=str(Path(__file__).resolve().parents[1] / "rollout_workers/assets/tiny_policy"),
+    rew.add_argument("--policy", default=str(Path(__file__).resolve().parents[2] / "rollout_workers/assets/tiny_policy"),
                      help="policy whose samples (labelled by the verifier) join the training data")
     rew.add_argument("--policy-samples", type=int, default=4096, help="0: rendered/corrupted images only")
     rew.set_defaults(func=cmd_reward)

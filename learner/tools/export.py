@@ -1,7 +1,7 @@
 """Export a run's trained weights in the format its model family loads natively.
 
-    python -m learner.export --run runs/X --out exported/X                  # latest checkpoint
-    python -m learner.export --run runs/X --checkpoint runs/X/checkpoints/iter_000019 --out exported/X19
+    python -m learner.tools.export --run runs/X --out exported/X                  # latest checkpoint
+    python -m learner.tools.export --run runs/X --checkpoint runs/X/checkpoints/iter_000019 --out exported/X19
 
 - tiny: the full tiny checkpoint (config.json + model.safetensors) that `TinyPolicy.load(OUT)` reads, with
   the trained weights merged (a LoRA adapter is fused into the transformer; the result has no adapter).
@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from learner.driver.build import policy_from_config
+from learner.training import latest_checkpoint, load_checkpoint
 from services.config import Config, ConfigError, load_config
 
 EXPORT_INFO = "export.json"
@@ -27,9 +29,6 @@ EXPORT_INFO = "export.json"
 
 def load_trained(cfg: Config, checkpoint: Path):
     """The run's starting model with the checkpoint's trainable weights, and the checkpoint's meta."""
-    from learner.actors import policy_from_config
-    from learner.checkpoint import load_checkpoint
-
     weights, _, meta = load_checkpoint(checkpoint)
     policy = policy_from_config(cfg.model)
     policy.load_trainable_state_dict(weights)
@@ -88,8 +87,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from learner.checkpoint import latest_checkpoint
-
     args = parse_args(argv)
     run = Path(args.run)
     try:

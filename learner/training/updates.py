@@ -1,6 +1,6 @@
 """The Learner: advantages per group, windowed GRPO updates, weights out, checkpoints.
 
-A plain class (a Ray actor via `learner/actors.py`). Each `update` consumes one iteration's rollout:
+A plain class (a Ray actor via `learner/driver/actors.py`). Each `update` consumes one iteration's rollout:
 log-probs of the trained window steps are recomputed with gradients by the same function the
 rollout used, so with identical weights the first ratio is exactly 1.
 """
@@ -178,19 +178,3 @@ class Learner:
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         self.version, self.iteration = int(meta["version"]), int(meta["iteration"])
         return meta
-
-    def evaluate(self, prompts: list[str], *, num_steps: int, shift: float, seed: int, grid: int = 0) -> dict:
-        """Held-out evaluation with the current weights (full-step ODE, fixed seeds).
-
-        With `grid` = k > 0 also the run's sample grid: the first k prompts sampled from the same seeded noise
-        → "grid_images" (k, H, W, 3) uint8, "grid_prompts" (k,), "grid_scores" (k,) verifier scores.
-        """
-        from learner.evaluate_base import sample_images, score_images
-        from learner.pretrain import evaluate_policy
-
-        res = evaluate_policy(self.policy, prompts, num_steps=num_steps, shift=shift, seed=seed, batch_size=64)
-        if grid > 0:
-            first = list(prompts[:grid])
-            images = sample_images(self.policy, first, num_steps=num_steps, shift=shift, seed=seed, batch_size=64)
-            res |= {"grid_images": images, "grid_prompts": first, "grid_scores": score_images(first, images)["scores"]}
-        return res

@@ -4,9 +4,10 @@
     run_loop(cfg, out, run_id, resume, observers=observers)
 
 Each observer has `on_iteration(rec)`, `on_eval(rec, images=None, prompts=None)` and `close()` (the
-`learner.loop.Observer` hooks); records are the dicts of <run>/metrics.jsonl. An eval record's sample grid
-arrives either as arrays (`images` (k, H, W, 3) uint8, `prompts`) or, when the loop passes only the record,
-through `rec["samples"]`, the grid PNG (relative to the run directory) that `learner.loop.evaluate` saved.
+`Observer` hooks); records are the dicts of <run>/metrics.jsonl. An eval record's sample grid arrives
+either as arrays (`images` (k, H, W, 3) uint8, `prompts`) or, when the loop passes only the record,
+through `rec["samples"]`, the grid PNG (relative to the run directory) that `learner.driver.loop.evaluate`
+saved.
 """
 
 from __future__ import annotations
@@ -20,9 +21,19 @@ import numpy as np
 
 from services.telemetry import Telemetry, eval_updates, train_updates
 
-from .samples import default_scale, load_grid, make_grid
+from .grids import default_scale, load_grid, make_grid
 
 SKIP = {"kind", "iteration", "time", "samples"}
+
+
+class Observer:
+    """Hooks the loop calls with every record (metrics, TensorBoard, grids, reports plug in here)."""
+
+    def on_iteration(self, rec: dict) -> None: ...
+
+    def on_eval(self, rec: dict, images=None, prompts=None) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class MetricsObserver:
@@ -139,7 +150,7 @@ class TensorBoardObserver:
 
 
 class ReportObserver:
-    """Writes <run>/report.md when the run ends (`python -m learner.report RUN_DIR` does the same any time).
+    """Writes <run>/report.md when the run ends (`python -m learner.tools.report RUN_DIR` does the same any time).
 
     A report that cannot be written is reported on stderr, not raised: the run's results are on disk
     already and the close() runs in the loop's `finally`, where raising would hide the run's own error.
@@ -162,7 +173,7 @@ class ReportObserver:
             print(f"report: {path}", flush=True)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             print(f"report: not written ({type(e).__name__}: {e}); retry with "
-                  f"`python -m learner.report {self.run_dir}`", file=sys.stderr, flush=True)
+                  f"`python -m learner.tools.report {self.run_dir}`", file=sys.stderr, flush=True)
 
 
 def default_observers(run_dir: str | Path, run_id: str, *, tensorboard: bool = True,

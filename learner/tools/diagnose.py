@@ -1,7 +1,7 @@
 """Is a reward learnable at this batch size? The signal-to-noise ratio of the GRPO policy gradient.
 
-    python -m learner.diagnose                       # the default tiny job, its rewards
-    python -m learner.diagnose --batches 6 --window-start 0 4 8 rollout.batch_size=128
+    python -m learner.tools.diagnose                 # the default tiny job, its rewards
+    python -m learner.tools.diagnose --batches 6 --window-start 0 4 8 rollout.batch_size=128
 
 Draws `--batches` independent rollout batches at the same weights (same prompts, fresh noise), takes the
 policy gradient of each (the GRPO loss at ratio 1, every window step) and reports the mean pairwise
@@ -64,10 +64,9 @@ def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
     Returns rows {"window_start", "reward", "cosine", "cosine_std", "snr2", "iterations_for_snr3",
     "reward_mean", "reward_std_in_group"}.
     """
+    from learner.driver.build import build_learner, build_worker
     from reward_servers.client import LocalRewards
     from services.prompts import PromptSource
-
-    from .actors import build_learner, build_worker
 
     if num_batches < 2:
         raise ValueError(f"num_batches must be >= 2, got {num_batches}")

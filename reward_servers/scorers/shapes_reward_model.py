@@ -19,7 +19,7 @@ Training (`train_reward_model`): regression (BCE on soft targets) onto the verif
 train-split prompts, of corrupted renders (`shapes_world.corrupt`: recolour, remove, move, reshape,
 add), of mismatched prompt/image pairs, of blank images and of degraded images (blur, noise, dimming,
 labelled after degradation so the target is what the verifier says of what the model sees), plus mild
-Gaussian pixel noise on every batch. Run: `python -m services.shapes_reward_model --out DIR`.
+Gaussian pixel noise on every batch. Run: `python -m reward_servers.scorers.shapes_reward_model --out DIR`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def load(path: str | Path) -> ShapesRewardModel:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"shapes reward model: {path / name} is missing (train one with "
-                                    f"`python -m services.shapes_reward_model --out {path}`)")
+                                    f"`python -m reward_servers.scorers.shapes_reward_model --out {path}`)")
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         if config.pop("architecture", None) != "ShapesRewardModel":

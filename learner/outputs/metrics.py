@@ -58,6 +58,20 @@ class Progress:
 
     @staticmethod
     def report_eval(rec: dict) -> None:
-        when = "before training" if rec["iteration"] < 0 else f"after iteration {rec['iteration'] + 1}"
-        print(f"[eval {when}] held-out verifier score={rec['eval_verifier_score']:.3f} "
-              f"strict={rec['eval_verifier_strict']:.3f}", flush=True)
+        print(f"[eval {eval_when(rec)}] held-out, {rec.get('eval_num_prompts', '?')} prompts: {eval_summary(rec)}",
+              flush=True)
+
+
+def eval_columns(rec: dict) -> list[str]:
+    """The overall columns of an eval record (`eval_columns`; older records: the verifier's)."""
+    return list(rec.get("eval_columns") or [k for k in ("verifier_score", "verifier_strict") if f"eval_{k}" in rec])
+
+
+def eval_summary(rec: dict) -> str:
+    """`verifier_score=0.477 verifier_strict=0.141` (or the reward columns of a real-model run)."""
+    return " ".join(f"{c}={rec[f'eval_{c}']:.3f}" for c in eval_columns(rec) if isinstance(rec.get(f"eval_{c}"),
+                                                                                         int | float))
+
+
+def eval_when(rec: dict) -> str:
+    return "before training" if rec["iteration"] < 0 else f"after iteration {rec['iteration'] + 1}"

@@ -1,27 +1,11 @@
-"""The one validated run configuration.
-
-Sections per role (model, sampler, window, grpo, reward, rollout, learner, cluster, run). Every model
-forbids unknown keys, documents its fields and checks ranges; `RunConfig` checks the combinations.
-Defaults are the embedded job: the tiny model in the shapes world, MixGRPO, on a two-core CPU.
-
-    cfg = load_config(["deploy/configs/mixgrpo_flash.yaml"], ["window.size=6", "run.seed=1"])
-    cfg.model_dump_json()       # the resolved config, written next to a run's outputs
-
-Method presets live in `deploy/configs/<method>.yaml`; `preset_path("mixgrpo_flash")` finds them.
-"""
+"""The sections of the run configuration, one pydantic model per role (see `services.config`)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO_ROOT / "deploy" / "configs"
 METHODS = ("mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo")
 
 
@@ -96,7 +80,8 @@ class GrpoConfig(_Section):
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of window steps trained per iteration, chosen at random (DanceGRPO: 0.6 of all steps)."""
     kl_beta: float = Field(0.0, ge=0.0)
-    """Optional KL penalty to the reference policy on the transition mean (0 in the FLUX reference)."""
+    """KL penalty to the reference policy on the transition mean (0 in the FLUX reference). Not implemented
+    yet: only 0 is accepted, so a run never silently trains without the penalty it asked for."""
     num_inner_epochs: int = Field(1, ge=1, le=16)
 
 
@@ -252,180 +237,17 @@ class RunConfig(_Section):
     eval_every: int = Field(20, ge=0)
     """Iterations between held-out evaluations (0: only before and after)."""
     eval_prompts: int = Field(192, ge=1)
-    """Held-out prompts per evaluation (one image each); fewer makes the score too noisy to compare."""
+    """Held-out prompts per evaluation (one image each); fewer makes the score too noisy to compare. Tiny
+    backend: a balanced draw from the shapes world's held-out split (a multiple of its 4 categories). Other
+    backends: the first `eval_prompts` lines of `eval_prompts_file`."""
     eval_seed: int = Field(1234, ge=0)
-    """Noise seed of every evaluation: the same for all runs, so their scores compare directly."""
+    """Seed of every evaluation's prompt draw and noise: the same for all runs, so their scores compare
+    directly (`python -m learner.tools.eval --seed <eval_seed>` reproduces it)."""
+    eval_prompts_file: str | None = None
+    """Held-out prompts (one per line) for sd3 / flux, which the 32×32 shapes verifier cannot judge; required
+    for those backends. Ignored by the tiny backend, whose held-out set is the shapes world's."""
+    eval_rewards: list[str] | None = None
+    """Rewards (names from `reward.rewards`) that score each evaluation. None: all of them for sd3 / flux, none
+    for the tiny backend, which the rule verifier scores."""
     async_rollout: bool = False
     """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1)."""
-    resume: str | None = None
-
-
-class Config(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    window: WindowConfig = Field(default_factory=WindowConfig)
-    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
-    reward: RewardConfig = Field(default_factory=RewardConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _resolve_all(cls, data: Any) -> Any:
-        # `window.size: all` (Flow-GRPO / DanceGRPO presets) = every trainable step of this model's schedule
-        if isinstance(data, dict) and isinstance(data.get("window"), dict) and data["window"].get("size") == "all":
-            steps = (data.get("sampler") or {}).get("num_steps", SamplerConfig.model_fields["num_steps"].default)
-            data = {**data, "window": {**data["window"], "size": int(steps) - 1}}
-        return data
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        errors = [e for check in _CROSS_CHECKS if (e := check(self))]
-        if errors:
-            raise ValueError("; ".join(errors))
-        return self
-
-    @property
-    def num_groups(self) -> int:
-        return self.rollout.batch_size // self.grpo.group_size
-
-
-def _check_window(c: Config) -> str | None:
-    trainable = c.sampler.num_steps - 1  # the final step is never trained
-    if c.window.size > trainable:
-        return f"window.size ({c.window.size}) exceeds the trainable steps 0..{trainable - 1} of sampler.num_steps={c.sampler.num_steps}"
-    if c.window.start + c.window.size > trainable:
-        return f"window.start + window.size ({c.window.start}+{c.window.size}) must be <= {trainable} (sampler.num_steps - 1)"
-    if c.window.shift_interval_min > c.window.shift_interval:
-        return "window.shift_interval_min must be <= window.shift_interval"
-    return None
-
-
-def _check_batch(c: Config) -> str | None:
-    b, g = c.rollout.batch_size, c.grpo.group_size
-    if b % g:
-        return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g})"
-    per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
-    if b % per_update:
-        return (f"rollout.batch_size ({b}) must be divisible by learner.micro_batch_size × "
-                f"learner.gradient_accumulation_steps ({per_update})")
-    return None
-
-
-def _check_sampler(c: Config) -> str | None:
-    s = c.sampler
-    if s.post_window == "euler" and s.compress_ratio != 1.0:
-        return "sampler.compress_ratio only applies with sampler.post_window=dpm"
-    if c.model.backend != "tiny" and c.model.path is None:
-        return f"model.path is required for model.backend={c.model.backend!r} (a local diffusers folder)"
-    if c.model.backend == "tiny" and (c.model.height, c.model.width) != (32, 32):
-        return "model.height/width are fixed at 32 for the tiny backend"
-    if c.rollout.prompts == "file" and not c.rollout.prompts_file:
-        return "rollout.prompts_file is required when rollout.prompts=file"
-    return None
-
-
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler)
-
-
-# ---------------------------------------------------------------- loading
-
-
-def preset_path(name: str) -> Path:
-    """Path of a config preset in deploy/configs/ by name (`mixgrpo_flash`) or an explicit path."""
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml", ".json"):
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        return p
-    p = PRESET_DIR / f"{name}.yaml"
-    if not p.exists():
-        known = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
-    return p
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node: Any = tree
-    for i, k in enumerate(keys[:-1]):
-        if isinstance(node, list):
-            node = node[int(k)]
-        else:
-            node = node.setdefault(k, {})
-        if not isinstance(node, dict | list):
-            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
-    last = keys[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """`window.size=6` → ("window.size", 6); values are parsed as YAML scalars/lists."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key or any(not part.isidentifier() and not part.isdigit() for part in key.split(".")):
-        raise ConfigError(f"bad override {text!r}: expected section.field=value, e.g. window.size=6")
-    try:
-        return key, yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"bad override {text!r}: value is not valid YAML ({e})") from e
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _format_validation(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if e["type"] == "extra_forbidden" else ""))
-    return "invalid config:\n  " + "\n  ".join(lines)
-
-
-def build_config(data: dict) -> Config:
-    """Validate a nested dict into a Config, turning pydantic errors into a ConfigError naming fields."""
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e)) from None
-
-
-def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
-    """Defaults ← each YAML file in order (deep-merged) ← dotted overrides; then validate."""
-    data: dict = Config().model_dump(mode="json")  # start from defaults so overrides can index lists
-    for f in files:
-        data = _deep_merge(data, _read_yaml(preset_path(str(f))))
-    for text in overrides:
-        key, value = parse_override(text)
-        try:
-            _set_dotted(data, key, value)
-        except (IndexError, ValueError) as e:
-            raise ConfigError(f"override {text!r}: {e}") from e
-    return build_config(data)
-
-
-def dump_config(cfg: Config, path: str | Path) -> Path:
-    """Write the resolved config as JSON (what a run really used)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-    return path

@@ -1,8 +1,8 @@
 """The run report: <run>/report.md with PNG plots in <run>/report/, from metrics.jsonl and the sample grids.
 
-    python -m learner.report runs/shapes-tiny-20261122-101500      # also written when a run ends
+    python -m learner.tools.report runs/shapes-tiny-20261122-101500      # also written when a run ends
 
-Plots: rewards and the held-out verifier over training, the window position, the time of each
+Plots: rewards and the held-out evaluation over training, the window position, the time of each
 iteration by phase (rollout sampling, reward wait, learner update, weight broadcast, other), and the
 first and last sample grids side by side. The summary table compares the base model (the evaluation
 before training) with the final one and gives the iteration count and median seconds per iteration.
@@ -11,15 +11,13 @@ x axes count updates applied (iteration + 1; the base evaluation is at 0), as in
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from .progress import MetricsLog
-from .samples import list_grids, load_grid
+from .grids import list_grids, load_grid
+from .metrics import MetricsLog, eval_columns
 
 PHASES = {"rollout sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
           "update": (None, "update_s"), "broadcast": (None, "broadcast_s")}
@@ -68,7 +66,7 @@ def _pyplot():
 
 
 def plot_rewards(train: list[dict], evals: list[dict], path: Path) -> Path:
-    """Training rewards (weighted mean and each reward) and the held-out verifier (score, strict)."""
+    """Training rewards (weighted mean and each reward) and the held-out evaluation's overall columns."""
     plt = _pyplot()
     fig, (ax_r, ax_e) = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["iteration"] + 1 for r in train]
@@ -79,10 +77,11 @@ def plot_rewards(train: list[dict], evals: list[dict], path: Path) -> Path:
         ax_r.legend(fontsize=8)
     ax_r.set(title="training reward (rollouts)", xlabel="updates applied", ylabel="reward")
     xe = [r["iteration"] + 1 for r in evals]
-    for key, label in (("eval_verifier_score", "verifier score"), ("eval_verifier_strict", "strict accuracy")):
-        ax_e.plot(xe, [_y(r.get(key)) for r in evals], marker="o", label=label)
-    ax_e.set(title="held-out verifier", xlabel="updates applied", ylim=(0, 1))
-    ax_e.legend(fontsize=8)
+    for col in dict.fromkeys(c for r in evals for c in eval_columns(r)):
+        ax_e.plot(xe, [_y(r.get(f"eval_{col}")) for r in evals], marker="o", label=col.replace("_", " "))
+    ax_e.set(title="held-out evaluation", xlabel="updates applied")
+    if evals:
+        ax_e.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -145,11 +144,11 @@ def _fmt(v: float | None, signed: bool = False) -> str:
 
 
 def summary_table(train: list[dict], evals: list[dict]) -> str:
-    """Base vs final held-out verifier (overall, strict, per category), iterations, median s/iteration."""
+    """Base vs final held-out evaluation (overall columns, per category), iterations, median s/iteration."""
     base = next((e for e in evals if e["iteration"] < 0), None)
     final = evals[-1] if evals and evals[-1]["iteration"] >= 0 else None
     rows = ["| | base | final | change |", "|---|---|---|---|"]
-    keys = ["eval_verifier_score", "eval_verifier_strict"]
+    keys = [f"eval_{c}" for c in dict.fromkeys(c for e in evals for c in eval_columns(e))]
     keys += sorted({k for e in evals for k in e if k.startswith("eval_") and k.endswith("_score")} - set(keys))
     for key in keys:
         b, f = _num((base or {}).get(key)), _num((final or {}).get(key))
@@ -204,7 +203,7 @@ def write_report(run_dir: str | Path) -> Path:
     parts = [_header(run_dir), "## Summary\n", summary_table(train, evals)]
     if train or evals:
         plot_rewards(train, evals, plots / "rewards.png")
-        parts += ["\n## Rewards and the held-out verifier\n", f"![rewards]({PLOT_DIR}/rewards.png)"]
+        parts += ["\n## Rewards and the held-out evaluation\n", f"![rewards]({PLOT_DIR}/rewards.png)"]
     if train:
         plot_window(train, plots / "window.png")
         plot_time(train, plots / "time.png")
@@ -219,19 +218,3 @@ def write_report(run_dir: str | Path) -> Path:
     out = run_dir / "report.md"
     out.write_text("\n".join(parts) + "\n")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
-    args = p.parse_args(argv)
-    try:
-        print(write_report(args.run_dir))
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The driver loop: the only place that calls `.remote()` and `ray.get` (with rollouts.py, its helpers).
+
+One iteration: window from the scheduler → prompts → rollout shards on the workers (rewards scored as
+each chunk of groups finishes) → learner update on the merged shards → versioned weight broadcast →
+metrics, periodic held-out evaluation and checkpoints. With `run.async_rollout` the rollout of
+iteration m+1 runs while the learner updates on m (staleness 1, corrected by the recorded log π_old).
+
+Faults: lost rollout shards are re-run and a worker that missed a broadcast is sent it again (rollouts.py);
+train records count `rollout_retries` and `weight_sync_retries`. Anything else (the learner, a reward that
+failed after the client's retries) fails the run, which `--resume` continues from its last checkpoint:
+the learner restores it, the window scheduler is put back at its iteration (whatever store it uses), and
+prompts and noise are functions of the run seed and the iteration.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import ray
+
+from learner.evaluation import eval_record
+from learner.outputs.grids import save_grid
+from learner.outputs.metrics import MetricsLog, Progress
+from learner.outputs.observers import Observer
+from learner.training import latest_checkpoint
+from services.config import Config
+from services.prompts import PromptSource
+
+from .actors import LearnerActor, SchedulerActor, WorkerActor
+from .rollouts import Cluster, broadcast, gather_rollout, launch_rollout, open_collective
+
+
+def start_actors(cfg: Config, run_id: str) -> Cluster:
+    cfg_json = cfg.model_dump_json()
+    scheduler = SchedulerActor.options(name=f"{run_id}-window-scheduler", num_cpus=0, max_restarts=-1,
+                                       get_if_exists=True).remote(cfg.window, cfg.sampler.num_steps, cfg.run.seed,
+                                                                  cfg.cluster.state_store, run_id)
+    learner = LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus).remote(cfg_json)
+    # Restartable (a lost shard is re-run, see gather_rollout) and named `<run>-rollout-<i>-<tag>` so operators
+    # and chaos tests can find them; the tag keeps names unique when a run is resumed in the same namespace.
+    restarts = cfg.rollout.max_restarts if cfg.cluster.weight_sync == "object_store" else 0
+    tag = uuid.uuid4().hex[:6]
+    workers = [WorkerActor.options(name=f"{run_id}-rollout-{i}-{tag}", num_cpus=cfg.rollout.num_cpus,
+                                   num_gpus=cfg.rollout.num_gpus, max_restarts=restarts).remote(cfg_json, i)
+               for i in range(cfg.rollout.num_workers)]
+    return Cluster(scheduler, learner, workers)
+
+
+def evaluate(cl: Cluster, iteration: int, log: MetricsLog) -> dict:
+    """The held-out evaluation (`learner.evaluation`, on the learner) and a 16-cell sample grid spanning the
+    prompt set (fixed prompts and noise: the cells compare over time).
+
+    The grid is saved as <run>/samples/<iter>.png + .json; `rec["samples"]` (its path relative to the run)
+    is how observers, the record and the report find it.
+    """
+    res = ray.get(cl.learner.evaluate.remote(grid=16))
+    rec = eval_record(iteration, res)
+    grid = res.get("grid")
+    if grid is not None:
+        rec["samples"] = save_grid(log.path.parent, iteration, grid["images"], grid["prompts"], grid["scores"])
+    log.write(rec)
+    return rec
+
+
+def stop_actors(cl: Cluster) -> None:
+    for actor in (cl.learner, *cl.workers):
+        ray.kill(actor)
+    ray.kill(cl.scheduler, no_restart=True)
+
+
+def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
+    cl = start_actors(cfg, run_id)
+    try:
+        return _iterate(cl, cfg, out, run_id, resume, list(observers))
+    finally:
+        for obs in observers:
+            obs.close()
+        stop_actors(cl)
+
+
+def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, observers: list[Observer]) -> dict:
+    log, progress = MetricsLog(out / "metrics.jsonl"), Progress(cfg.run.iterations)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        meta = ray.get(cl.learner.restore.remote(str(ckpt)))
+        start = int(meta["iteration"]) + 1
+        log.truncate_after(start - 1)
+        print(f"resumed from {ckpt} (iteration {meta['iteration']}, weight version {meta['version']})", flush=True)
+    # the window store follows the checkpoint (or the fresh start): a persistent store (file://, redis://) may
+    # hold an iteration that a crash never checkpointed, or a previous attempt's state in the same namespace
+    ray.get(cl.scheduler.restore.remote(start - 1))
+    collective = cfg.cluster.weight_sync == "collective"
+    if collective:
+        open_collective(cl, cfg)
+    broadcast(cl, collective, cfg.rollout.restart_timeout_s)  # workers start from the learner's weights (verified)
+    if not resume:
+        first = evaluate(cl, -1, log)
+        progress.report_eval(first)
+        for obs in observers:
+            obs.on_eval(first)
+    prompts = PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
+                           shapes_grammar=cfg.model.backend == "tiny")
+    pending = launch_rollout(cl, cfg, prompts, start) if start < cfg.run.iterations else None
+    last_eval, t_prev_end = None, time.perf_counter()
+    for m in range(start, cfg.run.iterations):
+        # from this rollout's launch (sync) or the previous iteration's end (async: the rollout overlapped it);
+        # evaluation and checkpoint time are not part of an iteration
+        t_iter, ro, t_wait = max(pending.started, t_prev_end), pending, time.perf_counter()
+        refs = gather_rollout(cl, cfg, ro)  # this iteration's rollout is done (lost shards re-run)…
+        if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
+            pending = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
+        t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
+        stats = ray.get(cl.learner.update.remote(*refs, num_groups=cfg.num_groups))
+        _, t_sync, resent = broadcast(cl, collective, cfg.rollout.restart_timeout_s)
+        now = time.perf_counter()
+        rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,
+               "rollout_retries": ro.retries, "weight_sync_retries": resent, "broadcast_s": t_sync,
+               "wait_update_s": now - t_update - t_sync, "iteration_seconds": now - t_iter}
+        log.write(rec)
+        progress.report(rec)
+        for obs in observers:
+            obs.on_iteration(rec)
+        done = m + 1 == cfg.run.iterations
+        if cfg.run.eval_every and (m + 1) % cfg.run.eval_every == 0 or done:
+            last_eval = evaluate(cl, m, log)
+            progress.report_eval(last_eval)
+            for obs in observers:
+                obs.on_eval(last_eval)
+        if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
+            ray.get(cl.learner.save.remote(str(out / "checkpoints"), {"run_id": run_id}))
+        t_prev_end = time.perf_counter()
+        if not cfg.run.async_rollout and not done:
+            pending = launch_rollout(cl, cfg, prompts, m + 1)
+    return {"final_eval": last_eval, "output_dir": str(out)}

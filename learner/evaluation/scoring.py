@@ -1,0 +1,84 @@
+"""Scoring evaluation images, written once: per-image columns, per-category means, macro-averaged overall.
+
+Columns: `verifier_score` and `verifier_strict` (the shapes rule verifier, for shapes-world images) and
+one per reward scorer (any function (images (B, H, W, 3) uint8, prompts) → (B,) scores: a local scorer
+or the run's Serve deployments). Shapes-world prompts are grouped by category; other prompts form one
+group, "all". The overall value of a column is the mean of its category means, so an unbalanced prompt
+list does not tilt it towards its biggest category.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from services import shapes_world
+
+ScoreFn = Callable[[np.ndarray, list[str]], np.ndarray]
+VERIFIER_COLUMNS = ("verifier_score", "verifier_strict")
+
+
+def score_images(prompts: Sequence[str], images: np.ndarray, *, verifier: bool,
+                 rewards: Mapping[str, ScoreFn] | None = None, batch_size: int = 64) -> dict:
+    """Score one image per prompt.
+
+    -> {"num_prompts", "columns": [names], "overall": {column: macro mean},
+        "per_category": {category: {"n", column: mean}}, "prompts": [...], "scores": {column: [per image]}}
+    """
+    prompts = list(prompts)
+    if len(prompts) != len(images) or not prompts:
+        raise ValueError(f"need one image per prompt and at least one, got {len(prompts)} / {len(images)}")
+    if not verifier and not rewards:
+        raise ValueError("nothing to score with: no verifier and no rewards")
+    scores: dict[str, np.ndarray] = {}
+    if verifier:
+        verdicts = [shapes_world.verify(p, im) for p, im in zip(prompts, images)]
+        scores["verifier_score"] = np.array([v.score for v in verdicts], np.float64)
+        scores["verifier_strict"] = np.array([float(v.strict) for v in verdicts], np.float64)
+    for name, fn in (rewards or {}).items():
+        parts = [np.asarray(fn(images[lo:lo + batch_size], prompts[lo:lo + batch_size]), np.float64)
+                 for lo in range(0, len(prompts), batch_size)]
+        scores[name] = np.concatenate(parts)
+        if scores[name].shape != (len(prompts),) or not np.isfinite(scores[name]).all():
+            raise ValueError(f"reward {name!r} returned {scores[name].shape} scores (all finite: "
+                             f"{bool(np.isfinite(scores[name]).all())}) for {len(prompts)} images")
+    cats = [shapes_world.category(p) for p in prompts] if verifier else ["all"] * len(prompts)
+    per_category = {}
+    for cat in dict.fromkeys(c for c in (*shapes_world.CATEGORIES, *cats) if c in cats):
+        idx = [i for i, c in enumerate(cats) if c == cat]
+        per_category[cat] = {"n": len(idx), **{k: float(v[idx].mean()) for k, v in scores.items()}}
+    overall = {k: float(np.mean([m[k] for m in per_category.values()])) for k in scores}
+    return {"num_prompts": len(prompts), "columns": list(scores), "overall": overall, "per_category": per_category,
+            "prompts": prompts, "scores": {k: v.tolist() for k, v in scores.items()}}
+
+
+def headline(result: Mapping) -> str:
+    """The column a result is judged by: the verifier score when there is one, else the first reward."""
+    return "verifier_score" if "verifier_score" in result["columns"] else result["columns"][0]
+
+
+def eval_record(iteration: int, result: Mapping) -> dict:
+    """The `kind: eval` record of metrics.jsonl: `eval_<column>` overall, and per shapes category
+    `eval_<category>_score` (the verifier score); `eval_columns` lists the overall columns."""
+    rec = {"kind": "eval", "iteration": iteration, "eval_num_prompts": result["num_prompts"],
+           "eval_columns": list(result["columns"]), **{f"eval_{k}": v for k, v in result["overall"].items()}}
+    if "verifier_score" in result["columns"]:
+        rec |= {f"eval_{c}_score": m["verifier_score"] for c, m in result["per_category"].items()}
+    return rec
+
+
+def markdown_table(results: Mapping[str, Mapping]) -> str:
+    """{label: score_images result} → one Markdown table: a row per (label, category) and the overall rows."""
+    columns = list(dict.fromkeys(c for r in results.values() for c in r["columns"]))
+    lines = ["| set | category | n | " + " | ".join(columns) + " |", "|---|---|---|" + "---|" * len(columns)]
+
+    def cells(m: Mapping, bold: bool = False) -> str:
+        fmt = "**{:.3f}**" if bold else "{:.3f}"
+        return " | ".join(fmt.format(m[c]) if c in m else "–" for c in columns)
+
+    for label, r in results.items():
+        for cat, m in r["per_category"].items():
+            lines.append(f"| {label} | {cat} | {m['n']} | {cells(m)} |")
+        lines.append(f"| {label} | **overall** | {r['num_prompts']} | {cells(r['overall'], True)} |")
+    return "\n".join(lines)

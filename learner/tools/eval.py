@@ -1,0 +1,142 @@
+"""Evaluate a trained checkpoint: held-out prompts, fixed seeds, full-step ODE (`learner.evaluation`).
+
+    python -m learner.tools.eval --run runs/X                         # latest checkpoint, the run's config.json
+    python -m learner.tools.eval --run runs/X --checkpoint runs/X/checkpoints/iter_000019 --json eval.json
+    python -m learner.tools.eval --checkpoint DIR --config deploy/configs/tiny_cpu.yaml [dotted overrides]
+    python -m learner.tools.eval --run runs/X --base                  # the starting model, for comparison
+    python -m learner.tools.eval --run runs/X --hybrid-fraction 0.5   # trained for the first half of the steps
+    python -m learner.tools.eval --run runs/X --seed 1234 --per-category 48   # = the run's own in-run evaluation
+
+The same evaluation the run does, in-process (no Ray; rewards scored by `reward_servers.scorers`): the
+tiny backend is scored by the shapes rule verifier (plus `run.eval_rewards`) on held-out prompts balanced
+over the categories (`--per-category`, `--seed`); sd3 / flux by the configured rewards (or
+`run.eval_rewards`) on `--prompts-file` (default `run.eval_prompts_file`). Fresh `--seed`s give fresh
+held-out sets: the in-run set is seed `run.eval_seed`.
+
+Hybrid inference (MixGRPO paper, Sec. "hybrid inference"): the trained model integrates the first
+round(F·N) ODE steps, where the layout is decided, and the base model (the run's starting checkpoint)
+the rest; F = 1 is the trained model, F = 0 the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from learner import evaluation
+from learner.driver.build import policy_from_config
+from learner.training import latest_checkpoint, load_checkpoint
+from services import shapes_world
+from services.config import Config, ConfigError, load_config
+
+
+def load_models(cfg: Config, checkpoint: Path | None, need_base: bool):
+    """(trained policy, base policy or None). The trained one is the run's starting model with the checkpoint's
+    trainable weights; the base is a LoRA policy with its adapter off, or a second load of the start."""
+    trained = policy_from_config(cfg.model)
+    if checkpoint is not None:
+        weights, _, _ = load_checkpoint(checkpoint)
+        trained.load_trainable_state_dict(weights)
+    if not need_base:
+        return trained, None
+    return trained, (evaluation.AdapterOff(trained) if cfg.model.lora_rank > 0 else policy_from_config(cfg.model))
+
+
+def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, seed: int) -> list[str]:
+    """Balanced held-out shapes prompts (tiny backend), else the lines of the prompts file."""
+    if cfg.model.backend == "tiny" and not prompts_file:
+        return evaluation.heldout_prompts(per_category, seed)
+    prompts_file = prompts_file or cfg.run.eval_prompts_file
+    if not prompts_file:
+        raise ConfigError(f"--prompts-file (or run.eval_prompts_file) is required for backend {cfg.model.backend!r}")
+    return evaluation.file_prompts(prompts_file, shapes_grammar=cfg.model.backend == "tiny")
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction: float = 1.0,
+                        num_steps: int | None = None, shift: float | None = None, seed: int = 0,
+                        per_category: int = 16, prompts_file: str | None = None, batch_size: int = 64) -> dict:
+    """The whole evaluation as a dict (JSON-able); `checkpoint` None evaluates the base model."""
+    from reward_servers.scorers import build_scorer
+
+    num_steps, shift = num_steps or cfg.sampler.num_steps, shift or cfg.sampler.shift
+    if checkpoint is None:
+        hybrid_fraction = 1.0  # the "trained" model is the base itself
+    trained, base = load_models(cfg, checkpoint, need_base=hybrid_fraction < 1.0)
+    prompts = eval_prompt_list(cfg, prompts_file, per_category, seed)
+    verifier = cfg.model.backend == "tiny"
+    if verifier:
+        for p in prompts:
+            shapes_world.parse(p)  # the verifier judges shapes-grammar prompts only: fail before sampling
+    rewards = {s.name: build_scorer(s.name, s.model_path, **s.options).score for s in evaluation.reward_specs(cfg)}
+    result = evaluation.evaluate(trained, prompts, num_steps=num_steps, shift=shift, seed=seed, verifier=verifier,
+                                 rewards=rewards, base=base, fraction=hybrid_fraction, batch_size=batch_size)
+    return {"checkpoint": None if checkpoint is None else str(checkpoint), "backend": cfg.model.backend,
+            "hybrid_trained_steps": round(hybrid_fraction * num_steps), **result}
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
+    """The config and checkpoint named by --run / --checkpoint / --config (None for --base)."""
+    if args.run:
+        run = Path(args.run)
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"--run {run}: no config.json there (is it a run directory?)")
+        cfg = load_config([run / "config.json", *args.config], args.overrides)
+    elif args.checkpoint or args.base:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        raise ConfigError("give --run DIR, or --checkpoint DIR (with --config), or --base with --config")
+    if args.base:
+        return cfg, None
+    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(args.run) / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"--run {args.run}: no checkpoint in {Path(args.run) / 'checkpoints'}")
+    return cfg, ckpt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="run directory: its config.json and (unless --checkpoint) latest checkpoint")
+    p.add_argument("--checkpoint", help="a checkpoint folder (checkpoints/iter_XXXXXX)")
+    p.add_argument("--config", action="append", default=[], help="preset or YAML file (repeatable)")
+    p.add_argument("--base", action="store_true", help="evaluate the starting model (no checkpoint)")
+    p.add_argument("--hybrid-fraction", type=float, default=1.0, metavar="F",
+                   help="trained model for the first F of the steps, base model after (default 1)")
+    p.add_argument("--num-steps", type=int, default=None, help="ODE steps (default: the config's sampler)")
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="prompt draw and initial noise (a fresh held-out set per seed)")
+    p.add_argument("--per-category", type=int, default=16, help="held-out prompts per category (tiny)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line (sd3 / flux: default run.eval_prompts_file)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for bitwise repeats)")
+    p.add_argument("--json", default=None, help="write the result here")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.path=/models/x")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg, ckpt = resolve(args)
+        result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
+                                     shift=args.shift, seed=args.seed, per_category=args.per_category,
+                                     prompts_file=args.prompts_file, batch_size=args.batch_size)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{result['checkpoint'] or 'base model'}: {result['num_steps']}-step ODE, shift {result['shift']}, "
+          f"seed {result['seed']}, hybrid fraction {result['hybrid_fraction']}\n")
+    print(evaluation.markdown_table({"held-out": result}))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

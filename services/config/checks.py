@@ -1,0 +1,116 @@
+"""`Config`: every section together, and the checks that span sections (each error names its fields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .sections import (
+    ClusterConfig,
+    GrpoConfig,
+    LearnerConfig,
+    ModelConfig,
+    RewardConfig,
+    RolloutConfig,
+    RunConfig,
+    SamplerConfig,
+    WindowConfig,
+    _Section,
+)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    window: WindowConfig = Field(default_factory=WindowConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_all(cls, data: Any) -> Any:
+        # `window.size: all` (Flow-GRPO / DanceGRPO presets) = every trainable step of this model's schedule
+        if isinstance(data, dict) and isinstance(data.get("window"), dict) and data["window"].get("size") == "all":
+            steps = (data.get("sampler") or {}).get("num_steps", SamplerConfig.model_fields["num_steps"].default)
+            data = {**data, "window": {**data["window"], "size": int(steps) - 1}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        errors = [e for check in _CROSS_CHECKS if (e := check(self))]
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @property
+    def num_groups(self) -> int:
+        return self.rollout.batch_size // self.grpo.group_size
+
+
+def _check_window(c: Config) -> str | None:
+    trainable = c.sampler.num_steps - 1  # the final step is never trained
+    if c.window.size > trainable:
+        return f"window.size ({c.window.size}) exceeds the trainable steps 0..{trainable - 1} of sampler.num_steps={c.sampler.num_steps}"
+    if c.window.start + c.window.size > trainable:
+        return f"window.start + window.size ({c.window.start}+{c.window.size}) must be <= {trainable} (sampler.num_steps - 1)"
+    if c.window.shift_interval_min > c.window.shift_interval:
+        return "window.shift_interval_min must be <= window.shift_interval"
+    return None
+
+
+def _check_batch(c: Config) -> str | None:
+    b, g = c.rollout.batch_size, c.grpo.group_size
+    if b % g:
+        return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g})"
+    per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
+    if b % per_update:
+        return (f"rollout.batch_size ({b}) must be divisible by learner.micro_batch_size × "
+                f"learner.gradient_accumulation_steps ({per_update})")
+    return None
+
+
+def _check_sampler(c: Config) -> str | None:
+    s = c.sampler
+    if s.post_window == "euler" and s.compress_ratio != 1.0:
+        return "sampler.compress_ratio only applies with sampler.post_window=dpm"
+    if c.model.backend != "tiny" and c.model.path is None:
+        return f"model.path is required for model.backend={c.model.backend!r} (a local diffusers folder)"
+    if c.model.backend == "tiny" and (c.model.height, c.model.width) != (32, 32):
+        return "model.height/width are fixed at 32 for the tiny backend"
+    if c.rollout.prompts == "file" and not c.rollout.prompts_file:
+        return "rollout.prompts_file is required when rollout.prompts=file"
+    return None
+
+
+def _check_grpo(c: Config) -> str | None:
+    if c.grpo.kl_beta != 0.0:
+        return (f"grpo.kl_beta={c.grpo.kl_beta}: the KL penalty to a reference policy is not implemented yet; "
+                "set grpo.kl_beta=0")
+    return None
+
+
+def _check_eval(c: Config) -> str | None:
+    from services.shapes_world import CATEGORIES
+
+    names = [r.name for r in c.reward.rewards]
+    unknown = [n for n in c.run.eval_rewards or [] if n not in names]
+    if unknown:
+        return f"run.eval_rewards: {unknown} are not among reward.rewards ({names})"
+    if c.model.backend == "tiny":
+        if c.run.eval_prompts % len(CATEGORIES):
+            return (f"run.eval_prompts ({c.run.eval_prompts}) must be a multiple of the {len(CATEGORIES)} shapes "
+                    f"categories, so the held-out set is balanced")
+    elif c.run.eval_prompts_file is None:
+        return (f"run.eval_prompts_file is required for model.backend={c.model.backend!r}: its held-out prompts, "
+                "scored by the configured rewards (the shapes verifier only judges the tiny model's 32×32 images)")
+    elif c.run.eval_rewards == []:
+        return f"run.eval_rewards is empty: model.backend={c.model.backend!r} needs a reward to evaluate with"
+    return None
+
+
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_grpo, _check_eval)
