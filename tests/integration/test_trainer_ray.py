@@ -2,6 +2,7 @@
 workers receiving every weight version, ratio = 1 across processes, and exact resume."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -96,3 +97,28 @@ def test_collective_weight_sync_gloo(ray_cluster, small_checkpoint, tmp_path):
     recs = train_records(tmp_path)
     assert [r["weight_version"] for r in recs] == [1, 2]
     assert all(r["first_ratio_dev"] < 1e-5 for r in recs)  # workers sampled with exactly the broadcast weights
+
+
+@pytest.mark.parametrize("store", ["file", "redis"])
+def test_resume_after_a_crash_past_the_last_checkpoint_with_a_persistent_window_store(
+        ray_cluster, small_checkpoint, tmp_path, store):
+    """The window store follows the checkpoint: a run that got to iteration 3 but checkpointed last at 1 (the
+    crash is simulated by deleting iteration 3's checkpoint) resumes at 2 although its file / Redis store says 3,
+    and ends with the windows, statistics and weights of an uninterrupted run (the in-process reference)."""
+    from contextlib import nullcontext
+
+    from tests.integration.test_faults import assert_same_training, reference_run
+    from tests.redis_server import redis_server
+
+    part = tmp_path / "part"
+    with redis_server(tmp_path) if store == "redis" else nullcontext(f"file://{tmp_path / 'state'}") as url:
+        cfg = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=4", "learner.checkpoint_every=2",
+                        f"cluster.state_store={url}")
+        with reward_service(cfg.reward):
+            run_loop(cfg, part, f"t-part-{store}")
+            shutil.rmtree(part / "checkpoints" / "iter_000003")
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"iterations": 3})})
+            run_loop(cfg, part, f"t-part-{store}", resume=True)
+    recs = train_records(part)
+    assert [r["iteration"] for r in recs] == [0, 1, 2] and [r["window_start"] for r in recs] == [0, 1, 2]
+    assert_same_training(recs, *reference_run(cfg), part / "checkpoints" / "iter_000002")
