@@ -1,9 +1,9 @@
 """RolloutWorker: samples whole groups with the mixed ODE-SDE sampler, decodes, scores, returns fp32
 window transitions. A plain class; `learner/driver/actors.py` makes it a Ray actor.
 
-Seeding: each group's initial noise and window noise come from a generator seeded by
-(run seed, iteration, global group id), so results do not depend on how groups are split across
-workers, and a resumed run repeats them exactly.
+Seeding: each group's initial noise and window noise come from `seeded_generator(run seed,
+Stream.ROLLOUT_NOISE, iteration, global group id)`, so results do not depend on how groups are split
+across workers, and a re-run shard or a resumed run repeats them exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from learner.algo import Window, sample_mixed, sigma_schedule
+from learner.algo import Stream, Window, sample_mixed, seeded_generator, sigma_schedule
 from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded
 from services.types import RolloutBatch
 
@@ -31,12 +31,6 @@ class RewardSink(Protocol):
     """What a worker needs from the reward service: submit a batch now, collect the scores later."""
 
     def submit(self, name: str, images: np.ndarray, prompts: Sequence[str]) -> RewardFuture: ...
-
-
-def group_generator(seed: int, iteration: int, group_id: int) -> torch.Generator:
-    # 64-bit mix of the three numbers; distinct (seed, iteration, group) → distinct streams
-    mixed = (seed * 1_000_003 + iteration) * 1_000_033 + group_id
-    return torch.Generator().manual_seed(mixed % (2**63))
 
 
 def _timed(fn, seconds: dict[str, float], key: str):
@@ -115,7 +109,7 @@ class RolloutWorker:
         shape = self.policy.latent_shape
         inits, sde = [], []
         for gid in group_ids:
-            gen = group_generator(self.seed, iteration, gid)
+            gen = seeded_generator(self.seed, Stream.ROLLOUT_NOISE, iteration, gid)
             inits.append(torch.randn(shape, generator=gen))
             sde.append(torch.randn((self.group_size, window.size, *shape), generator=gen))
         return torch.stack(inits), torch.cat(sde)  # (P, C, H, W), (P·G, w, C, H, W)

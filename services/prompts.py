@@ -10,14 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from learner.algo.seeding import Stream, mix_seed
+
 from . import shapes_world
 
 MAX_PROMPT_CHARS = 2000
-
-
-def iteration_rng(seed: int, iteration: int, stream: int = 0) -> np.random.Generator:
-    """A generator for (run seed, iteration, stream) independent of anything else that happened."""
-    return np.random.default_rng([seed, iteration, stream])
 
 
 def read_prompts_file(path: str | Path, *, shapes_grammar: bool = False) -> list[str]:
@@ -64,7 +61,7 @@ class PromptSource:
             raise ValueError(f"unknown prompt source {source!r}; expected 'shapes' or 'file'")
 
     def for_iteration(self, iteration: int, n: int) -> list[str]:
-        rng = iteration_rng(self.seed, iteration, stream=1)
+        rng = np.random.default_rng(mix_seed(self.seed, Stream.PROMPTS, iteration))
         if self.source == "shapes":
             return shapes_world.sample_prompts(n, rng, split="train")
         return [self.pool[i] for i in rng.integers(0, len(self.pool), size=n)]

@@ -17,7 +17,7 @@ XueZeyue/DanceGRPO), on purpose:
    reported 8 NFE for Flash*); the paper's closed form l + w + ⌈(N−w−l)·r⌉ differs from it by at most 1.
 5. The final step (to σ = 0) is never stochastic or trained, so windows end at step N−2 at the latest.
 6. The `random` window strategy derives its draw from (run seed, iteration) so every worker and a
-   restarted run agree without communicating.
+   restarted run agree without communicating. Every seeded draw of a run goes through `seeding.py`.
 """
 
 from .advantages import combine_advantages, group_advantages
@@ -25,12 +25,13 @@ from .dpm import dpmpp_2m_step
 from .loss import grpo_loss
 from .sampler import Trajectory, repeat_cond, sample_mixed, sample_ode, transition_log_probs
 from .schedule import flash_schedule, infer_shift, shift_sigma, sigma_schedule
+from .seeding import Stream, mix_seed, seeded_generator
 from .transitions import SdeStep, gaussian_log_prob, ode_step, sde_mean_std, sde_step
 from .window import STRATEGIES, Window, window_at
 
 __all__ = [
-    "STRATEGIES", "SdeStep", "Trajectory", "Window", "combine_advantages", "dpmpp_2m_step", "flash_schedule",
-    "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "ode_step", "repeat_cond",
-    "sample_mixed", "sample_ode", "sde_mean_std", "sde_step", "shift_sigma", "sigma_schedule", "transition_log_probs",
-    "window_at",
+    "STRATEGIES", "SdeStep", "Stream", "Trajectory", "Window", "combine_advantages", "dpmpp_2m_step",
+    "flash_schedule", "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "mix_seed", "ode_step",
+    "repeat_cond", "sample_mixed", "sample_ode", "sde_mean_std", "sde_step", "seeded_generator", "shift_sigma",
+    "sigma_schedule", "transition_log_probs", "window_at",
 ]

@@ -12,6 +12,8 @@ from typing import Literal, NamedTuple
 
 import torch
 
+from .seeding import Stream, seeded_generator
+
 Strategy = Literal["progressive", "frozen", "random", "linear_decay", "exp_decay"]
 STRATEGIES: tuple[str, ...] = ("progressive", "frozen", "random", "linear_decay", "exp_decay")
 
@@ -46,9 +48,8 @@ def _walk(iteration: int, start: int, max_start: int, stride: int, interval: Cal
 
 
 def _random_start(iteration: int, seed: int, max_start: int) -> int:
-    # splitmix-style mixing of (seed, iteration) into a generator seed: deterministic across workers
-    mixed = (seed * 0x9E3779B97F4A7C15 + iteration * 0xBF58476D1CE4E5B9 + 1) % (2**63)
-    gen = torch.Generator().manual_seed(mixed)
+    # a stream of its own per (run seed, iteration): every worker and a restarted run draw the same start
+    gen = seeded_generator(seed, Stream.WINDOW, iteration)
     return int(torch.randint(0, max_start + 1, (1,), generator=gen))
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from learner.algo import combine_advantages, grpo_loss, transition_log_probs
+from learner.algo import Stream, combine_advantages, grpo_loss, seeded_generator, transition_log_probs
 from services.broadcast import CollectiveChannel, WeightPacket
 from services.types import RolloutBatch
 
@@ -25,7 +25,7 @@ def trained_steps(window_size: int, fraction: float, seed: int, iteration: int) 
     if fraction >= 1.0:
         return list(range(window_size))
     k = max(1, round(fraction * window_size))
-    gen = torch.Generator().manual_seed((seed * 7_919 + iteration) % (2**63))
+    gen = seeded_generator(seed, Stream.TRAINED_STEPS, iteration)
     return sorted(torch.randperm(window_size, generator=gen)[:k].tolist())
 
 
@@ -75,7 +75,7 @@ class Learner:
         forward_backward_s = optimizer_s = 0.0  # model compute inside update_s (benchmarks/overhead.py)
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(self.epochs):
-            gen = torch.Generator().manual_seed((self.seed * 104_729 + batch.iteration * 31 + epoch) % (2**63))
+            gen = seeded_generator(self.seed, Stream.UPDATE_ORDER, batch.iteration, epoch)
             order = torch.randperm(b, generator=gen)
             for u, lo in enumerate(range(0, b, self.mb)):
                 rows = order[lo:lo + self.mb]
