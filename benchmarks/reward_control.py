@@ -7,8 +7,9 @@ Run mode is the default job without Ray (`learner.driver.inprocess.run_inprocess
 and weight syncs, and its in-run evaluation), but every configured reward returns U(0, 1) draws (seeded by
 `--reward-seed`), so the advantages carry no information and any change of the held-out score is the
 optimizer's random walk; `--save DIR` writes the final weights as a checkpoint folder. Evaluate mode scores
-"base" or checkpoint folders with `learner.tools.eval` on `--sets` fresh held-out sets (seeds 1…k, 48 prompts per
-category each), never the in-run set (seed `run.eval_seed`). The README's "Results on the embedded default" table was measured so.
+"base" or checkpoint folders with `learner.tools.eval` on `--sets` fresh held-out sets (seeds 1…k, 48 prompts
+per category each), never the in-run set (seed `run.eval_seed`, 1234), unless `--seeds` names it. The README's
+"Results on the embedded default" table was measured so.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def run_control(overrides: list[str], reward_seed: int, save: Path | None) -> li
     return rows
 
 
-def fresh_set_scores(cfg, model: str, sets: int) -> list[float]:
-    """Held-out verifier score of `model` ("base" or a checkpoint folder) on fresh sets 1…k (`learner.tools.eval`)."""
+def set_scores(cfg, model: str, seeds: list[int]) -> list[float]:
+    """Held-out verifier score of `model` ("base" or a checkpoint folder) on the held-out sets drawn with `seeds`
+    (48 prompts per category each, `learner.tools.eval`); seed `run.eval_seed` is the run's in-run set."""
     checkpoint = None if model == "base" else Path(model)
     return [float(evaluate_checkpoint(cfg, checkpoint, seed=s, per_category=48)["overall"]["verifier_score"])
-            for s in range(1, sets + 1)]
+            for s in seeds]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", type=Path, default=None, help="write the final weights here (a checkpoint folder)")
     p.add_argument("--evaluate", nargs="+", default=None, metavar="MODEL",
                    help="instead of training: score base / checkpoint folders on fresh held-out sets")
-    p.add_argument("--sets", type=int, default=4, help="fresh held-out sets (192 prompts each)")
+    p.add_argument("--sets", type=int, default=4, help="fresh held-out sets, seeds 1…k (192 prompts each)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="evaluate on the sets of these seeds instead of 1…k (e.g. 1234 1 2 3 4: the in-run set first)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="also write the result table here")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.iterations=20")
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.evaluate:
         cfg = load_config([], args.overrides)
-        scores = {m: fresh_set_scores(cfg, m, args.sets) for m in args.evaluate}
-        lines = ["| model | " + " / ".join(f"set {s}" for s in range(1, args.sets + 1)) + " | mean |", "|---|---|---|"]
+        seeds = args.seeds or list(range(1, args.sets + 1))
+        scores = {m: set_scores(cfg, m, seeds) for m in args.evaluate}
+        lines = ["| model | " + " / ".join(f"set {s}" for s in seeds) + " | mean |", "|---|---|---|"]
         lines += [f"| {m} | " + " / ".join(f"{v:.3f}" for v in sc) + f" | {np.mean(sc):.3f} |" for m, sc in scores.items()]
         publish("\n".join(lines) + "\n", args.out)
         return 0

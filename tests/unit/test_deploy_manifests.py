@@ -137,7 +137,8 @@ def test_rayjob_entrypoint_runs_the_driver_with_valid_configs():
             assert c.endswith(".yaml") and (REPO / c).is_file(), f"--config {c} not in the repo"
         cfg = load_config([REPO / c for c in args.config], args.overrides)
         # whatever the run reads must be mounted read-only, what it writes writable, on every pod
-        reads = [cfg.model.path, cfg.rollout.prompts_file, *(r.model_path for r in cfg.reward.rewards)]
+        reads = [cfg.model.path, cfg.rollout.prompts_file, cfg.run.eval_prompts_file,
+                 *(r.model_path for r in cfg.reward.rewards)]
         for pod in pod_specs(job["spec"]["rayClusterSpec"]):
             for path in filter(None, reads):
                 assert under_mount(path, pod, writable=False), f"{path} is not mounted in every pod"
