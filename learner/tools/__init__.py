@@ -5,4 +5,5 @@
     export     write a checkpoint's weights in the model family's native format
     diagnose   gradient signal-to-noise of the GRPO policy gradient per reward
     report     (re)write a run's report.md
+    digest     statistics and weight hash of a short in-process run: is a change bitwise neutral?
 """
