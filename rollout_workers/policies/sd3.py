@@ -9,7 +9,7 @@ tokenizer{,_2,_3}, scheduler); it is read with local_files_only=True. The transf
 timestep = 1000 * sigma, as the pipeline does with FlowMatchEulerDiscreteScheduler. With
 guidance_scale > 1 the velocity is classifier-free guided, v = v_neg + s (v_pos - v_neg), with the
 negative prompt's embeddings carried per sample in the cond (the learner recomputes the same guided
-velocity). Text encoders and VAE are frozen; the transformer trains through a LoRA adapter (or fully
+velocity, with v_neg detached: gradients flow through the conditional branch only). Text encoders and VAE are frozen; the transformer trains through a LoRA adapter (or fully
 with lora_rank 0).
 """
 
@@ -170,6 +170,9 @@ class SD3Policy:
             )[0].float()
         if self.cfg:
             v_neg, v_pos = v.chunk(2)
+            # As Flow-GRPO's SD3 trainer does (scripts/train_sd3.py, compute_log_prob): the unconditional
+            # branch is a constant of the update. With gradients on both, s = 4.5 would add −3.5·∂v_neg/∂θ.
+            v_neg = v_neg.detach()
             v = v_neg + self.guidance_scale * (v_pos - v_neg)
         return v
 

@@ -254,6 +254,14 @@ def test_sd3_classifier_free_guidance(sd3_dir):
         v_pos = plain.velocity(x, sigma, plain.encode_prompts(PROMPTS))
         v_neg = plain.velocity(x, sigma, plain.encode_prompts(["", ""]))
         torch.testing.assert_close(guided.velocity(x, sigma, cond), v_neg + 3.0 * (v_pos - v_neg))
+    # the learner's gradient flows through the conditional branch only (v_neg detached, as Flow-GRPO does):
+    # ∂/∂θ Σ v_guided = s · ∂/∂θ Σ v_pos, computed independently through the unguided policy with the same LoRA
+    perturb(guided)
+    plain.load_trainable_state_dict(guided.trainable_state_dict())
+    guided.velocity(x, sigma, cond).sum().backward()
+    (3.0 * plain.velocity(x, sigma, plain.encode_prompts(PROMPTS)).sum()).backward()
+    for a, b in zip(guided.trainable_parameters(), plain.trainable_parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["sd3", "flux"])
