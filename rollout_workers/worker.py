@@ -3,7 +3,9 @@ window transitions. A plain class; `learner/driver/actors.py` makes it a Ray act
 
 Seeding: each group's initial noise and window noise come from `seeded_generator(run seed,
 Stream.ROLLOUT_NOISE, iteration, global group id)`, so results do not depend on how groups are split
-across workers, and a re-run shard or a resumed run repeats them exactly.
+across workers, and a re-run shard or a resumed run repeats them exactly. The noise is drawn on the CPU and
+moved to the policy's device, so a CPU run and a GPU run of one seed start from the same noise; the batch
+returns to the CPU (fp32) before it leaves the worker.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class RolloutWorker:
             chunk, ids = list(prompts[lo:lo + self.chunk_groups]), list(group_ids[lo:lo + self.chunk_groups])
             cond = _timed(self.policy.encode_prompts, model, "encode_s")(chunk)
             noise, sde_noise = self._noise(iteration, ids, win)
+            noise = noise.to(self.policy.device)  # (the window's noise moves step by step, in the sampler)
             traj = sample_mixed(velocity, noise, cond, self.sigmas, win, group_size=self.group_size,
                                 eta=self.eta, sde_kind=self.sde_kind, post_window=self.post_window,
                                 compress_ratio=self.compress_ratio, sde_noise=sde_noise)
@@ -151,7 +154,7 @@ class RolloutWorker:
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
             image_prompts=[p for p in prompts for _ in range(self.group_size)][:: max(1, len(images) // max(k, 1))][:k],
             timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
-        )
+        ).to("cpu")
 
     def _collect(self, pending: list[Mapping[str, RewardFuture]]) -> dict[str, torch.Tensor]:
         out: dict[str, list[np.ndarray]] = {n: [] for n in self.reward_names}

@@ -6,6 +6,7 @@ travel through the object store; over HTTP only JSON is used (see reward_servers
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,17 @@ class RolloutBatch:
         for name, r in self.rewards.items():
             if r.shape != (b,) or not torch.isfinite(r).all():
                 raise ValueError(f"reward {name!r} must be {b} finite values, got shape {tuple(r.shape)}")
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same batch with its model inputs (latents, log-probs, sigmas, conditioning) on `device`; a no-op
+        copy on the device it is on. Rewards stay where they are (advantages are computed on the CPU)."""
+        if all(t.device == torch.device(device) for t in (self.latents, *self.cond.values())):
+            return self
+        move = lambda t: t.to(device)  # noqa: E731
+        return dataclasses.replace(
+            self, latents=move(self.latents), next_latents=move(self.next_latents), log_probs=move(self.log_probs),
+            sigmas=move(self.sigmas), sigmas_next=move(self.sigmas_next),
+            cond={k: move(v) for k, v in self.cond.items()})
 
     @property
     def num_rows(self) -> int:

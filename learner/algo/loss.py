@@ -1,4 +1,4 @@
-"""The clipped GRPO objective on window transitions."""
+"""The clipped GRPO objective on window transitions, and the KL penalty to a reference policy."""
 
 from __future__ import annotations
 
@@ -37,3 +37,23 @@ def grpo_loss(
             "loss_per_step": per_entry.mean(dim=0),
         }
     return per_entry.mean(), metrics
+
+
+def kl_penalty(mean: Tensor, ref_mean: Tensor, std: Tensor | float) -> Tensor:
+    """KL(N(μ_θ, std²) ‖ N(μ_ref, std²)) per sample, averaged over elements: mean_d (μ_θ − μ_ref)² / (2·std²).
+
+    The transitions of the policy and the reference share their std (it depends on σ and η only), so the KL
+    of the two Gaussians is the squared distance of their means in std units. Averaged over elements like
+    the log-probs (the paper's convention), so β is on the per-element scale.
+
+    Args:
+        mean: (B, …) μ_θ with gradients; ref_mean: (B, …) μ_ref (no gradients);
+        std: broadcastable to mean (0-d or (B, 1, …)), the transition's std.
+    Returns:
+        (B,) penalties.
+    """
+    if mean.shape != ref_mean.shape:
+        raise ValueError(f"mean {tuple(mean.shape)} and ref_mean {tuple(ref_mean.shape)} differ")
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    return ((mean - ref_mean.detach()) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .dpm import dpmpp_2m_step
 from .schedule import flash_schedule
-from .transitions import SdeKind, ode_step, sde_step
+from .transitions import SdeKind, SdeStep, ode_step, sde_step
 from .window import Window
 
 Cond = Mapping[str, Tensor]
@@ -119,20 +119,28 @@ def sample_mixed(
     )
 
 
-def transition_log_probs(
+def transition_step(
     velocity_fn: VelocityFn, latents: Tensor, next_latents: Tensor, sigma: Tensor, sigma_next: Tensor,
     cond: Cond, *, eta: float, sde_kind: SdeKind = "flow",
-) -> Tensor:
-    """log π_θ(x_{i+1} | x_i) recomputed with gradients (learner side), same code as the rollout.
+) -> SdeStep:
+    """The recorded transition x_i → x_{i+1} under v_θ (learner side), same code as the rollout: its mean μ_θ
+    (with gradients), std and log π_θ(x_{i+1} | x_i).
 
     Args:
         latents, next_latents: (B, C, H, W) x_i and x_{i+1}.
         sigma, sigma_next: (B,) per-row noise levels.
-    Returns:
-        (B,) log-probs.
     """
     v = velocity_fn(latents, sigma, cond).to(torch.float32)
-    return sde_step(latents, v, sigma, sigma_next, eta=eta, kind=sde_kind, prev_sample=next_latents).log_prob
+    return sde_step(latents, v, sigma, sigma_next, eta=eta, kind=sde_kind, prev_sample=next_latents)
+
+
+def transition_log_probs(
+    velocity_fn: VelocityFn, latents: Tensor, next_latents: Tensor, sigma: Tensor, sigma_next: Tensor,
+    cond: Cond, *, eta: float, sde_kind: SdeKind = "flow",
+) -> Tensor:
+    """(B,) log π_θ(x_{i+1} | x_i) recomputed with gradients: `transition_step(...).log_prob`."""
+    return transition_step(velocity_fn, latents, next_latents, sigma, sigma_next, cond, eta=eta,
+                           sde_kind=sde_kind).log_prob
 
 
 @torch.no_grad()

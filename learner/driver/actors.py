@@ -1,8 +1,9 @@
 """The one module that applies `ray.remote`: each plain role wrapped as an actor with explicit methods.
 
     SchedulerActor   the WindowScheduler, publishing its window to the dashboard
-    LearnerActor     the Learner, plus the run's evaluation (it holds the newest weights)
-    WorkerActor      a RolloutWorker, scoring through the reward service
+    LearnerActor     the Learner (the transformer only: no VAE, no text encoders)
+    WorkerActor      a RolloutWorker, scoring through the reward service; worker 0 also runs the held-out
+                     evaluation, after a broadcast, with the newest (verified) weights
 
 Every method the driver calls is written out here (no dispatch by name), so a renamed method fails where
 it is called. The actors add only what a process boundary needs: the config arrives as JSON, metrics go to
@@ -66,8 +67,6 @@ class LearnerActor:
         self.cfg = Config.model_validate_json(cfg_json)
         self.inner: Learner = build_learner(self.cfg)
         self.telemetry = Telemetry(run_tag(self.cfg.run.output_dir, self.cfg.run.name))
-        self.eval_prompts = evaluation.run_prompts(self.cfg)
-        self.reward_client = None
 
     def update(self, *batches: RolloutBatch, num_groups: int | None = None) -> dict:
         """Merge the shards (each group id exactly once, all of 0…num_groups-1) and update on them."""
@@ -87,19 +86,6 @@ class LearnerActor:
 
     def restore(self, path: str) -> dict:
         return self.inner.restore(path)
-
-    def evaluate(self, grid: int = 16) -> dict:
-        """The run's held-out evaluation with the current weights (`learner.evaluation`); rewards are scored by
-        the run's reward service, like the rollouts'."""
-        specs = evaluation.reward_specs(self.cfg)
-        if specs and self.reward_client is None:
-            from reward_servers.client import RewardClient
-
-            self.reward_client = RewardClient.from_config(self.cfg.reward.server)
-        rewards = {s.name: (lambda images, prompts, n=s.name: self.reward_client.score(n, images, prompts))
-                   for s in specs}
-        return evaluation.evaluate(self.inner.policy, self.eval_prompts, **evaluation.settings(self.cfg),
-                                   rewards=rewards, grid=grid)
 
     def channel_address(self) -> str:
         """tcp://<this node's IP>:<free port> for the collective weight-sync group (learner = rank 0)."""
@@ -122,7 +108,7 @@ class WorkerActor:
     def __init__(self, cfg_json: str, worker_id: int) -> None:
         from reward_servers.client import RewardClient, TimedRewards
 
-        cfg = Config.model_validate_json(cfg_json)
+        self.cfg = cfg = Config.model_validate_json(cfg_json)
         self.telemetry, self.worker = Telemetry(run_tag(cfg.run.output_dir, cfg.run.name)), str(worker_id)
         self.client, self.reward_counts = RewardClient.from_config(cfg.reward.server), {}
         self.inner: RolloutWorker = build_worker(cfg, TimedRewards(self.client, self.telemetry, self.worker),
@@ -146,6 +132,15 @@ class WorkerActor:
             self.reward_counts = counts
         self.telemetry.record(rollout_updates(batch.timings, batch.num_rows, batch.weight_version, self.worker))
         return batch, list(batch.prompt_ids)
+
+    def evaluate(self, grid: int = 16) -> dict:
+        """The run's held-out evaluation with the weights this worker holds (`learner.evaluation`); rewards are
+        scored by the run's reward service, like the rollouts'."""
+        rewards = {s.name: (lambda images, prompts, n=s.name: self.client.score(n, images, prompts))
+                   for s in evaluation.reward_specs(self.cfg)}
+        result = evaluation.evaluate(self.inner.policy, evaluation.run_prompts(self.cfg),
+                                     **evaluation.settings(self.cfg), rewards=rewards, grid=grid)
+        return {**result, "weight_version": self.inner.version}
 
     def sync_weights(self, packet) -> int:
         return self.inner.sync_weights(packet)

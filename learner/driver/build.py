@@ -1,52 +1,86 @@
 """Each role built from its config sections, as a plain object (no Ray): the actors, the in-process run and
 the command-line tools all build through here.
 
-    policy = policy_from_config(cfg.model)            # the shipped tiny checkpoint unless model.path is set
+    policy = policy_from_config(cfg.model, role="rollout")   # the shipped tiny checkpoint unless model.path
     learner, worker = build_learner(cfg), build_worker(cfg, rewards)
-    scheduler = build_scheduler(cfg)                  # the window schedule; state in cluster.state_store
+    scheduler = build_scheduler(cfg)                         # the window schedule; state in cluster.state_store
+
+Placement and precision per role (`model.device`, `model.weights_dtype`): the model goes to the GPU Ray
+gave the actor (else the CPU). Rollout workers and evaluation hold every weight in the inference dtype
+(bf16 on a GPU by default). The learner holds what it trains in fp32 (the LoRA adapter; the whole
+transformer at lora_rank 0) over frozen weights in the inference dtype, and drops the VAE and text encoders:
+it trains on the latents and conditioning the rollouts recorded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from learner.training import Learner
 from rollout_workers.policies import load_policy
 from rollout_workers.worker import RewardSink, RolloutWorker
 from services.config import Config, ModelConfig
+from services.devices import resolve_device
 from services.scheduler import WindowScheduler
 
 TINY_CHECKPOINT = Path(__file__).resolve().parents[2] / "rollout_workers" / "assets" / "tiny_policy"
+Role = Literal["rollout", "learner", "eval"]
 
 
-def policy_from_config(model: ModelConfig):
-    """Load the configured backend from its local folder (the shipped tiny checkpoint by default)."""
+def inference_dtype(model: ModelConfig, device: torch.device) -> str:
+    """`model.weights_dtype`, with auto = bfloat16 on a GPU and float32 on the CPU."""
+    if model.weights_dtype != "auto":
+        return model.weights_dtype
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def rollout_weights_dtype(cfg: Config) -> torch.dtype:
+    """The dtype rollout workers hold full weights in, from the config alone (the learner sends them so)."""
+    gpu = cfg.model.device == "cuda" or (cfg.model.device == "auto" and cfg.rollout.num_gpus > 0)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        inference_dtype(cfg.model, torch.device("cuda" if gpu else "cpu"))]
+
+
+def policy_from_config(model: ModelConfig, role: Role = "eval", device: torch.device | str | None = None):
+    """Load the configured backend from its local folder (the shipped tiny checkpoint by default), for `role`, on
+    `device` (default: `model.device` resolved in this process)."""
+    device = resolve_device(model.device) if device is None else torch.device(device)
     path = model.path or str(TINY_CHECKPOINT)
     options: dict = {"lora_rank": model.lora_rank, "autocast_bf16": model.autocast_bf16,
-                     "gradient_checkpointing": model.gradient_checkpointing}
+                     "gradient_checkpointing": model.gradient_checkpointing,
+                     "weights_dtype": inference_dtype(model, device)}
     if model.lora_alpha:
         options["lora_alpha"] = model.lora_alpha
     if model.backend != "tiny":
         options.update(height=model.height, width=model.width, guidance_scale=model.guidance_scale)
-    return load_policy(model.backend, path, **options)
+    policy = load_policy(model.backend, path, **options)
+    if role == "learner":
+        policy.release_inference_parts()
+        if model.lora_rank == 0:
+            policy.trainable.set_dtype(torch.float32)  # fp32 master weights of the transformer it trains
+    return policy.to(device)
 
 
 def build_learner(cfg: Config) -> Learner:
     lc, g = cfg.learner, cfg.grpo
     return Learner(
-        policy_from_config(cfg.model), lr=lc.lr, weight_decay=lc.weight_decay, betas=lc.betas,
+        policy_from_config(cfg.model, "learner"), lr=lc.lr, weight_decay=lc.weight_decay, betas=lc.betas,
         grad_clip=lc.grad_clip, micro_batch_size=lc.micro_batch_size,
         gradient_accumulation_steps=lc.gradient_accumulation_steps, clip_range=g.clip_range,
         adv_clip_max=g.adv_clip_max, reward_weights={r.name: r.weight for r in cfg.reward.rewards},
         reward_aggregation=g.reward_aggregation, train_fraction=g.train_fraction, num_inner_epochs=g.num_inner_epochs,
         eta=cfg.sampler.eta, sde_kind=cfg.sampler.sde_kind, seed=cfg.run.seed, num_threads=lc.num_threads,
+        kl_beta=g.kl_beta, sync_dtype=None if cfg.model.lora_rank else rollout_weights_dtype(cfg),
     )
 
 
 def build_worker(cfg: Config, rewards: RewardSink, worker_id: int = 0) -> RolloutWorker:
     s = cfg.sampler
     return RolloutWorker(
-        policy_from_config(cfg.model), rewards, [r.name for r in cfg.reward.rewards], num_steps=s.num_steps,
+        policy_from_config(cfg.model, "rollout"), rewards, [r.name for r in cfg.reward.rewards], num_steps=s.num_steps,
         shift=s.shift, eta=s.eta, sde_kind=s.sde_kind, post_window=s.post_window, compress_ratio=s.compress_ratio,
         group_size=cfg.grpo.group_size, seed=cfg.run.seed, log_images=cfg.rollout.log_images,
         num_threads=cfg.rollout.num_threads, worker_id=worker_id,

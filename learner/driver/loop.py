@@ -49,14 +49,17 @@ def start_actors(cfg: Config, run_id: str) -> Cluster:
 
 
 def evaluate(cl: Cluster, iteration: int, log: MetricsLog) -> dict:
-    """The held-out evaluation (`learner.evaluation`, on the learner) and a 16-cell sample grid spanning the
-    prompt set (fixed prompts and noise: the cells compare over time).
+    """The held-out evaluation (`learner.evaluation`) on rollout worker 0, which holds the weights of the last
+    broadcast (checked: `weight_version`), and a 16-cell sample grid spanning the prompt set (fixed prompts
+    and noise: the cells compare over time).
 
     The grid is saved as <run>/samples/<iter>.png + .json; `rec["samples"]` (its path relative to the run)
     is how observers, the record and the report find it.
     """
-    res = ray.get(cl.learner.evaluate.remote(grid=16))
-    rec = eval_record(iteration, res)
+    res = ray.get(cl.workers[0].evaluate.remote(grid=16))
+    if res["weight_version"] != cl.version:
+        raise RuntimeError(f"evaluation ran with weights version {res['weight_version']}, expected {cl.version}")
+    rec = {**eval_record(iteration, res), "weight_version": res["weight_version"]}
     grid = res.get("grid")
     if grid is not None:
         rec["samples"] = save_grid(log.path.parent, iteration, grid["images"], grid["prompts"], grid["scores"])

@@ -2,7 +2,11 @@
 
 A plain class (a Ray actor via `learner/driver/actors.py`). Each `update` consumes one iteration's rollout:
 log-probs of the trained window steps are recomputed with gradients by the same function the
-rollout used, so with identical weights the first ratio is exactly 1.
+rollout used, so with identical weights the first ratio is exactly 1. With `kl_beta` > 0 the loss adds
+β·KL(π_θ ‖ π_ref) of each trained transition, the reference being the starting model (`kl_penalty`).
+
+The batch arrives on the CPU in fp32 and moves to the policy's device here; weights leave as a CPU packet,
+in the rollout workers' dtype (`sync_dtype`) when the whole transformer trains.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from learner.algo import Stream, combine_advantages, grpo_loss, seeded_generator, transition_log_probs
+from learner.algo import (
+    Stream,
+    combine_advantages,
+    grpo_loss,
+    kl_penalty,
+    sde_mean_std,
+    seeded_generator,
+    transition_step,
+)
 from services.broadcast import CollectiveChannel, WeightPacket
 from services.types import RolloutBatch
 
@@ -34,11 +46,18 @@ class Learner:
         self, policy, *, lr: float, weight_decay: float, betas: tuple[float, float], grad_clip: float,
         micro_batch_size: int, gradient_accumulation_steps: int, clip_range: float, adv_clip_max: float,
         reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
-        eta: float, sde_kind: str, seed: int, num_threads: int | None = None,
+        eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
+        sync_dtype: torch.dtype | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
+        if kl_beta < 0:
+            raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
         self.policy = policy.train(False)  # eval mode: velocity must be the same function as in rollout
+        self.device = torch.device(policy.device)
+        self.kl_beta, self.sync_dtype = kl_beta, sync_dtype
+        if kl_beta > 0:
+            policy.keep_reference()  # before any update: the reference is the starting model
         params = policy.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters")
@@ -62,7 +81,8 @@ class Learner:
     def update(self, batch: RolloutBatch) -> dict:
         """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
         t0 = time.perf_counter()
-        adv = self.advantages(batch)
+        adv = self.advantages(batch).to(self.device)
+        batch = batch.to(self.device)
         steps = trained_steps(batch.window[1], self.train_fraction, self.seed, batch.iteration)
         b = batch.num_rows
         per_update = self.mb * self.accum
@@ -70,7 +90,7 @@ class Learner:
             raise ValueError(f"{b} rows are not divisible by micro_batch × accumulation = {per_update}")
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}  # (B, …)
         stats: dict[str, list] = {k: [] for k in ("loss", "ratio_mean", "ratio_min", "ratio_max", "clip_frac",
-                                                  "approx_kl", "grad_norm", "first_ratio_dev")}
+                                                  "approx_kl", "kl", "grad_norm", "first_ratio_dev")}
         step_loss = torch.zeros(len(steps))
         forward_backward_s = optimizer_s = 0.0  # model compute inside update_s (benchmarks/overhead.py)
         self.optimizer.zero_grad(set_to_none=True)
@@ -88,10 +108,10 @@ class Learner:
                 if epoch == 0 and lo == 0:
                     # before any optimizer step the policy equals the rollout policy: ratio must be 1
                     stats["first_ratio_dev"].append(max(abs(float(m["ratio_max"]) - 1), abs(float(m["ratio_min"]) - 1)))
-                for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl"):
+                for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "kl"):
                     stats[k].append(float(m[k]))
                 stats["loss"].append(float(loss.detach()))
-                step_loss += m["loss_per_step"]
+                step_loss += m["loss_per_step"].cpu()
                 if (u + 1) % self.accum == 0:
                     t_opt = time.perf_counter()
                     norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
@@ -104,7 +124,7 @@ class Learner:
         self.version += 1
         self.iteration = batch.iteration
         n_micro = len(stats["loss"])
-        adv_np = adv.numpy()
+        adv_np = adv.cpu().numpy()
         total_w = sum(self.reward_weights.values())
         rewards = {
             "reward_mean": sum(self.reward_weights[n] * float(r.mean()) for n, r in batch.rewards.items()) / total_w,
@@ -116,6 +136,7 @@ class Learner:
             "loss": float(np.mean(stats["loss"])), "ratio_mean": float(np.mean(stats["ratio_mean"])),
             "ratio_min": float(np.min(stats["ratio_min"])), "ratio_max": float(np.max(stats["ratio_max"])),
             "clip_frac": float(np.mean(stats["clip_frac"])), "approx_kl": float(np.mean(stats["approx_kl"])),
+            "kl": float(np.mean(stats["kl"])),
             "grad_norm": float(np.mean(stats["grad_norm"])), "grad_norm_max": float(np.max(stats["grad_norm"])),
             "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
             "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": [batch.window[0] + s for s in steps],
@@ -127,7 +148,8 @@ class Learner:
     def policy_gradient(self, batch: RolloutBatch) -> torch.Tensor:
         """The flattened gradient of this batch's GRPO loss at the current weights, all window steps
         (at ratio 1, i.e. the policy-gradient estimate); no optimizer step, `.grad` left cleared."""
-        adv = self.advantages(batch)
+        adv = self.advantages(batch).to(self.device)
+        batch = batch.to(self.device)
         steps = list(range(batch.window[1]))
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,31 +162,49 @@ class Learner:
         return grad.detach().clone()
 
     def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor):
+        """The loss of `rows` × window `steps`: GRPO's clipped objective, plus β·KL to the reference."""
         k = len(steps)
-        idx = torch.as_tensor(steps)
+        rows, idx = rows.to(self.device), torch.as_tensor(steps, device=self.device)
         x = batch.latents[rows][:, idx].flatten(0, 1)  # (mb·k, C, H, W)
         x_next = batch.next_latents[rows][:, idx].flatten(0, 1)
         sig = batch.sigmas[idx].repeat(len(rows))  # (mb·k,)
         sig_next = batch.sigmas_next[idx].repeat(len(rows))
         c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
-        lp = transition_log_probs(self.policy.velocity, x, x_next, sig, sig_next, c,
-                                  eta=self.eta, sde_kind=self.sde_kind).view(len(rows), k)
-        return grpo_loss(lp, batch.log_probs[rows][:, idx], adv[rows], clip_range=self.clip_range,
-                         adv_clip_max=self.adv_clip_max)
+        step = transition_step(self.policy.velocity, x, x_next, sig, sig_next, c, eta=self.eta,
+                               sde_kind=self.sde_kind)
+        loss, m = grpo_loss(step.log_prob.view(len(rows), k), batch.log_probs[rows][:, idx], adv[rows],
+                            clip_range=self.clip_range, adv_clip_max=self.adv_clip_max)
+        if self.kl_beta > 0:
+            v_ref = self.policy.reference_velocity(x, sig, c).to(torch.float32)
+            ref_mean, _ = sde_mean_std(x, v_ref, sig, sig_next, eta=self.eta, kind=self.sde_kind)
+            kl = kl_penalty(step.mean, ref_mean, step.std)  # (mb·k,)
+            loss = loss + self.kl_beta * kl.mean()
+            m["kl"] = kl.detach().mean()
+        else:
+            m["kl"] = torch.zeros(())
+        return loss, m
 
     # ------------------------------------------------------------------------------ weights & state
     def weight_version(self) -> int:
         return self.version
 
+    def published_state(self) -> dict[str, torch.Tensor]:
+        """What the broadcast carries: the trainable weights, in the rollout workers' dtype when that differs
+        (full fine-tuning with bf16 inference weights), so what they load is exactly what was sent."""
+        state = self.policy.trainable_state_dict()
+        if self.sync_dtype is None:
+            return state
+        return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
+
     def get_weights(self) -> WeightPacket:
-        return WeightPacket.build(self.version, self.policy.trainable_state_dict())
+        return WeightPacket.build(self.version, self.published_state())
 
     def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
         """Join the weight-broadcast group as rank 0 (collective weight sync)."""
         self.channel = CollectiveChannel(0, world_size, init_method, backend)
 
     def send_weights(self) -> tuple[int, str]:
-        return self.channel.broadcast(self.policy.trainable_state_dict(), self.version)
+        return self.channel.broadcast(self.published_state(), self.version)
 
     def save(self, root: str, extra: dict | None = None) -> str:
         meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), **(extra or {})}

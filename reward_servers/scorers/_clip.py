@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from reward_servers.scorers.base import ScorerLoadError, require_dir
+from services.devices import resolve_device
 
 CLIP_HINT = ("a CLIP model and its processor saved with save_pretrained "
              "(config.json, model.safetensors, tokenizer and preprocessor files)")
@@ -20,9 +21,10 @@ CLIP_HINT = ("a CLIP model and its processor saved with save_pretrained "
 class LocalClip:
     """A transformers CLIPModel + processor loaded from `model_path`, in eval mode on `device`."""
 
-    def __init__(self, model_path: str | None, scorer: str, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None, scorer: str, device: str = "auto") -> None:
         from transformers import AutoProcessor, CLIPModel  # heavy import, deferred
 
+        device = str(resolve_device(device))  # auto: the GPU Serve gave this replica (num_gpus > 0), else CPU
         path = require_dir(model_path, scorer, CLIP_HINT)
         if not (Path(path) / "config.json").is_file():
             raise ScorerLoadError(f"{scorer}: {path!r} has no config.json; expected {CLIP_HINT}")

@@ -62,8 +62,9 @@ class Aesthetic:
 
     name = "aesthetic"
 
-    def __init__(self, model_path: str | None = None, head_path: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, head_path: str | None = None, device: str = "auto") -> None:
         self.clip = LocalClip(model_path, self.name, device)
+        device = self.clip.device
         if head_path is None:
             found = [Path(model_path) / f for f in HEAD_FILES if (Path(model_path) / f).is_file()]
             head_path = str(found[0] if found else Path(model_path) / HEAD_FILES[0])

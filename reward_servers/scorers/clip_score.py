@@ -18,7 +18,7 @@ class ClipScore:
 
     name = "clip_score"
 
-    def __init__(self, model_path: str | None = None, scale: float | str = 100.0, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, scale: float | str = 100.0, device: str = "auto") -> None:
         if not (scale == "logit_scale" or (isinstance(scale, int | float) and scale > 0)):
             raise ValueError(f"clip_score: scale must be a positive number or 'logit_scale', got {scale!r}")
         self.clip = LocalClip(model_path, self.name, device)

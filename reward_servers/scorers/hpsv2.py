@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from reward_servers.scorers.base import ScorerLoadError, check_batch, require_dir
+from services.devices import resolve_device
 
 CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 EXTRA = 'pip install "mixgrpo-ray[hpsv2]"'
@@ -27,7 +28,8 @@ class HPSv2:
 
     name = "hpsv2"
 
-    def __init__(self, model_path: str | None = None, version: str = "v2.1", device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, version: str = "v2.1", device: str = "auto") -> None:
+        device = str(resolve_device(device))
         if version not in CHECKPOINTS:
             raise ValueError(f"hpsv2: version must be one of {sorted(CHECKPOINTS)}, got {version!r}")
         ckpt = Path(require_dir(model_path, self.name, f"the HPS checkpoint {CHECKPOINTS[version]}"))

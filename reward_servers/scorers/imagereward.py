@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from reward_servers.scorers.base import ScorerLoadError, check_batch, require_dir
+from services.devices import resolve_device
 
 FILES = ("ImageReward.pt", "med_config.json")
 EXTRA = 'pip install "mixgrpo-ray[imagereward]"'
@@ -27,7 +28,8 @@ class ImageReward:
 
     name = "imagereward"
 
-    def __init__(self, model_path: str | None = None, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, device: str = "auto") -> None:
+        device = str(resolve_device(device))
         root = Path(require_dir(model_path, self.name, f"{' and '.join(FILES)}"))
         missing = [f for f in FILES if not (root / f).is_file()]
         if missing:

@@ -22,7 +22,7 @@ class PickScore:
 
     name = "pickscore"
 
-    def __init__(self, model_path: str | None = None, normalize: bool = False, device: str = "cpu") -> None:
+    def __init__(self, model_path: str | None = None, normalize: bool = False, device: str = "auto") -> None:
         self.clip = LocalClip(model_path, self.name, device)
         self.normalize = bool(normalize)
 

@@ -11,8 +11,10 @@ sampler can `repeat_interleave` it over a group and index it like the latents. K
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -47,6 +49,15 @@ class Policy(Protocol):
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, C, H, W), sigma (B,) fp32 in [0, 1] -> velocity (B, C, H, W) fp32."""
+        ...
+
+    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """The reference (starting) policy's velocity, no gradients: the adapter switched off for LoRA, the frozen
+        copy `keep_reference` made otherwise."""
+        ...
+
+    def keep_reference(self) -> None:
+        """Make `reference_velocity` available (full fine-tuning: copies the starting transformer)."""
         ...
 
     def decode(self, x: Tensor) -> np.ndarray:
@@ -162,6 +173,7 @@ class TrainableTransformer:
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
         self.transformer = transformer
+        self._reference: nn.Module | None = None
         self.lora_rank = lora_rank
         self.lora_alpha = float(lora_alpha) if lora_alpha > 0 else float(lora_rank)
         transformer.requires_grad_(lora_rank == 0)
@@ -180,6 +192,38 @@ class TrainableTransformer:
                 transformer.add_adapter(config)  # diffusers PeftAdapterMixin: adapter "default"
             for p in self.parameters():
                 p.data = p.data.float()  # fp32 adapter even over bf16 base weights
+
+    def keep_reference(self) -> None:
+        """Keep the starting weights for `reference()`: nothing to keep with LoRA (the adapter is switched off);
+        a frozen copy of the transformer otherwise (one more transformer in memory, on its device and dtype)."""
+        if self.lora_rank == 0 and self._reference is None:
+            self._reference = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    @contextmanager
+    def reference(self) -> Iterator[nn.Module]:
+        """The reference policy's transformer: this one with its adapter disabled, or the frozen copy."""
+        if self.lora_rank > 0:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+            return
+        if self._reference is None:
+            raise RuntimeError("no reference weights kept: call keep_reference() before training starts")
+        yield self._reference
+
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Hold the transformer in `dtype`; a LoRA adapter stays fp32 (fp32 master weights of what trains)."""
+        nn.Module.to(self.transformer, dtype)  # (diffusers' own `to` warns about modules it would keep fp32)
+        if self.lora_rank > 0:
+            for p in self.parameters():
+                p.data = p.data.float()
+
+    def to(self, device: torch.device) -> None:
+        """Move the frozen reference copy along with the policy (the transformer moves with its pipeline)."""
+        if self._reference is not None:
+            self._reference.to(device)
 
     def parameters(self) -> list[nn.Parameter]:
         if self.lora_rank == 0:
@@ -253,6 +297,20 @@ def vae_decode(vae: nn.Module, latents: Tensor) -> np.ndarray:
     latents = latents / vae.config.scaling_factor + shift
     images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
     return to_uint8_images(images)
+
+
+def release_pipeline_parts(policy, names: Sequence[str]) -> None:
+    """Free a pipeline's frozen parts a role does not use (the learner: VAE and text encoders)."""
+    for name in names:
+        setattr(policy.pipe, name, None)
+    policy.vae = None
+    policy.inference_parts_released = True
+
+
+def require_inference_parts(policy) -> None:
+    if getattr(policy, "inference_parts_released", False):
+        raise RuntimeError(f"this {policy.name} policy was loaded for the learner, without its VAE and text "
+                           "encoders: encode and decode on a rollout worker (or load it with role='rollout')")
 
 
 # ----------------------------------------------------------------------------- trainable-only checkpoints

@@ -29,6 +29,8 @@ from .base import (
     check_velocity_inputs,
     cond_to,
     load_diffusers_policy,
+    release_pipeline_parts,
+    require_inference_parts,
     save_trainable,
     vae_decode,
 )
@@ -134,6 +136,7 @@ class FluxPolicy:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """The pipeline's encode_prompt -> {"encoder_hidden_states", "pooled_projections"}, (B, ...) fp32."""
+        require_inference_parts(self)
         if isinstance(prompts, str):
             raise TypeError("encode a list of prompts, not a single string")
         embeds, pooled, _text_ids = self.pipe.encode_prompt(
@@ -146,16 +149,28 @@ class FluxPolicy:
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; quantised sigma."""
+        return self._forward(self.transformer, x, sigma, cond)
+
+    @torch.no_grad()
+    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """The starting model's velocity: the adapter off, or the copy `keep_reference` made."""
+        with self.trainable.reference() as transformer:
+            return self._forward(transformer, x, sigma, cond)
+
+    def keep_reference(self) -> None:
+        self.trainable.keep_reference()
+
+    def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
-        dtype = self.transformer.dtype
+        dtype = transformer.dtype
         cond = cond_to(cond, self.device, dtype)
         b, _, h, w = x.shape
         context = cond["encoder_hidden_states"]  # (B, L, D_t5)
         guidance = None
-        if self.transformer.config.guidance_embeds:
+        if transformer.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=self.device, dtype=torch.float32)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            v = self.transformer(
+            v = transformer(
                 hidden_states=pack_latents(x.to(self.device, dtype)),  # (B, h/2 * w/2, 4C)
                 timestep=quantize_sigma(sigma.to(self.device)),
                 guidance=guidance,
@@ -169,7 +184,12 @@ class FluxPolicy:
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, C, h, w) latents -> uint8 (B, H, W, 3)."""
+        require_inference_parts(self)
         return vae_decode(self.vae, x.to(self.device))
+
+    def release_inference_parts(self) -> None:
+        """Drop the VAE and text encoders (the learner trains on recorded latents and conditioning)."""
+        release_pipeline_parts(self, ("vae", "text_encoder", "text_encoder_2"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.trainable.parameters()
@@ -190,4 +210,5 @@ class FluxPolicy:
     def to(self, device: str | torch.device) -> FluxPolicy:
         self.device = torch.device(device)
         self.pipe.to(self.device)
+        self.trainable.to(self.device)
         return self

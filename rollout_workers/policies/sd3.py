@@ -30,6 +30,8 @@ from .base import (
     check_velocity_inputs,
     cond_to,
     load_diffusers_policy,
+    release_pipeline_parts,
+    require_inference_parts,
     save_trainable,
     vae_decode,
 )
@@ -128,6 +130,7 @@ class SD3Policy:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         """The pipeline's encode_prompt; every tensor (B, ...) fp32 (see the class docstring for keys)."""
+        require_inference_parts(self)
         if isinstance(prompts, str):
             raise TypeError("encode a list of prompts, not a single string")
         prompts = list(prompts)
@@ -150,8 +153,20 @@ class SD3Policy:
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; timestep = 1000 * sigma."""
+        return self._forward(self.transformer, x, sigma, cond)
+
+    @torch.no_grad()
+    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """The starting model's (guided) velocity: the adapter off, or the copy `keep_reference` made."""
+        with self.trainable.reference() as transformer:
+            return self._forward(transformer, x, sigma, cond)
+
+    def keep_reference(self) -> None:
+        self.trainable.keep_reference()
+
+    def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
-        dtype = self.transformer.dtype
+        dtype = transformer.dtype
         cond = cond_to(cond, self.device, dtype)
         hidden = x.to(self.device, dtype)  # (B, C, h, w)
         context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
@@ -161,7 +176,7 @@ class SD3Policy:
             context = torch.cat([cond["negative_encoder_hidden_states"], context])
             pooled = torch.cat([cond["negative_pooled_projections"], pooled])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            v = self.transformer(
+            v = transformer(
                 hidden_states=hidden,
                 encoder_hidden_states=context,
                 pooled_projections=pooled,
@@ -178,7 +193,12 @@ class SD3Policy:
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, C, h, w) latents -> uint8 (B, H, W, 3)."""
+        require_inference_parts(self)
         return vae_decode(self.vae, x.to(self.device))
+
+    def release_inference_parts(self) -> None:
+        """Drop the VAE and text encoders (the learner trains on recorded latents and conditioning)."""
+        release_pipeline_parts(self, ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.trainable.parameters()
@@ -199,4 +219,5 @@ class SD3Policy:
     def to(self, device: str | torch.device) -> SD3Policy:
         self.device = torch.device(device)
         self.pipe.to(self.device)
+        self.trainable.to(self.device)
         return self

@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from .base import (
     DEFAULT_LORA_TARGETS,
+    DTYPES,
     Cond,
     TrainableTransformer,
     check_state_dict,
@@ -168,8 +169,15 @@ class TinyPolicy:
             transformer, text_encoder = build_modules(config)
         return cls(config, transformer, text_encoder, **options)
 
+    def set_weights_dtype(self, dtype: str | torch.dtype) -> TinyPolicy:
+        """Hold the text encoder and the transformer in `dtype` ("float32" / "bfloat16"); a LoRA adapter stays fp32."""
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.text_encoder.to(dtype)
+        self.trainable.set_dtype(dtype)
+        return self
+
     @classmethod
-    def load(cls, path: str | Path, **options) -> TinyPolicy:
+    def load(cls, path: str | Path, *, weights_dtype: str = "float32", **options) -> TinyPolicy:
         """Load `path/config.json` + `path/model.safetensors` (as written by `save`).
 
         A checkpoint saved with a LoRA adapter is rebuilt with it (`lora_rank` must then be 0 or the saved
@@ -200,9 +208,9 @@ class TinyPolicy:
             }
             policy = cls(config, transformer, text_encoder, **options)
             _load_weights(path, policy.transformer, policy.text_encoder)
-            return policy
+            return policy.set_weights_dtype(weights_dtype)
         _load_weights(path, transformer, text_encoder)
-        return cls(config, transformer, text_encoder, **options)
+        return cls(config, transformer, text_encoder, **options).set_weights_dtype(weights_dtype)
 
     def save(self, path: str | Path) -> None:
         """Write `config.json` (architecture, vocabulary, LoRA shape, format version), `model.safetensors`."""
@@ -253,12 +261,24 @@ class TinyPolicy:
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32; timestep = 1000 * sigma."""
+        return self._forward(self.transformer, x, sigma, cond)
+
+    @torch.no_grad()
+    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """The starting model's velocity: the adapter off, or the copy `keep_reference` made."""
+        with self.trainable.reference() as transformer:
+            return self._forward(transformer, x, sigma, cond)
+
+    def keep_reference(self) -> None:
+        self.trainable.keep_reference()
+
+    def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
-        cond = cond_to(cond, self.device)
+        cond = cond_to(cond, self.device, transformer.dtype)
         timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            v = self.transformer(
-                hidden_states=x.to(self.device, torch.float32),
+            v = transformer(
+                hidden_states=x.to(self.device, transformer.dtype),
                 encoder_hidden_states=cond["encoder_hidden_states"],
                 pooled_projections=cond["pooled_projections"],
                 timestep=timestep,
@@ -290,7 +310,11 @@ class TinyPolicy:
         self.device = torch.device(device)
         self.transformer.to(self.device)
         self.text_encoder.to(self.device)
+        self.trainable.to(self.device)
         return self
+
+    def release_inference_parts(self) -> None:
+        """Nothing to drop: the tiny text encoder is a few hundred kB and decoding is a rescale."""
 
     def num_parameters(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

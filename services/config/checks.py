@@ -87,10 +87,12 @@ def _check_sampler(c: Config) -> str | None:
     return None
 
 
-def _check_grpo(c: Config) -> str | None:
-    if c.grpo.kl_beta != 0.0:
-        return (f"grpo.kl_beta={c.grpo.kl_beta}: the KL penalty to a reference policy is not implemented yet; "
-                "set grpo.kl_beta=0")
+def _check_devices(c: Config) -> str | None:
+    if c.model.device == "cuda":
+        without = [f"{role}.num_gpus" for role, n in (("rollout", c.rollout.num_gpus), ("learner", c.learner.num_gpus))
+                   if n == 0]
+        if without:
+            return f"model.device=cuda needs a GPU for every role that runs the model: {', '.join(without)} is 0"
     return None
 
 
@@ -113,4 +115,4 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_grpo, _check_eval)
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_devices, _check_eval)

@@ -26,6 +26,13 @@ class ModelConfig(_Section):
     """LoRA rank on the transformer's attention projections; 0 trains all transformer weights."""
     lora_alpha: float = Field(0.0, ge=0.0)
     """LoRA alpha; 0 means alpha = rank."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each role runs the model: auto = the GPU Ray assigns the actor when its role asks for one
+    (rollout.num_gpus, learner.num_gpus > 0), else the CPU; cuda insists on the GPU."""
+    weights_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """dtype of the frozen weights (VAE, text encoders, the base transformer under LoRA) and of the rollout
+    workers' inference weights; auto = bfloat16 on a GPU, float32 on the CPU. What the learner trains (the
+    LoRA adapter, or the transformer at lora_rank 0) is always held in fp32 (master weights)."""
     autocast_bf16: bool = False
     """bf16 autocast for forward passes (fp32 master weights; log-probs always fp32)."""
     gradient_checkpointing: bool = False
@@ -80,8 +87,10 @@ class GrpoConfig(_Section):
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of window steps trained per iteration, chosen at random (DanceGRPO: 0.6 of all steps)."""
     kl_beta: float = Field(0.0, ge=0.0)
-    """KL penalty to the reference policy on the transition mean (0 in the FLUX reference). Not implemented
-    yet: only 0 is accepted, so a run never silently trains without the penalty it asked for."""
+    """β of the KL penalty to the reference (starting) policy on each trained transition,
+    β·mean_d (μ_θ − μ_ref)² / (2·std²): 0 in MixGRPO's FLUX reference, 0.01–0.04 in Flow-GRPO's SD3 configs.
+    The reference is the model with its LoRA adapter switched off, or a frozen copy of the starting
+    transformer when it trains fully (one more transformer in the learner's memory)."""
     num_inner_epochs: int = Field(1, ge=1, le=16)
 
 

@@ -116,10 +116,13 @@ def test_driver_preflight_names_a_missing_eval_prompts_file(capsys, tmp_path):
     assert "missing.txt" in capsys.readouterr().err
 
 
-def test_kl_beta_is_refused_until_implemented():
-    assert load_config([], ["grpo.kl_beta=0"]).grpo.kl_beta == 0.0
-    with pytest.raises(ConfigError, match=r"grpo\.kl_beta=0\.04: .*not implemented"):
-        load_config([], ["grpo.kl_beta=0.04"])
+def test_device_cuda_needs_gpus_for_the_model_roles():
+    with pytest.raises(ConfigError, match=r"model\.device=cuda .*rollout\.num_gpus, learner\.num_gpus is 0"):
+        load_config([], ["model.device=cuda"])
+    cfg = load_config([], ["model.device=cuda", "rollout.num_gpus=1", "learner.num_gpus=1"])
+    assert cfg.model.device == "cuda"
+    with pytest.raises(ConfigError, match="grpo.kl_beta"):
+        load_config([], ["grpo.kl_beta=-0.1"])
 
 
 def test_retired_run_resume_field(tmp_path):
