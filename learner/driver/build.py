@@ -74,6 +74,7 @@ def build_learner(cfg: Config) -> Learner:
         reward_aggregation=g.reward_aggregation, train_fraction=g.train_fraction, num_inner_epochs=g.num_inner_epochs,
         eta=cfg.sampler.eta, sde_kind=cfg.sampler.sde_kind, seed=cfg.run.seed, num_threads=lc.num_threads,
         kl_beta=g.kl_beta, sync_dtype=None if cfg.model.lora_rank else rollout_weights_dtype(cfg),
+        timesteps_per_backward=lc.timesteps_per_backward,
     )
 
 

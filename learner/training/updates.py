@@ -47,7 +47,7 @@ class Learner:
         micro_batch_size: int, gradient_accumulation_steps: int, clip_range: float, adv_clip_max: float,
         reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
         eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
-        sync_dtype: torch.dtype | None = None,
+        sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -55,7 +55,7 @@ class Learner:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
         self.policy = policy.train(False)  # eval mode: velocity must be the same function as in rollout
         self.device = torch.device(policy.device)
-        self.kl_beta, self.sync_dtype = kl_beta, sync_dtype
+        self.kl_beta, self.sync_dtype, self.timesteps_per_backward = kl_beta, sync_dtype, timesteps_per_backward
         if kl_beta > 0:
             policy.keep_reference()  # before any update: the reference is the starting model
         params = policy.trainable_parameters()
@@ -100,8 +100,7 @@ class Learner:
             for u, lo in enumerate(range(0, b, self.mb)):
                 rows = order[lo:lo + self.mb]
                 t_fb = time.perf_counter()
-                loss, m = self._micro_step(batch, cond, rows, steps, adv)
-                (loss / self.accum).backward()
+                loss, m = self._forward_backward(batch, cond, rows, steps, adv)
                 if loss.is_cuda:  # time the kernels, not their launch
                     torch.cuda.synchronize(loss.device)
                 forward_backward_s += time.perf_counter() - t_fb
@@ -160,6 +159,31 @@ class Learner:
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
         return grad.detach().clone()
+
+    def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int],
+                          adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one micro-batch; gradients accumulate as those of (its mean loss) / accum.
+
+        With `timesteps_per_backward` = t > 0 the window steps go t at a time, each chunk its own backward
+        (what the references do with t = 1: one timestep per backward, a fraction of the activations);
+        the gradient is the same sum. -> (the micro-batch's loss, its metrics merged over the chunks)
+        """
+        k, t = len(steps), self.timesteps_per_backward or len(steps)
+        if t >= k:
+            loss, m = self._micro_step(batch, cond, rows, steps, adv)
+            (loss / self.accum).backward()
+            return loss.detach(), m
+        parts = []
+        for lo in range(0, k, t):
+            sub = steps[lo:lo + t]
+            loss, m = self._micro_step(batch, cond, rows, sub, adv)
+            (loss * (len(sub) / k) / self.accum).backward()
+            parts.append((len(sub) / k, loss.detach(), m))
+        merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
+        merged |= {"ratio_min": min(m["ratio_min"] for _, _, m in parts),
+                   "ratio_max": max(m["ratio_max"] for _, _, m in parts),
+                   "loss_per_step": torch.cat([m["loss_per_step"] for _, _, m in parts])}
+        return sum(w * loss for w, loss, _ in parts), merged
 
     def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor):
         """The loss of `rows` × window `steps`: GRPO's clipped objective, plus β·KL to the reference."""

@@ -207,7 +207,12 @@ class LearnerConfig(_Section):
     micro_batch_size: int = Field(16, ge=1)
     """Samples per forward/backward."""
     gradient_accumulation_steps: int = Field(1, ge=1)
-    """Micro-batches per optimizer step (reference: 3 samples per update)."""
+    """Micro-batches per optimizer step: an optimizer step (and its grad-norm clip) covers
+    micro_batch_size × gradient_accumulation_steps samples (MixGRPO's FLUX reference: 96 = 32 ranks × 3;
+    Flow-GRPO's SD3: 576), and an iteration takes rollout.batch_size / that many steps."""
+    timesteps_per_backward: int = Field(0, ge=0)
+    """Window steps per forward/backward of a micro-batch; 0: the whole window at once (fast for small models).
+    1 is what the references do (one backward per timestep): the activations of one step only, same gradient."""
     num_cpus: float = Field(0.5, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
     num_threads: int = Field(1, ge=1)
