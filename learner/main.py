@@ -55,12 +55,18 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
 
 
 def preflight(cfg: Config) -> None:
-    """Read the prompt files before any actor starts, so a bad one is an error naming it, not a dead actor."""
+    """Before any actor starts: read the prompt files (a bad one is an error naming it, not a dead actor) and
+    estimate each role's GPU memory from the model's configs (a config that cannot fit is refused, naming the
+    fields to change: learner/driver/preflight.py)."""
+    from learner.driver.preflight import check_memory, table
     from learner.evaluation import run_prompts
     from services.prompts import PromptSource
 
     PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=cfg.model.backend == "tiny")
     run_prompts(cfg)
+    estimates = check_memory(cfg)
+    if any(r.capacity_gb is not None for r in estimates):
+        print(f"memory preflight (estimates):\n{table(estimates)}", flush=True)
 
 
 @contextmanager

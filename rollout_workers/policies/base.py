@@ -290,13 +290,20 @@ def load_pipeline(pipeline_cls: type, path: str | Path, subfolders: Sequence[str
     return pipe
 
 
+DECODE_BATCH = 8  # images per VAE decode call: a decoder's full-resolution activations are large
+
+
 @torch.no_grad()
 def vae_decode(vae: nn.Module, latents: Tensor) -> np.ndarray:
-    """Scaled latents (B, C, h, w) -> uint8 images (B, H, W, 3) through the VAE (scaling, shift)."""
+    """Scaled latents (B, C, h, w) -> uint8 images (B, H, W, 3) through the VAE (scaling, shift), DECODE_BATCH
+    images at a time."""
     shift = vae.config.shift_factor or 0.0
     latents = latents / vae.config.scaling_factor + shift
-    images = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
-    return to_uint8_images(images)
+    out = []
+    for lo in range(0, latents.shape[0], DECODE_BATCH):
+        chunk = latents[lo:lo + DECODE_BATCH].to(vae.device, vae.dtype)
+        out.append(to_uint8_images(vae.decode(chunk, return_dict=False)[0]))  # (b, 3, H, W) in [-1, 1]
+    return np.concatenate(out)
 
 
 def release_pipeline_parts(policy, names: Sequence[str]) -> None:

@@ -232,6 +232,9 @@ class ClusterConfig(_Section):
     collective_backend: Literal["gloo", "nccl"] = "gloo"
     state_store: str = "memory"
     """Window scheduler state: memory, file:///path, or redis://host:port/db."""
+    gpu_memory_gb: float = Field(80.0, gt=0.0)
+    """Memory of one GPU of the cluster; the memory preflight checks every GPU role against it before any
+    actor starts (H100 / A100-80GB: 80, H200: 141)."""
 
     @model_validator(mode="after")
     def _store(self) -> ClusterConfig:

@@ -1,0 +1,260 @@
+"""Memory preflight: each role's GPU memory, estimated from the model folder's configs before any actor starts.
+
+    estimates = estimate_memory(cfg)      # [RoleMemory(role, capacity_gb, parts {name: GB}), ...]
+    check_memory(cfg)                     # ConfigError naming the fields to change when a role cannot fit
+
+Parameter counts come from the configs in `model.path` (the modules are built on the `meta` device: no
+weights are read or allocated). What each role holds (learner/driver/build.py):
+
+- learner: the transformer (fp32 master weights when it trains fully; else in the inference dtype), what it
+  trains in fp32 with its gradient and AdamW's two moments (16 bytes per trained parameter), a frozen reference
+  copy for the KL at lora_rank 0, the iteration's window latents (fp32), and activations;
+- rollout worker: every part (transformer, text encoders, VAE) in the inference dtype, a fp32 LoRA adapter,
+  inference activations and the VAE decode;
+- reward replica: the weight files in its `model_path`.
+
+Activations, per transformer block (Korthikanti et al., 2022, with memory-efficient attention, i.e. without the
+s² term): 34·s·b·h bytes in bf16 (twice that in fp32), s tokens, b rows, h hidden; with gradient checkpointing
+2·s·b·h bytes per block plus one block's 34·s·b·h. b = micro_batch_size × window steps per backward
+(× 2 with SD3's classifier-free guidance). Inference keeps about INFERENCE_LIVE_TENSORS such (s, b, h) tensors
+alive. These are estimates, stated so: the check refuses only what is clearly too big, and reports the parts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rollout_workers.policies.base import DEFAULT_LORA_TARGETS
+from services.config import Config, ConfigError
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+TRAIN_BYTES_PER_ELEMENT = 34  # per (token, row, hidden unit) and block, bf16 (Korthikanti et al., 2022)
+CHECKPOINT_BYTES_PER_ELEMENT = 2  # a checkpointed block keeps its bf16 input
+INFERENCE_LIVE_TENSORS = 10  # (s, b, h) tensors alive at once in one block's forward without gradients
+ROLLOUT_CHUNK_GROUPS = 4  # groups a rollout worker samples at once (RolloutWorker.chunk_groups)
+DECODE_BATCH = 8  # images per VAE decode call (rollout_workers/policies/base.py `vae_decode`)
+CUDA_OVERHEAD_GB = 1.0  # CUDA context and allocator slack per process
+TEXT_TOKENS = {"sd3": 77 + 256, "flux": 512}  # CLIP + T5 (SD3), T5 (FLUX): the backends' max_sequence_length
+
+
+@dataclass
+class RoleMemory:
+    role: str
+    capacity_gb: float | None  # None: a CPU role (not checked)
+    parts: dict[str, float] = field(default_factory=dict)  # GB
+
+    @property
+    def total_gb(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity_gb is None or self.total_gb <= self.capacity_gb
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the estimate needs of a model: parameter counts per part and the transformer's shape."""
+
+    params: dict[str, int]  # "transformer", "vae", "text_encoder", …
+    lora_params: int  # of a rank-1 adapter on DEFAULT_LORA_TARGETS (scales linearly with the rank)
+    blocks: int
+    hidden: int
+    image_tokens: int
+    text_tokens: int
+    latent_numel: int  # C·h·w of one latent
+    decode_channels: int  # the VAE decoder's widest full-resolution feature map (0: no VAE)
+    pixels: int  # H·W
+
+
+def _build_meta(library: str, class_name: str, folder: Path) -> nn.Module:
+    """The module of `folder` (a diffusers or transformers config) on the meta device: shapes, no weights."""
+    cls = getattr(importlib.import_module(library), class_name)
+    with torch.device("meta"):
+        if library == "diffusers":
+            return cls.from_config(cls.load_config(str(folder)))
+        from transformers import AutoConfig
+
+        return cls(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def lora_rank1_params(transformer: nn.Module, targets=DEFAULT_LORA_TARGETS) -> int:
+    """Parameters of a rank-1 LoRA adapter: in + out features of every targeted Linear."""
+    return sum(m.in_features + m.out_features for name, m in transformer.named_modules()
+               if isinstance(m, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets))
+
+
+def diffusers_architecture(cfg: Config) -> Architecture:
+    """Read `model.path`'s model_index.json and the configs it names (sd3 / flux)."""
+    root = Path(cfg.model.path)
+    index_file = root / "model_index.json"
+    if not index_file.is_file():
+        raise ConfigError(f"model.path {root}: no model_index.json (a diffusers pipeline folder is needed for the "
+                          "memory preflight and the run)")
+    index = json.loads(index_file.read_text())
+    params, transformer, vae = {}, None, None
+    for part, spec in index.items():
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in ("diffusers", "transformers")):
+            continue
+        if part in ("scheduler",) or part.startswith("tokenizer"):
+            continue
+        module = _build_meta(spec[0], spec[1], root / part)
+        params[part] = count(module)
+        transformer = module if part == "transformer" else transformer
+        vae = module if part == "vae" else vae
+    if transformer is None:
+        raise ConfigError(f"model.path {root}: model_index.json names no transformer")
+    tc = transformer.config
+    down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+    h_lat, w_lat = cfg.model.height // down, cfg.model.width // down
+    patch = getattr(tc, "patch_size", 1) or 1
+    if cfg.model.backend == "flux":
+        blocks, image_tokens = tc.num_layers + tc.num_single_layers, (h_lat // 2) * (w_lat // 2)
+    else:
+        blocks, image_tokens = tc.num_layers, (h_lat // patch) * (w_lat // patch)
+    latent_channels = vae.config.latent_channels if vae is not None else tc.in_channels
+    return Architecture(
+        params=params, lora_params=lora_rank1_params(transformer), blocks=blocks,
+        hidden=tc.num_attention_heads * tc.attention_head_dim, image_tokens=image_tokens,
+        text_tokens=TEXT_TOKENS[cfg.model.backend], latent_numel=latent_channels * h_lat * w_lat,
+        decode_channels=vae.config.block_out_channels[0] if vae is not None else 0,
+        pixels=cfg.model.height * cfg.model.width)
+
+
+def tiny_architecture(cfg: Config) -> Architecture:
+    from learner.driver.build import TINY_CHECKPOINT
+    from rollout_workers.policies.tiny import TinyConfig, build_modules, read_config
+
+    meta = read_config(Path(cfg.model.path or TINY_CHECKPOINT))["architecture"]
+    config = TinyConfig(**{**meta, "vocab": tuple(meta["vocab"])})
+    with torch.device("meta"):
+        transformer, text_encoder = build_modules(config)
+    tc = transformer.config
+    side = config.sample_size // config.patch_size
+    return Architecture(
+        params={"transformer": count(transformer), "text_encoder": count(text_encoder)},
+        lora_params=lora_rank1_params(transformer), blocks=tc.num_layers,
+        hidden=tc.num_attention_heads * tc.attention_head_dim, image_tokens=side * side,
+        text_tokens=config.max_length, latent_numel=3 * config.sample_size ** 2, decode_channels=0,
+        pixels=config.sample_size ** 2)
+
+
+def activation_gb(arch: Architecture, rows: int, *, checkpointing: bool, bf16: bool) -> float:
+    """Training activations of `rows` rows through every block (see the module docstring)."""
+    unit = (arch.image_tokens + arch.text_tokens) * rows * arch.hidden * (1 if bf16 else 2)
+    if checkpointing:
+        return (CHECKPOINT_BYTES_PER_ELEMENT * arch.blocks + TRAIN_BYTES_PER_ELEMENT) * unit / GB
+    return TRAIN_BYTES_PER_ELEMENT * arch.blocks * unit / GB
+
+
+def _capacity(cfg: Config, num_gpus: float, device_auto_gpu: bool) -> float | None:
+    if not device_auto_gpu:
+        return None
+    return cfg.cluster.gpu_memory_gb * min(num_gpus, 1.0)
+
+
+def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemory]:
+    """Every role's estimate (GB) against the memory of the GPU it asks for (None for a CPU role)."""
+    from learner.driver.build import inference_dtype
+
+    arch = arch or (tiny_architecture(cfg) if cfg.model.backend == "tiny" else diffusers_architecture(cfg))
+    m, lc = cfg.model, cfg.learner
+    on_gpu = {role: m.device == "cuda" or (m.device == "auto" and n > 0)
+              for role, n in (("rollout", cfg.rollout.num_gpus), ("learner", lc.num_gpus))}
+    cfg_rows = 2 if (m.backend == "sd3" and m.guidance_scale > 1.0) else 1
+    transformer = arch.params["transformer"]
+    frozen_parts = {k: v for k, v in arch.params.items() if k != "transformer"}
+
+    # learner
+    dtype = DTYPE_BYTES[inference_dtype(m, torch.device("cuda" if on_gpu["learner"] else "cpu"))]
+    trained = transformer if m.lora_rank == 0 else arch.lora_params * m.lora_rank
+    learner = RoleMemory("learner", _capacity(cfg, lc.num_gpus, on_gpu["learner"]))
+    learner.parts["transformer weights"] = transformer * (4 if m.lora_rank == 0 else dtype) / GB
+    if m.lora_rank:
+        learner.parts["LoRA adapter (fp32)"] = trained * 4 / GB
+    learner.parts["gradients (fp32)"] = trained * 4 / GB
+    learner.parts["AdamW moments (fp32)"] = trained * 8 / GB
+    if cfg.grpo.kl_beta > 0 and m.lora_rank == 0:
+        learner.parts["KL reference copy (fp32)"] = transformer * 4 / GB
+    window = cfg.window.size
+    learner.parts["window latents (fp32)"] = cfg.rollout.batch_size * window * arch.latent_numel * 4 * 2 / GB
+    steps = lc.timesteps_per_backward or window
+    learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * min(steps, window) * cfg_rows,
+                                                 checkpointing=m.gradient_checkpointing, bf16=m.autocast_bf16)
+
+    # rollout worker
+    rdtype = DTYPE_BYTES[inference_dtype(m, torch.device("cuda" if on_gpu["rollout"] else "cpu"))]
+    rollout = RoleMemory("rollout worker", _capacity(cfg, cfg.rollout.num_gpus, on_gpu["rollout"]))
+    rollout.parts["transformer weights"] = transformer * rdtype / GB
+    rollout.parts["text encoders, VAE"] = sum(frozen_parts.values()) * rdtype / GB
+    if m.lora_rank:
+        rollout.parts["LoRA adapter (fp32)"] = arch.lora_params * m.lora_rank * 4 / GB
+    rows = ROLLOUT_CHUNK_GROUPS * cfg.grpo.group_size * cfg_rows
+    rollout.parts["activations"] = (INFERENCE_LIVE_TENSORS * (arch.image_tokens + arch.text_tokens) * rows
+                                    * arch.hidden * rdtype / GB)
+    if arch.decode_channels:
+        rollout.parts["VAE decode"] = DECODE_BATCH * arch.decode_channels * arch.pixels * rdtype * 6 / GB
+
+    out = [learner, rollout]
+    for spec in cfg.reward.rewards:
+        size = sum(f.stat().st_size for f in Path(spec.model_path).rglob("*")
+                   if f.suffix in (".safetensors", ".bin", ".pt", ".pth")) if spec.model_path and \
+            Path(spec.model_path).is_dir() else 0
+        out.append(RoleMemory(f"reward {spec.name}", cfg.cluster.gpu_memory_gb * spec.num_gpus if spec.num_gpus
+                              else None, {"weights": size / GB}))
+    for r in out:
+        if r.capacity_gb is not None:
+            r.parts["CUDA context"] = CUDA_OVERHEAD_GB
+    return out
+
+
+ADVICE = {
+    "transformer weights": "model.lora_rank > 0 (train a LoRA adapter over bf16 weights instead of the whole "
+                           "transformer in fp32)",
+    "gradients (fp32)": "model.lora_rank > 0",
+    "AdamW moments (fp32)": "model.lora_rank > 0",
+    "KL reference copy (fp32)": "grpo.kl_beta=0 or model.lora_rank > 0 (the reference is then the adapter off)",
+    "activations": "model.gradient_checkpointing=true, learner.timesteps_per_backward=1, a smaller "
+                   "learner.micro_batch_size (or rollout: a smaller grpo.group_size)",
+    "window latents (fp32)": "a smaller rollout.batch_size",
+    "text encoders, VAE": "model.weights_dtype=bfloat16",
+    "VAE decode": "smaller model.height / model.width",
+    "weights": "num_gpus of this reward (a whole GPU)",
+}
+
+
+def table(estimates: list[RoleMemory]) -> str:
+    lines = ["| role | estimate (GB) | device (GB) | largest parts |", "|---|---:|---:|---|"]
+    for r in estimates:
+        big = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.parts.items(), key=lambda kv: -kv[1])[:3])
+        cap = "CPU" if r.capacity_gb is None else f"{r.capacity_gb:.0f}"
+        lines.append(f"| {r.role} | {r.total_gb:.1f} | {cap} | {big} |")
+    return "\n".join(lines)
+
+
+def check_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemory]:
+    """`estimate_memory`, raising ConfigError for every GPU role that cannot fit, with the fields to change."""
+    estimates = estimate_memory(cfg, arch)
+    problems = []
+    for r in estimates:
+        if r.fits:
+            continue
+        worst = sorted(r.parts.items(), key=lambda kv: -kv[1])[:2]
+        advice = "; ".join(dict.fromkeys(ADVICE[k] for k, _ in worst if k in ADVICE))
+        problems.append(f"{r.role} needs ~{r.total_gb:.0f} GB ("
+                        + ", ".join(f"{k} {v:.1f}" for k, v in worst) + f") on a {r.capacity_gb:.0f} GB GPU "
+                        f"(cluster.gpu_memory_gb): change {advice}")
+    if problems:
+        raise ConfigError("memory preflight: " + "\n  ".join(problems) + "\n\n" + table(estimates))
+    return estimates

@@ -1,0 +1,128 @@
+"""The memory preflight on worked examples: the real FLUX.1-dev and SD3.5-Medium architectures (configs only, built
+on the meta device: no weights), the activation formula, LoRA parameter counts against peft's own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from transformers import CLIPTextConfig, T5Config
+
+from learner.driver.preflight import (
+    Architecture,
+    activation_gb,
+    check_memory,
+    diffusers_architecture,
+    estimate_memory,
+    lora_rank1_params,
+)
+from services.config import ConfigError, load_config
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, vocab_size=49408, projection_dim=768)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              max_position_embeddings=77, vocab_size=49408, projection_dim=1280)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu")
+VAE16 = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+             down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2)
+
+
+def write_folder(root: Path, transformer, text_encoders: dict[str, tuple[str, dict]]) -> Path:
+    """A pipeline folder holding only configs (what the preflight reads)."""
+    index = {"transformer": ["diffusers", type(transformer).__name__], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
+    transformer.save_config(root / "transformer")
+    with torch.device("meta"):
+        AutoencoderKL(**VAE16).save_config(root / "vae")
+    for name, (cls, config) in text_encoders.items():
+        (CLIPTextConfig if cls.startswith("CLIP") else T5Config)(**config).save_pretrained(root / name)
+        index[name] = ["transformers", cls]
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def flux_dev(tmp_path_factory) -> Path:
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)  # the defaults are FLUX.1-dev's shape
+    return write_folder(tmp_path_factory.mktemp("flux"), transformer,
+                        {"text_encoder": ("CLIPTextModel", CLIP_L), "text_encoder_2": ("T5EncoderModel", T5_XXL)})
+
+
+@pytest.fixture(scope="module")
+def sd35_medium(tmp_path_factory) -> Path:
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+            pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    return write_folder(tmp_path_factory.mktemp("sd35"), transformer, {
+        "text_encoder": ("CLIPTextModelWithProjection", CLIP_L), "text_encoder_2": ("CLIPTextModelWithProjection", CLIP_G),
+        "text_encoder_3": ("T5EncoderModel", T5_XXL)})
+
+
+def flux_cfg(path, *overrides):
+    return load_config(["flux_dev"], [f"model.path={path}", *overrides])
+
+
+def test_parameter_counts_of_the_real_architectures(flux_dev, sd35_medium):
+    flux = diffusers_architecture(flux_cfg(flux_dev))
+    assert flux.params["transformer"] == 11_901_408_320  # FLUX.1-dev: 11.9 B
+    assert flux.params["text_encoder_2"] == 4_762_310_656  # the T5-XXL encoder
+    assert flux.blocks == 19 + 38 and flux.hidden == 3072
+    assert flux.image_tokens == (720 // 16) ** 2 and flux.text_tokens == 512
+    # LoRA on the attention projections: 8 of 3072×3072 in a double block, 3 in a single one: in + out each
+    assert flux.lora_params == 19 * 8 * 6144 + 38 * 3 * 6144
+    sd3 = diffusers_architecture(load_config(["sd3_5_medium"], [f"model.path={sd35_medium}"]))
+    assert 2.2e9 < sd3.params["transformer"] < 2.6e9  # SD3.5-Medium: 2.5 B
+    assert sd3.image_tokens == (512 // 8 // 2) ** 2 and sd3.blocks == 24
+
+
+def test_full_fine_tuning_of_flux_on_one_80_gb_learner_is_refused_naming_the_fields(flux_dev):
+    cfg = flux_cfg(flux_dev, "model.lora_rank=0")
+    with pytest.raises(ConfigError) as err:
+        check_memory(cfg)
+    msg = str(err.value)
+    assert "learner needs ~" in msg and "80 GB GPU (cluster.gpu_memory_gb)" in msg and "model.lora_rank" in msg
+    learner = next(r for r in estimate_memory(cfg) if r.role == "learner")
+    # 11.9 B trained parameters × (4 fp32 weights + 4 gradients + 8 AdamW moments) = 190 GB
+    states = sum(learner.parts[k] for k in ("transformer weights", "gradients (fp32)", "AdamW moments (fp32)"))
+    assert states == pytest.approx(11_901_408_320 * 16 / 1e9, rel=1e-9)
+
+
+def test_the_flux_lora_preset_fits_and_full_fine_tuning_fits_a_bigger_device_only_with_checkpointing(flux_dev):
+    estimates = {r.role: r for r in check_memory(flux_cfg(flux_dev))}
+    assert estimates["learner"].fits and estimates["rollout worker"].fits
+    assert estimates["learner"].total_gb < 40 and estimates["rollout worker"].total_gb < 60
+    assert estimates["learner"].parts["transformer weights"] == pytest.approx(11_901_408_320 * 2 / 1e9)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):  # activations dominate without checkpointing
+        check_memory(flux_cfg(flux_dev, "model.gradient_checkpointing=false", "learner.timesteps_per_backward=0",
+                              "learner.micro_batch_size=12", "learner.gradient_accumulation_steps=8"))
+
+
+def test_activation_formula_worked_example():
+    arch = Architecture(params={"transformer": 0}, lora_params=0, blocks=2, hidden=4, image_tokens=6, text_tokens=4,
+                        latent_numel=1, decode_channels=0, pixels=1)
+    # s·b·h = 10 tokens × 3 rows × 4 = 120 elements per block
+    assert activation_gb(arch, 3, checkpointing=False, bf16=True) * 1e9 == pytest.approx(34 * 2 * 120)
+    assert activation_gb(arch, 3, checkpointing=True, bf16=True) * 1e9 == pytest.approx((2 * 2 + 34) * 120)
+    assert activation_gb(arch, 3, checkpointing=False, bf16=False) * 1e9 == pytest.approx(2 * 34 * 2 * 120)
+
+
+def test_lora_count_matches_peft():
+    from tests.unit.test_trainer_inprocess import small_policy
+
+    base = small_policy()
+    rank1 = lora_rank1_params(base.transformer)  # counted before peft wraps the layers
+    with_lora = type(base)(base.config, base.transformer, base.text_encoder, lora_rank=4)
+    assert rank1 > 0 and sum(p.numel() for p in with_lora.trainable_parameters()) == 4 * rank1
+
+
+def test_cpu_roles_are_reported_not_checked():
+    estimates = check_memory(load_config([]))  # the embedded default: every role on the CPU
+    assert all(r.capacity_gb is None and r.fits for r in estimates)
+    assert {r.role for r in estimates} == {"learner", "rollout worker", "reward shapes_reward", "reward shapes_verifier"}
