@@ -64,6 +64,11 @@ def preflight(cfg: Config) -> None:
 
     PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=cfg.model.backend == "tiny")
     run_prompts(cfg)
+    if cfg.run.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError('run.wandb_project is set but wandb is not installed: pip install -e ".[wandb]"') from None
     estimates = check_memory(cfg)
     if any(r.capacity_gb is not None for r in estimates):
         print(f"memory preflight (estimates):\n{table(estimates)}", flush=True)
@@ -109,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
     with ray_session(cfg.cluster), reward_service(cfg.reward):
-        result = run_loop(cfg, out, run_id, resume=resuming, observers=default_observers(out, run_id))
+        observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
+                                      config=cfg.model_dump(mode="json"))
+        result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
     final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out {final}; outputs in {out}", flush=True)
     return 0

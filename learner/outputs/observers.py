@@ -1,6 +1,7 @@
-"""Observers of the driver loop: Ray dashboard metrics, TensorBoard scalars and sample grids, the run report.
+"""Observers of the driver loop: Ray dashboard metrics, TensorBoard and wandb scalars and sample grids, the report.
 
     observers = default_observers(out, run_id)               # metrics + TensorBoard + report at the end
+    observers = default_observers(out, run_id, wandb_project="mixgrpo", config=cfg_dict)   # + wandb
     run_loop(cfg, out, run_id, resume, observers=observers)
 
 Each observer has `on_iteration(rec)`, `on_eval(rec, images=None, prompts=None)` and `close()` (the
@@ -114,6 +115,17 @@ def open_summary_writer(logdir: Path, writer: str = "auto"):
     return SummaryWriter(str(logdir))
 
 
+def eval_grid(run_dir: Path, rec: dict, images, prompts) -> tuple[np.ndarray | None, list[str], list[float] | None]:
+    """An eval record's sample grid: from the arrays passed, else the PNG the loop saved (`rec["samples"]`)."""
+    if images is not None:
+        images = np.asarray(images)
+        return make_grid(images, scale=default_scale(images.shape[1])), list(prompts or []), None
+    if rec.get("samples"):
+        grid, meta = load_grid(run_dir / rec["samples"])
+        return grid, meta["prompts"], meta.get("scores")
+    return None, [], None
+
+
 class TensorBoardObserver:
     """Scalars of every record and each evaluation's sample grid + prompts under <run>/tensorboard/."""
 
@@ -130,23 +142,46 @@ class TensorBoardObserver:
         step = step_of(rec)
         for tag, v in scalars(rec).items():
             self.writer.add_scalar(tag, v, step)
-        grid, prompts, scores = self._grid(rec, images, prompts)
+        grid, prompts, scores = eval_grid(self.run_dir, rec, images, prompts)
         if grid is not None:
             self.writer.add_image("samples/heldout", grid, step, dataformats="HWC")
             self.writer.add_text("samples/prompts", prompts_markdown(prompts, scores), step)
         self.writer.flush()
 
-    def _grid(self, rec: dict, images, prompts) -> tuple[np.ndarray | None, list[str], list[float] | None]:
-        if images is not None:
-            images = np.asarray(images)
-            return make_grid(images, scale=default_scale(images.shape[1])), list(prompts or []), None
-        if rec.get("samples"):
-            grid, meta = load_grid(self.run_dir / rec["samples"])
-            return grid, meta["prompts"], meta.get("scores")
-        return None, [], None
-
     def close(self) -> None:
         self.writer.close()
+
+
+class WandbObserver:
+    """The same scalars (TensorBoard's tags and steps) and each evaluation's sample grid in a wandb run.
+
+    `pip install -e ".[wandb]"`; wandb's own settings apply (`WANDB_MODE=offline` writes the run under
+    <run>/wandb/ for `wandb sync` later, `WANDB_API_KEY` or `wandb login` for online). One wandb run per driver
+    process: a resumed run starts a new one, named after the run directory.
+    """
+
+    def __init__(self, run_dir: str | Path, run_id: str, project: str, config: Mapping[str, Any] | None = None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError('run.wandb_project is set but wandb is not installed: pip install -e ".[wandb]"') from e
+        self.wandb = wandb
+        self.run_dir = Path(run_dir)
+        self.run = wandb.init(project=project, name=run_id, dir=str(self.run_dir), config=dict(config or {}),
+                              reinit="create_new")
+
+    def on_iteration(self, rec: dict) -> None:
+        self.run.log(scalars(rec), step=step_of(rec))
+
+    def on_eval(self, rec: dict, images=None, prompts=None) -> None:
+        data: dict[str, Any] = dict(scalars(rec))
+        grid, prompts, scores = eval_grid(self.run_dir, rec, images, prompts)
+        if grid is not None:
+            data["samples/heldout"] = self.wandb.Image(grid, caption=prompts_markdown(prompts, scores))
+        self.run.log(data, step=step_of(rec))
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 class ReportObserver:
@@ -176,12 +211,14 @@ class ReportObserver:
                   f"`python -m learner.tools.report {self.run_dir}`", file=sys.stderr, flush=True)
 
 
-def default_observers(run_dir: str | Path, run_id: str, *, tensorboard: bool = True,
-                      report: bool = True) -> list:
-    """What learner/main.py passes to `run_loop`: metrics, TensorBoard, and the report at the end."""
+def default_observers(run_dir: str | Path, run_id: str, *, tensorboard: bool = True, report: bool = True,
+                      wandb_project: str | None = None, config: Mapping[str, Any] | None = None) -> list:
+    """What learner/main.py passes to `run_loop`: metrics, TensorBoard, wandb (with a project), the report."""
     observers: list = [MetricsObserver(run_id)]
     if tensorboard:
         observers.append(TensorBoardObserver(run_dir))
+    if wandb_project:
+        observers.append(WandbObserver(run_dir, run_id, wandb_project, config))
     if report:
         observers.append(ReportObserver(run_dir))
     return observers

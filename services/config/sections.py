@@ -268,3 +268,6 @@ class RunConfig(_Section):
     for the tiny backend, which the rule verifier scores."""
     async_rollout: bool = False
     """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1)."""
+    wandb_project: str | None = None
+    """Also log to wandb, in this project (`pip install -e ".[wandb]"`; WANDB_MODE=offline works without an
+    account): the same scalars as TensorBoard and the evaluation grids."""
