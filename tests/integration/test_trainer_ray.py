@@ -99,7 +99,7 @@ def test_collective_weight_sync_gloo(ray_cluster, small_checkpoint, tmp_path):
     assert all(r["first_ratio_dev"] < 1e-5 for r in recs)  # workers sampled with exactly the broadcast weights
 
 
-@pytest.mark.parametrize("store", ["file", "redis"])
+@pytest.mark.parametrize("store", ["file", pytest.param("redis", marks=pytest.mark.slow)])  # (redis: unit-tested too)
 def test_resume_after_a_crash_past_the_last_checkpoint_with_a_persistent_window_store(
         ray_cluster, small_checkpoint, tmp_path, store):
     """The window store follows the checkpoint: a run that got to iteration 3 but checkpointed last at 1 (the
