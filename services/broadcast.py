@@ -59,36 +59,54 @@ def verify_loaded(expected: WeightPacket | tuple[int, str], loaded_state: Mappin
 # ------------------------------------------------------------------ collective (torch.distributed)
 
 
+def standalone_group(init_method: str, rank: int, world_size: int, backend: str = "gloo", timeout_s: float = 120.0):
+    """A torch.distributed process group of its own (own TCPStore, not the process's default group), so a learner
+    rank can be in its learner group (the default group: gradients, FSDP) and in the weight-broadcast group.
+
+    `init_method` is tcp://host:port; rank 0 hosts the store. -> a c10d ProcessGroup (broadcast, allreduce).
+    """
+    import torch.distributed as dist
+
+    host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, int(port), world_size, rank == 0, timeout=timeout)
+    if backend == "gloo":
+        return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    if backend == "nccl":
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    raise ValueError(f"unknown collective backend {backend!r}; expected gloo or nccl")
+
+
 class CollectiveChannel:
-    """A torch.distributed group over the learner (rank 0) and the rollout workers (ranks 1…N)."""
+    """The weight-broadcast group: learner rank 0 and the rollout workers (ranks 1…N), on a standalone process
+    group (`standalone_group`). NCCL sends GPU tensors straight into the workers' GPU weights; gloo CPU tensors."""
 
-    def __init__(self, rank: int, world_size: int, init_method: str, backend: str = "gloo",
-                 group_name: str = "mixgrpo-weights") -> None:
-        import torch.distributed as dist
-
+    def __init__(self, rank: int, world_size: int, init_method: str, backend: str = "gloo") -> None:
         self.rank, self.world_size = rank, world_size
-        if not dist.is_initialized():
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                                    timeout=timedelta(seconds=120))
+        self.group = standalone_group(init_method, rank, world_size, backend)
         self.device = torch.device("cuda") if backend == "nccl" else torch.device("cpu")
 
-    def broadcast(self, state: dict[str, Tensor], version: int) -> tuple[int, str]:
-        """Send (rank 0) or receive (others) `state` in place, in name order; returns (version, checksum)."""
-        import torch.distributed as dist
+    def _broadcast(self, tensor: Tensor) -> None:
+        self.group.broadcast(tensor, 0).wait()
 
+    def broadcast(self, state: dict[str, Tensor], version: int) -> tuple[int, str]:
+        """Send (rank 0) or receive (others) `state` in place, in name order; returns (version, checksum).
+
+        The receivers' tensors must have the sender's shapes and dtypes (the learner sends in the workers' dtype).
+        """
         header = torch.tensor([version], dtype=torch.long, device=self.device)
-        dist.broadcast(header, src=0)
+        self._broadcast(header)
         for name in sorted(state):
             buf = state[name].detach().to(self.device).contiguous()
-            dist.broadcast(buf, src=0)
+            self._broadcast(buf)
             if self.rank != 0:
                 state[name].copy_(buf.to(state[name].device))
-        sums = [weights_checksum(state)] if self.rank == 0 else [None]
-        dist.broadcast_object_list(sums, src=0)  # checksum string from the sender (in-cluster only)
-        return int(header.item()), sums[0]
+        # the sender's checksum (32 hex characters) as bytes: what every receiver must end up holding
+        digest = torch.zeros(32, dtype=torch.uint8, device=self.device)
+        if self.rank == 0:
+            digest = torch.tensor(list(weights_checksum(state).encode()), dtype=torch.uint8, device=self.device)
+        self._broadcast(digest)
+        return int(header.item()), bytes(digest.cpu().tolist()).decode()
 
     def close(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.group = None

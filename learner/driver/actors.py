@@ -63,20 +63,30 @@ class SchedulerActor:
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg_json: str) -> None:
-        self.cfg = Config.model_validate_json(cfg_json)
+    """One rank of the learner (rank 0 of K publishes weights and writes checkpoints)."""
+
+    def __init__(self, cfg_json: str, rank: int = 0) -> None:
+        self.cfg, self.rank = Config.model_validate_json(cfg_json), rank
         self.inner: Learner = build_learner(self.cfg)
         self.telemetry = Telemetry(run_tag(self.cfg.run.output_dir, self.cfg.run.name))
+
+    def join_group(self, init_method: str, world_size: int) -> None:
+        """Join the learner ranks' torch.distributed group: NCCL when the model is on a GPU, else gloo."""
+        backend = "nccl" if self.inner.device.type == "cuda" else "gloo"
+        self.inner.join_group(init_method, self.rank, world_size, backend, self.cfg.learner.sharding)
 
     def update(self, *batches: RolloutBatch, num_groups: int | None = None) -> dict:
         """Merge the shards (each group id exactly once, all of 0…num_groups-1) and update on them."""
         batch = merge_batches(list(batches), num_groups=num_groups)
         stats = self.inner.update(batch)
-        self.telemetry.record(learner_updates(stats, batch.num_rows))
+        if self.rank == 0:
+            self.telemetry.record(learner_updates(stats, batch.num_rows))
         return {**stats, "num_groups": len(batch.prompt_ids)}
 
     def get_weights(self):
-        return self.inner.get_weights()
+        """The weight packet (rank 0; the other ranks of an FSDP learner take part in gathering it: None)."""
+        packet = self.inner.get_weights()
+        return packet if self.rank == 0 else None
 
     def weight_version(self) -> int:
         return self.inner.weight_version()
@@ -99,7 +109,7 @@ class LearnerActor:
     def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
         self.inner.open_channel(init_method, world_size, backend)
 
-    def send_weights(self) -> tuple[int, str]:
+    def send_weights(self) -> tuple[int, str] | None:
         return self.inner.send_weights()
 
 

@@ -37,7 +37,7 @@ def start_actors(cfg: Config, run_id: str) -> Cluster:
     scheduler = SchedulerActor.options(name=f"{run_id}-window-scheduler", num_cpus=0, max_restarts=-1,
                                        get_if_exists=True).remote(cfg.window, cfg.sampler.num_steps, cfg.run.seed,
                                                                   cfg.cluster.state_store, run_id)
-    learner = LearnerActor.options(num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus).remote(cfg_json)
+    learners, pg = start_learners(cfg, cfg_json)
     # Restartable (a lost shard is re-run, see gather_rollout) and named `<run>-rollout-<i>-<tag>` so operators
     # and chaos tests can find them; the tag keeps names unique when a run is resumed in the same namespace.
     restarts = cfg.rollout.max_restarts if cfg.cluster.weight_sync == "object_store" else 0
@@ -45,7 +45,36 @@ def start_actors(cfg: Config, run_id: str) -> Cluster:
     workers = [WorkerActor.options(name=f"{run_id}-rollout-{i}-{tag}", num_cpus=cfg.rollout.num_cpus,
                                    num_gpus=cfg.rollout.num_gpus, max_restarts=restarts).remote(cfg_json, i)
                for i in range(cfg.rollout.num_workers)]
-    return Cluster(scheduler, learner, workers)
+    return Cluster(scheduler, learners, workers, sharded=cfg.learner.sharding == "fsdp", placement_group=pg)
+
+
+def start_learners(cfg: Config, cfg_json: str) -> tuple[list, object | None]:
+    """One learner actor, or K ranks in a placement group (one bundle each) joined in a torch.distributed group.
+
+    Plain actors in a placement group rather than Ray Train's TorchTrainer: the driver steps the learner once per
+    iteration, between rollouts and weight broadcasts, where a trainer runs its own loop to the end.
+    """
+    lc = cfg.learner
+    if lc.num_workers == 1:
+        return [LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(cfg_json)], None
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": lc.num_cpus, **({"GPU": lc.num_gpus} if lc.num_gpus else {})}
+    pg = placement_group([dict(bundle) for _ in range(lc.num_workers)], strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=cfg.cluster.placement_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise RuntimeError(f"the learner's {lc.num_workers} ranks ({bundle} each) could not be placed within "
+                           f"{cfg.cluster.placement_timeout_s:.0f} s (cluster.placement_timeout_s): the cluster lacks "
+                           "the resources; lower learner.num_workers, learner.num_cpus or learner.num_gpus") from None
+    ranks = [LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=(
+        PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))).remote(cfg_json, r)
+        for r in range(lc.num_workers)]
+    address = ray.get(ranks[0].channel_address.remote())
+    ray.get([rank.join_group.remote(address, lc.num_workers) for rank in ranks])
+    return ranks, pg
 
 
 def evaluate(cl: Cluster, iteration: int, log: MetricsLog) -> dict:
@@ -68,8 +97,10 @@ def evaluate(cl: Cluster, iteration: int, log: MetricsLog) -> dict:
 
 
 def stop_actors(cl: Cluster) -> None:
-    for actor in (cl.learner, *cl.workers):
+    for actor in (*cl.learners, *cl.workers):
         ray.kill(actor)
+    if cl.placement_group is not None:
+        ray.util.remove_placement_group(cl.placement_group)
     ray.kill(cl.scheduler, no_restart=True)
 
 
@@ -90,7 +121,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         ckpt = latest_checkpoint(out / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-        meta = ray.get(cl.learner.restore.remote(str(ckpt)))
+        meta = ray.get([rank.restore.remote(str(ckpt)) for rank in cl.learners])[0]
         start = int(meta["iteration"]) + 1
         log.truncate_after(start - 1)
         print(f"resumed from {ckpt} (iteration {meta['iteration']}, weight version {meta['version']})", flush=True)
@@ -118,7 +149,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
             pending = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
         t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
-        stats = ray.get(cl.learner.update.remote(*refs, num_groups=cfg.num_groups))
+        stats = ray.get([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
         _, t_sync, resent = broadcast(cl, collective, cfg.rollout.restart_timeout_s)
         now = time.perf_counter()
         rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,
@@ -135,7 +166,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
             for obs in observers:
                 obs.on_eval(last_eval)
         if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
-            ray.get(cl.learner.save.remote(str(out / "checkpoints"), {"run_id": run_id}))
+            ray.get([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
         t_prev_end = time.perf_counter()
         if not cfg.run.async_rollout and not done:
             pending = launch_rollout(cl, cfg, prompts, m + 1)

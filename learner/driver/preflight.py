@@ -6,9 +6,10 @@
 Parameter counts come from the configs in `model.path` (the modules are built on the `meta` device: no
 weights are read or allocated). What each role holds (learner/driver/build.py):
 
-- learner: the transformer (fp32 master weights when it trains fully; else in the inference dtype), what it
-  trains in fp32 with its gradient and AdamW's two moments (16 bytes per trained parameter), a frozen reference
-  copy for the KL at lora_rank 0, the iteration's window latents (fp32), and activations;
+- learner (per rank): the transformer (fp32 master weights when it trains fully; else in the inference dtype),
+  what it trains in fp32 with its gradient and AdamW's two moments (16 bytes per trained parameter; 1/K of them
+  on each of K ranks with `learner.sharding=fsdp`), a frozen reference copy for the KL at lora_rank 0, the
+  iteration's window latents (fp32), and activations;
 - rollout worker: every part (transformer, text encoders, VAE) in the inference dtype, a fp32 LoRA adapter,
   inference activations and the VAE decode;
 - reward replica: the weight files in its `model_path`.
@@ -179,8 +180,11 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
     # learner
     dtype = DTYPE_BYTES[inference_dtype(m, torch.device("cuda" if on_gpu["learner"] else "cpu"))]
     trained = transformer if m.lora_rank == 0 else arch.lora_params * m.lora_rank
-    learner = RoleMemory("learner", _capacity(cfg, lc.num_gpus, on_gpu["learner"]))
-    learner.parts["transformer weights"] = transformer * (4 if m.lora_rank == 0 else dtype) / GB
+    shards = lc.num_workers if lc.sharding == "fsdp" else 1  # FSDP: 1/K of the transformer's states per rank
+    trained //= shards
+    learner = RoleMemory("learner rank" if lc.num_workers > 1 else "learner",
+                         _capacity(cfg, lc.num_gpus, on_gpu["learner"]))
+    learner.parts["transformer weights"] = transformer // shards * (4 if m.lora_rank == 0 else dtype) / GB
     if m.lora_rank:
         learner.parts["LoRA adapter (fp32)"] = trained * 4 / GB
     learner.parts["gradients (fp32)"] = trained * 4 / GB
@@ -221,7 +225,7 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
 
 ADVICE = {
     "transformer weights": "model.lora_rank > 0 (train a LoRA adapter over bf16 weights instead of the whole "
-                           "transformer in fp32)",
+                           "transformer in fp32), or shard it: learner.num_workers > 1 with learner.sharding=fsdp",
     "gradients (fp32)": "model.lora_rank > 0",
     "AdamW moments (fp32)": "model.lora_rank > 0",
     "KL reference copy (fp32)": "grpo.kl_beta=0 or model.lora_rank > 0 (the reference is then the adapter off)",

@@ -24,12 +24,24 @@ from .inprocess import shard
 @dataclass
 class Cluster:
     scheduler: ray.actor.ActorHandle
-    learner: ray.actor.ActorHandle
+    learners: list
+    """The learner ranks (one, or K in a placement group); rank 0 publishes weights and writes checkpoints."""
     workers: list
     version: int = 0
     """The weight version the workers were last synced to: every shard of the next rollout samples with it."""
     packet: ray.ObjectRef | None = None
     """Those weights as a WeightPacket in the object store, for re-runs (None with collective weight sync)."""
+    sharded: bool = False
+    """FSDP: gathering the weights (to publish or save them) takes every rank."""
+    placement_group: object | None = None
+
+    @property
+    def learner(self) -> ray.actor.ActorHandle:
+        return self.learners[0]
+
+    def gathering(self) -> list:
+        """The ranks a weight gather needs: all of them under FSDP, else rank 0 alone."""
+        return self.learners if self.sharded else self.learners[:1]
 
 
 @dataclass
@@ -163,11 +175,11 @@ def broadcast(cl: Cluster, collective: bool = False, restart_timeout_s: float = 
     """
     t0, resent = time.perf_counter(), 0
     if collective:
-        sent = cl.learner.send_weights.remote()
+        sent = [rank.send_weights.remote() for rank in cl.gathering()]
         versions = ray.get([w.receive_weights.remote() for w in cl.workers])
         ray.get(sent)
     else:
-        packet = cl.learner.get_weights.remote()
+        packet = [rank.get_weights.remote() for rank in cl.gathering()][0]  # rank 0's; the others helped gather
         refs = [w.sync_weights.remote(packet) for w in cl.workers]
         versions = []
         for i, (w, ref) in enumerate(zip(cl.workers, refs)):

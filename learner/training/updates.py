@@ -30,6 +30,7 @@ from services.broadcast import CollectiveChannel, WeightPacket
 from services.types import RolloutBatch
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .group import RankGroup
 
 
 def trained_steps(window_size: int, fraction: float, seed: int, iteration: int) -> list[int]:
@@ -61,8 +62,11 @@ class Learner:
         params = policy.trainable_parameters()
         if not params:
             raise ValueError("the policy has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        self.optim_kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas)}
+        self.optimizer = torch.optim.AdamW(params, **self.optim_kwargs)
         self.params = params
+        self.group: RankGroup | None = None  # a K-rank learner (join_group), else one process
+        self.sharding = "none"
         self.grad_clip, self.mb, self.accum = grad_clip, micro_batch_size, gradient_accumulation_steps
         self.clip_range, self.adv_clip_max = clip_range, adv_clip_max
         self.reward_weights, self.aggregation = dict(reward_weights), reward_aggregation
@@ -98,6 +102,10 @@ class Learner:
             gen = seeded_generator(self.seed, Stream.UPDATE_ORDER, batch.iteration, epoch)
             order = torch.randperm(b, generator=gen)
             for u, lo in enumerate(range(0, b, self.mb)):
+                if self.group is not None and not self.group.owns(u):  # another rank's micro-batch
+                    if (u + 1) % self.accum == 0:
+                        optimizer_s += self._optimizer_step(stats, batch.iteration)
+                    continue
                 rows = order[lo:lo + self.mb]
                 t_fb = time.perf_counter()
                 loss, m = self._forward_backward(batch, cond, rows, steps, adv)
@@ -112,17 +120,12 @@ class Learner:
                 stats["loss"].append(float(loss.detach()))
                 step_loss += m["loss_per_step"].cpu()
                 if (u + 1) % self.accum == 0:
-                    t_opt = time.perf_counter()
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-                    if not torch.isfinite(norm):
-                        raise FloatingPointError(f"gradient norm is {float(norm)} at iteration {batch.iteration}")
-                    stats["grad_norm"].append(float(norm))
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    optimizer_s += time.perf_counter() - t_opt
+                    optimizer_s += self._optimizer_step(stats, batch.iteration)
+        if self.group is not None:
+            self._reduce_stats(stats, step_loss)
         self.version += 1
         self.iteration = batch.iteration
-        n_micro = len(stats["loss"])
+        n_micro = stats.pop("n_micro", [len(stats["loss"])])[0]
         adv_np = adv.cpu().numpy()
         total_w = sum(self.reward_weights.values())
         rewards = {
@@ -160,6 +163,52 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return grad.detach().clone()
 
+    def _optimizer_step(self, stats: dict, iteration: int) -> float:
+        """Sum the ranks' gradients (data parallel), clip the whole gradient, step; -> seconds."""
+        t_opt = time.perf_counter()
+        if self.group is not None and self.sharding == "none":
+            self.group.sum_gradients(self.params)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a replicated DTensor
+        if not torch.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {float(norm)} at iteration {iteration}")
+        stats["grad_norm"].append(float(norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t_opt
+
+    def _reduce_stats(self, stats: dict, step_loss: torch.Tensor) -> None:
+        """Every rank's statistics of its micro-batches → the global ones, in place (means over all micro-batches)."""
+        keys = ("loss", "ratio_mean", "clip_frac", "approx_kl", "kl")
+        n = len(stats["loss"])
+        sums = self.group.reduce(torch.tensor([sum(stats[k]) for k in keys] + [n], dtype=torch.float64))
+        total = int(sums[-1])
+        for i, k in enumerate(keys):
+            stats[k] = [float(sums[i]) / total]
+        stats["ratio_min"] = [float(self.group.reduce(torch.tensor(min(stats["ratio_min"], default=1e30)), "min"))]
+        stats["ratio_max"] = [float(self.group.reduce(torch.tensor(max(stats["ratio_max"], default=-1e30)), "max"))]
+        first = stats["first_ratio_dev"][0] if stats["first_ratio_dev"] else 0.0  # rank 0 computes micro-batch 0
+        stats["first_ratio_dev"] = [float(self.group.reduce(torch.tensor(first), "max"))]
+        step_loss.copy_(self.group.reduce(step_loss) * 1.0)
+        stats["n_micro"] = [total]
+
+    def join_group(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
+                   sharding: str = "none") -> None:
+        """Become rank `rank` of a `world_size`-rank learner (before the first update); with sharding="fsdp" the
+        transformer is sharded (full fine-tuning) and the optimizer rebuilt over the shards."""
+        from .group import RankGroup, shard_transformer
+
+        if self.version:
+            raise RuntimeError("join_group before the first update")
+        self.group, self.sharding = RankGroup(init_method, rank, world_size, backend), sharding
+        if sharding == "fsdp":
+            if self.policy.trainable.lora_rank or self.kl_beta:
+                raise ValueError("learner.sharding=fsdp shards a fully trained transformer: model.lora_rank=0 and "
+                                 "grpo.kl_beta=0 (a LoRA adapter is small: data parallel)")
+            shard_transformer(self.policy.transformer)
+            self.params = self.policy.trainable_parameters()
+            self.optimizer = torch.optim.AdamW(self.params, **self.optim_kwargs)
+
     def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int],
                           adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one micro-batch; gradients accumulate as those of (its mean loss) / accum.
@@ -169,15 +218,16 @@ class Learner:
         the gradient is the same sum. -> (the micro-batch's loss, its metrics merged over the chunks)
         """
         k, t = len(steps), self.timesteps_per_backward or len(steps)
+        scale = self.group.world_size if self.sharding == "fsdp" else 1  # FSDP averages over ranks: undo
         if t >= k:
             loss, m = self._micro_step(batch, cond, rows, steps, adv)
-            (loss / self.accum).backward()
+            (loss * scale / self.accum if scale != 1 else loss / self.accum).backward()
             return loss.detach(), m
         parts = []
         for lo in range(0, k, t):
             sub = steps[lo:lo + t]
             loss, m = self._micro_step(batch, cond, rows, sub, adv)
-            (loss * (len(sub) / k) / self.accum).backward()
+            (loss * (scale * len(sub) / k) / self.accum).backward()
             parts.append((len(sub) / k, loss.detach(), m))
         merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
         merged |= {"ratio_min": min(m["ratio_min"] for _, _, m in parts),
@@ -212,10 +262,19 @@ class Learner:
     def weight_version(self) -> int:
         return self.version
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable weights whole, on the CPU (gathered from the shards under FSDP: every rank must call)."""
+        if self.sharding != "fsdp":
+            return self.policy.trainable_state_dict()
+        from .group import full_state
+
+        names = {n for n, _ in self.policy.transformer.named_parameters()}
+        return {k: v for k, v in full_state(self.policy.transformer).items() if k in names}
+
     def published_state(self) -> dict[str, torch.Tensor]:
         """What the broadcast carries: the trainable weights, in the rollout workers' dtype when that differs
         (full fine-tuning with bf16 inference weights), so what they load is exactly what was sent."""
-        state = self.policy.trainable_state_dict()
+        state = self.trainable_state()
         if self.sync_dtype is None:
             return state
         return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -227,18 +286,46 @@ class Learner:
         """Join the weight-broadcast group as rank 0 (collective weight sync)."""
         self.channel = CollectiveChannel(0, world_size, init_method, backend)
 
-    def send_weights(self) -> tuple[int, str]:
-        return self.channel.broadcast(self.published_state(), self.version)
+    def send_weights(self) -> tuple[int, str] | None:
+        """Broadcast to the workers (rank 0; the other ranks of an FSDP learner only help gather the state)."""
+        state = self.published_state()
+        if self.group is not None and self.group.rank != 0:
+            return None
+        return self.channel.broadcast(state, self.version)
 
-    def save(self, root: str, extra: dict | None = None) -> str:
-        meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), **(extra or {})}
-        return str(save_checkpoint(root, self.iteration, self.policy.trainable_state_dict(),
-                                   self.optimizer.state_dict(), meta))
+    def save(self, root: str, extra: dict | None = None) -> str | None:
+        """Write a checkpoint (rank 0 of a K-rank learner; the others take part in gathering shards) -> its path.
+
+        Data parallel and single-process learners save AdamW's state as torch does (by parameter index, equal on
+        every rank), so they restore on any number of ranks; FSDP saves it gathered and keyed by name."""
+        weights = self.trainable_state()
+        if self.sharding == "fsdp":
+            from .group import full_optimizer_state
+
+            optim = full_optimizer_state(self.policy.transformer, self.optimizer)
+        else:
+            optim = self.optimizer.state_dict()
+        if self.group is not None and self.group.rank != 0:
+            return None
+        meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), "sharding": self.sharding,
+                **(extra or {})}
+        return str(save_checkpoint(root, self.iteration, weights, optim, meta))
 
     def restore(self, path: str) -> dict:
+        """Load a checkpoint, written by a learner of any number of ranks with the same `learner.sharding`."""
         weights, optim, meta = load_checkpoint(path)
-        self.policy.load_trainable_state_dict(weights)
-        self.optimizer.load_state_dict(optim)
+        saved = meta.get("sharding", "none")
+        if (saved == "fsdp") != (self.sharding == "fsdp"):
+            raise ValueError(f"checkpoint {path} was written with learner.sharding={saved}; this learner uses "
+                             f"learner.sharding={self.sharding}: resume with the same sharding")
+        if self.sharding == "fsdp":
+            from .group import load_full_optimizer_state, load_full_state
+
+            load_full_state(self.policy.transformer, weights)
+            load_full_optimizer_state(self.policy.transformer, self.optimizer, optim)
+        else:
+            self.policy.load_trainable_state_dict(weights)
+            self.optimizer.load_state_dict(optim)
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         self.version, self.iteration = int(meta["version"]), int(meta["iteration"])
         return meta

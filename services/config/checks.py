@@ -87,6 +87,20 @@ def _check_sampler(c: Config) -> str | None:
     return None
 
 
+def _check_learner_group(c: Config) -> str | None:
+    k, lc = c.learner.num_workers, c.learner
+    if k > 1 and lc.gradient_accumulation_steps % k:
+        return (f"learner.gradient_accumulation_steps ({lc.gradient_accumulation_steps}) must be a multiple of "
+                f"learner.num_workers ({k}): each optimizer step's micro-batches are dealt across the ranks")
+    if lc.sharding == "fsdp":
+        if k == 1:
+            return "learner.sharding=fsdp shards over learner ranks: set learner.num_workers > 1"
+        if c.model.lora_rank or c.grpo.kl_beta:
+            return ("learner.sharding=fsdp shards a fully trained transformer: set model.lora_rank=0 and "
+                    "grpo.kl_beta=0 (a LoRA adapter is small: use learner.sharding=none, data parallel)")
+    return None
+
+
 def _check_devices(c: Config) -> str | None:
     if c.model.device == "cuda":
         without = [f"{role}.num_gpus" for role, n in (("rollout", c.rollout.num_gpus), ("learner", c.learner.num_gpus))
@@ -115,4 +129,4 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_devices, _check_eval)
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_learner_group, _check_devices, _check_eval)

@@ -214,7 +214,15 @@ class LearnerConfig(_Section):
     """Window steps per forward/backward of a micro-batch; 0: the whole window at once (fast for small models).
     1 is what the references do (one backward per timestep): the activations of one step only, same gradient."""
     num_cpus: float = Field(0.5, ge=0.0)
+    """CPUs per learner rank."""
     num_gpus: float = Field(0.0, ge=0.0)
+    """GPUs per learner rank."""
+    num_workers: int = Field(1, ge=1)
+    """K learner ranks (a placement group, one torch.distributed group: NCCL on GPU, gloo on CPU). The global
+    batch of each optimizer step is split across them; K ranks compute what one would."""
+    sharding: Literal["none", "fsdp"] = "none"
+    """none: data parallel (every rank holds the model, gradients are summed); fsdp: the transformer is sharded
+    with FSDP2 (full fine-tuning: model.lora_rank=0), its weights, gradients and AdamW moments 1/K per rank."""
     num_threads: int = Field(1, ge=1)
     checkpoint_every: int = Field(25, ge=0)
     """Iterations between checkpoints (0: only at the end)."""
@@ -232,6 +240,8 @@ class ClusterConfig(_Section):
     collective_backend: Literal["gloo", "nccl"] = "gloo"
     state_store: str = "memory"
     """Window scheduler state: memory, file:///path, or redis://host:port/db."""
+    placement_timeout_s: float = Field(120.0, gt=0.0)
+    """How long to wait for a placement group (the learner ranks) before failing with the resources it asked."""
     gpu_memory_gb: float = Field(80.0, gt=0.0)
     """Memory of one GPU of the cluster; the memory preflight checks every GPU role against it before any
     actor starts (H100 / A100-80GB: 80, H200: 141)."""

@@ -71,6 +71,26 @@ def test_bad_configs_name_the_field(override, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("overrides,needle", [
+    (["learner.num_workers=3", "learner.gradient_accumulation_steps=4"], "multiple of learner.num_workers"),
+    (["learner.sharding=fsdp", "model.lora_rank=0"], "learner.num_workers > 1"),
+    (["learner.sharding=fsdp", "learner.num_workers=2", "learner.gradient_accumulation_steps=2",
+      "model.lora_rank=4"], "model.lora_rank=0"),
+    (["learner.sharding=ddp"], "learner.sharding"),
+    (["learner.num_workers=0"], "learner.num_workers"),
+])
+def test_learner_group_configs_name_the_field(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config([], overrides)
+    assert needle in str(err.value)
+
+
+def test_a_learner_group_config_loads():
+    cfg = load_config([], ["learner.num_workers=2", "learner.gradient_accumulation_steps=2", "learner.sharding=fsdp",
+                           "model.lora_rank=0"])
+    assert cfg.learner.num_workers == 2 and cfg.learner.sharding == "fsdp"
+
+
 def test_bad_override_syntax_and_unknown_preset():
     with pytest.raises(ConfigError, match="section.field=value"):
         parse_override("window.size")

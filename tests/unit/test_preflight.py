@@ -104,6 +104,20 @@ def test_the_flux_lora_preset_fits_and_full_fine_tuning_fits_a_bigger_device_onl
                               "learner.micro_batch_size=12", "learner.gradient_accumulation_steps=8"))
 
 
+def test_full_fine_tuning_of_flux_fits_when_sharded_over_learner_ranks(flux_dev):
+    """FSDP over K ranks: each rank holds 1/K of the fp32 weights, gradients and AdamW moments (190 GB / K)."""
+    full = ["model.lora_rank=0", "learner.micro_batch_size=1", "learner.gradient_accumulation_steps=96"]
+    with pytest.raises(ConfigError, match="learner.sharding=fsdp"):  # the advice names the sharding fields
+        check_memory(flux_cfg(flux_dev, *full))
+    sharded = flux_cfg(flux_dev, *full, "learner.num_workers=8", "learner.sharding=fsdp")
+    rank = next(r for r in check_memory(sharded) if r.role == "learner rank")
+    states = sum(rank.parts[k] for k in ("transformer weights", "gradients (fp32)", "AdamW moments (fp32)"))
+    assert states == pytest.approx(11_901_408_320 // 8 * 16 / 1e9, rel=1e-9)
+    assert rank.fits and rank.total_gb < 80
+    with pytest.raises(ConfigError, match="learner rank needs ~"):  # two ranks are not enough: 95 GB of states each
+        check_memory(flux_cfg(flux_dev, *full, "learner.num_workers=2", "learner.sharding=fsdp"))
+
+
 def test_activation_formula_worked_example():
     arch = Architecture(params={"transformer": 0}, lora_params=0, blocks=2, hidden=4, image_tokens=6, text_tokens=4,
                         latent_numel=1, decode_channels=0, pixels=1)

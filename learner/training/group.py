@@ -1,0 +1,94 @@
+"""A learner of K ranks: K processes in one torch.distributed group (NCCL on GPU, gloo on CPU), each holding the
+policy, stepping together from the driver.
+
+Data parallel by default (`learner.sharding=none`): the iteration's micro-batches are dealt round-robin, each rank
+back-propagates its own, the gradients are summed across ranks (each micro-batch's loss is already divided by the
+global number of micro-batches per step), and every rank clips that whole gradient and takes the same optimizer
+step, so the replicas stay equal and K ranks compute what one would on the same global batch. With
+`learner.sharding=fsdp` the transformer is sharded with FSDP2 (`fully_shard`, each block then the whole), whose
+backward reduce-scatters the gradients; weights, optimizer moments and gradients are 1/K per rank.
+
+Statistics are reduced so that every rank returns the global ones. The group is the process's default group;
+the weight broadcast to rollout workers has a group of its own (services/broadcast.py `standalone_group`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class RankGroup:
+    def __init__(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
+                 timeout_s: float = 300.0) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a group of {world_size}")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s))
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+
+    def owns(self, micro_batch: int) -> bool:
+        """Micro-batches are dealt round-robin: rank r computes those with index ≡ r (mod K)."""
+        return micro_batch % self.world_size == self.rank
+
+    def sum_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Data parallel: every rank ends with the sum of all ranks' gradients (one flattened all-reduce)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        for p, g in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            p.grad = g.view_as(p)
+
+    def reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        out = values.detach().clone().to(self.device)
+        dist.all_reduce(out, op=ops[op])
+        return out.cpu()
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")
+
+
+def shard_transformer(transformer: nn.Module) -> None:
+    """FSDP2 over the transformer: each block (SD3 `transformer_blocks`; FLUX also `single_transformer_blocks`),
+    then the root. FSDP averages the ranks' gradients in its reduce-scatter (gloo has no pre-multiplied sum to
+    make it a plain sum), so the learner scales each rank's loss by K: the result is the sum, as in data parallel."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        for block in getattr(transformer, name, None) or []:
+            fully_shard(block)
+    fully_shard(transformer)
+
+
+def full_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
+    """The sharded transformer's whole state on the CPU (a collective: every rank calls it; all receive it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(transformer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(transformer: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW's state keyed by parameter name, gathered whole (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(transformer, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(transformer: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(transformer, optimizer, state, options=StateDictOptions(full_state_dict=True))
