@@ -4,6 +4,15 @@
     python benchmarks/compare_methods.py                          # default tiny job, 20 iterations per method
     python benchmarks/compare_methods.py --methods dance_grpo mixgrpo --iterations 10 --out /tmp/t.md
     python benchmarks/compare_methods.py --quick learner.num_threads=2     # dotted overrides apply to every variant
+    python benchmarks/compare_methods.py --architecture sd3_5_medium --device cuda \
+        --methods dance_grpo mixgrpo mixgrpo_flash mixgrpo_flash_star          # the paper's per-GPU work, timed
+
+`--architecture sd3_5_medium | flux_dev` times the paper's per-GPU work on a randomly initialised transformer of the
+real architecture (`benchmarks/real_arch.py`; random weights cost what trained ones do): N = 25 steps, one group of
+G = 12 images per iteration, 512 px (FLUX 720 px), DanceGRPO training 60 % of the steps (14 of 25 in the paper's
+table), a cheap pixel reward (jpeg_incompressibility) so that the reward side stays out of the measurement, LoRA
+as in the presets. The text encoders have their real widths but one layer each (a rollout encodes its prompt once).
+`--arch-layers` shrinks the transformer for a CPU smoke test.
 
 Each method runs through the real driver path (`learner.driver.loop.run_loop`: scheduler, rollout worker and
 learner actors, the Serve reward deployments, weight broadcast, evaluations) one after another on one
@@ -17,7 +26,8 @@ From each run's metrics.jsonl the table gives:
 - median seconds per iteration, skipping the first `--warmup` iterations, and its ratio to dance_grpo next
   to the paper's target for that method;
 - reward gain: mean train reward of the last k iterations minus the first k (k = `--reward-k`);
-- held-out verifier gain: the final evaluation minus the one before training (same prompts and noise).
+- held-out verifier gain: the final evaluation minus the one before training (same prompts and noise); with
+  `--architecture` the column holds the configured reward (there is no verifier), on the prompts file.
 
 Timings on a shared two-core CPU are noisy; the ratios are only meaningful within one invocation.
 """
@@ -54,6 +64,9 @@ BASELINE = "dance_grpo"
 TARGETS = {"mixgrpo": 0.50, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29, "mixgrpo_flash_star async": 0.20}
 PAPER = {"mixgrpo": 0.52, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29}  # ALGORITHM.md §8, FLUX on 32 GPUs
 QUICK = {"iterations": 4, "batch_size": 32, "eval_prompts": 48, "reward_k": 1}
+ARCH = {"iterations": 4, "batch_size": 12, "eval_prompts": 4, "reward_k": 1}
+ARCH_PROMPTS = ["a cat sitting on a red chair", "a lighthouse on a cliff at dusk", "two apples on a wooden table",
+                "an astronaut riding a horse", "a bowl of ramen with chopsticks", "a city street in the rain"]
 FULL = {"iterations": 20, "batch_size": 64, "eval_prompts": 192, "reward_k": 5}
 
 
@@ -74,8 +87,8 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
     k = max(1, min(reward_k, len(train) // 2))
     rewards = [float(r["reward_mean"]) for r in train]
     by_iter = sorted(evals, key=lambda r: r["iteration"])
-    base = next((e for e in by_iter if e["iteration"] < 0), None)
-    final = by_iter[-1] if by_iter and by_iter[-1]["iteration"] >= 0 else None
+    base = next((_eval_score(e) for e in by_iter if e["iteration"] < 0), None)
+    final = _eval_score(by_iter[-1]) if by_iter and by_iter[-1]["iteration"] >= 0 else None
     return {
         "iterations": len(train),
         "nfe": _mean([float(r["nfe"]) for r in train]),
@@ -84,12 +97,36 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
         "median_s": statistics.median(float(r["iteration_seconds"]) for r in timed),
         "reward_first": _mean(rewards[:k]), "reward_last": _mean(rewards[-k:]),
         "reward_gain": _mean(rewards[-k:]) - _mean(rewards[:k]),
-        "eval_base": base["eval_verifier_score"] if base else float("nan"),
-        "eval_final": final["eval_verifier_score"] if final else float("nan"),
-        "verifier_gain": (final["eval_verifier_score"] - base["eval_verifier_score"]
-                          if base and final else float("nan")),
+        "eval_base": base if base is not None else float("nan"),
+        "eval_final": final if final is not None else float("nan"),
+        "verifier_gain": final - base if base is not None and final is not None else float("nan"),
         "phases": {name: statistics.median(_phases(r)[name] for r in timed) for name in (*PHASE_KEYS, "rest")},
     }
+
+
+def _eval_score(rec: dict) -> float:
+    """An eval record's headline: the verifier score on the shapes world, else its first reward column."""
+    if "eval_verifier_score" in rec:
+        return float(rec["eval_verifier_score"])
+    return float(rec[f"eval_{rec['eval_columns'][0]}"])
+
+
+def architecture_overrides(architecture: str, folder: Path, prompts: Path, device: str) -> list[str]:
+    """The per-GPU shape of the paper on `architecture`'s random-weight folder (module docstring)."""
+    out = [f"model.path={folder}", f"rollout.prompts_file={prompts}", f"run.eval_prompts_file={prompts}",
+           "sampler.num_steps=25", "grpo.group_size=12", "grpo.kl_beta=0", "rollout.num_workers=1",
+           "learner.micro_batch_size=3", "learner.gradient_accumulation_steps=4",
+           "reward.rewards=[{name: jpeg_incompressibility, num_cpus: 0.25}]"]
+    if device == "cuda":
+        import torch
+
+        memory = torch.cuda.get_device_properties(0).total_memory / 1e9
+        out += ["model.device=cuda", "rollout.num_gpus=0.5", "learner.num_gpus=0.5", "rollout.num_cpus=1",
+                "learner.num_cpus=1", f"cluster.gpu_memory_gb={memory:.0f}"]
+    else:
+        out += ["model.device=cpu", "rollout.num_gpus=0", "learner.num_gpus=0", "rollout.num_cpus=0.5",
+                "learner.num_cpus=0.5"]
+    return out
 
 
 PHASE_KEYS = {"sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
@@ -171,7 +208,8 @@ def common_overrides(settings: dict, seed: int) -> list[str]:
             "learner.checkpoint_every=0", f"reward.server.port={free_port()}"]
 
 
-def run_variants(labels: list[str], overrides: list[str], workdir: Path) -> dict[str, dict]:
+def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets: tuple[str, ...] = (),
+                 num_cpus: int = 2) -> dict[str, dict]:
     """Each variant through `run_loop`, sequentially, on one local Ray with one reward deployment.
 
     Returns label → {"dir": run directory, "wall_min": minutes including start-up and evaluations,
@@ -181,11 +219,11 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path) -> dict
     from reward_servers.service import reward_service
     from services.config import load_config
 
-    cfgs = {label: load_config([VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
+    cfgs = {label: load_config([*presets, VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
                                                      f"run.output_dir={workdir / label.replace(' ', '_')}"])
             for label in labels}
     runs = {}
-    with local_ray(), reward_service(cfgs[labels[0]].reward):  # all variants share the reward config
+    with local_ray(num_cpus), reward_service(cfgs[labels[0]].reward):  # all variants share the reward config
         for label in labels:
             cfg, out = cfgs[label], Path(cfgs[label].run.output_dir)
             load0, t0 = os.getloadavg()[0], time.perf_counter()
@@ -196,13 +234,20 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path) -> dict
     return runs
 
 
+def machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.device_count()} × {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{os.cpu_count()} CPU cores{gpu}"
+
+
 def report(rows: dict[str, dict], settings: dict, seed: int, mode: str) -> str:
     rows = with_ratios(rows)
     loads = ", ".join(f"{n} {r['load'][0]:.1f}→{r['load'][1]:.1f}" for n, r in rows.items())
     head = [f"{mode}: {settings['iterations']} iterations per method, {settings['batch_size']} images per iteration, "
             f"run seed {seed}, {settings['eval_prompts']} held-out prompts; median s/iter skips iteration 1; reward "
             f"gain = mean of the last {settings['reward_k']} iterations − the first {settings['reward_k']}.",
-            f"Machine: {os.cpu_count()} CPU cores; 1-min load average at start→end of each method: {loads}.", ""]
+            f"Machine: {machine()}; 1-min load average at start→end of each method: {loads}.", ""]
     return "\n".join(head) + "\n" + markdown_table(rows) + "\n"
 
 
@@ -218,20 +263,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compare_methods.md")
     p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-compare-<timestamp>)")
+    p.add_argument("--architecture", choices=["sd3_5_medium", "flux_dev"],
+                   help="time the paper's per-GPU work on random weights of this real architecture")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="with --architecture: where models run")
+    p.add_argument("--arch-layers", type=int, help="with --architecture: transformer blocks (smoke tests only)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. rollout.num_workers=1")
     args = p.parse_args(argv)
-    settings = dict(QUICK if args.quick else FULL)
+    settings = dict(ARCH if args.architecture else QUICK if args.quick else FULL)
     for key in ("iterations", "batch_size", "eval_prompts", "reward_k"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     workdir = args.workdir or REPO_ROOT / "runs" / f"bench-compare-{time.strftime('%Y%m%d-%H%M%S')}"
     from learner.outputs.report import load_records
 
-    runs = run_variants(args.methods, [*common_overrides(settings, args.seed), *args.overrides], workdir)
+    presets, extra, num_cpus, mode = (), [], 2, "quick" if args.quick else "full"
+    if args.architecture:
+        from benchmarks.real_arch import build
+
+        workdir.mkdir(parents=True, exist_ok=True)
+        prompts = workdir / "prompts.txt"
+        prompts.write_text("\n".join(ARCH_PROMPTS) + "\n")
+        print(f"building a random-weight {args.architecture} pipeline in {workdir / 'model'}", flush=True)
+        folder = build(args.architecture, workdir / "model", transformer_layers=args.arch_layers,
+                       device=args.device)
+        presets, extra = (args.architecture,), architecture_overrides(args.architecture, folder, prompts, args.device)
+        num_cpus = max(2, min(8, os.cpu_count() or 2))
+        mode = f"{args.architecture} ({'random weights' if not args.arch_layers else f'{args.arch_layers} blocks'}, " \
+               f"{args.device})"
+    runs = run_variants(args.methods, [*common_overrides(settings, args.seed), *extra, *args.overrides], workdir,
+                        presets, num_cpus)
     rows = {}
     for label, run in runs.items():
         rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}
-    text = report(rows, settings, args.seed, "quick" if args.quick else "full")
+    text = report(rows, settings, args.seed, mode)
     publish(text, args.out)
     print(f"runs in {workdir}")
     return 0

@@ -14,6 +14,7 @@ prompts and noise are functions of the run seed and the iteration.
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,12 @@ from .rollouts import Cluster, broadcast, gather_rollout, launch_rollout, open_c
 
 
 def start_actors(cfg: Config, run_id: str) -> Cluster:
+    from .preflight import resource_shortfall
+
+    short = resource_shortfall(cfg, ray.cluster_resources())
+    if short:  # Ray would wait for them silently; an autoscaler may still add them
+        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
+              file=sys.stderr, flush=True)
     cfg_json = cfg.model_dump_json()
     scheduler = SchedulerActor.options(name=f"{run_id}-window-scheduler", num_cpus=0, max_restarts=-1,
                                        get_if_exists=True).remote(cfg.window, cfg.sampler.num_steps, cfg.run.seed,

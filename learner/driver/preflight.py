@@ -262,3 +262,28 @@ def check_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemo
     if problems:
         raise ConfigError("memory preflight: " + "\n  ".join(problems) + "\n\n" + table(estimates))
     return estimates
+
+
+def resource_demand(cfg: Config) -> dict[str, tuple[float, list[str]]]:
+    """CPUs and GPUs the run's actors and replicas ask Ray for, with the fields each comes from."""
+    r, lc = cfg.rollout, cfg.learner
+    parts = [(r.num_workers, r.num_cpus, r.num_gpus, "rollout.num_workers × rollout.num_{}"),
+             (lc.num_workers, lc.num_cpus, lc.num_gpus, "learner.num_workers × learner.num_{}")]
+    parts += [(s.num_replicas, s.num_cpus, s.num_gpus, f"reward.rewards.{i}.num_replicas × num_{{}}")
+              for i, s in enumerate(cfg.reward.rewards)]
+    out = {}
+    for key, unit in (("CPU", "cpus"), ("GPU", "gpus")):
+        used = [(n * (c if key == "CPU" else g), f.format(unit)) for n, c, g, f in parts]
+        out[key] = (sum(v for v, _ in used), [f for v, f in used if v])
+    return out
+
+
+def resource_shortfall(cfg: Config, available: dict[str, float]) -> str | None:
+    """Why the run's actors would wait for resources the cluster does not have now (Ray waits without an error),
+    or None. An autoscaling cluster may still add them; the driver prints this rather than refusing."""
+    lines = []
+    for key, (need, fields) in resource_demand(cfg).items():
+        have = float(available.get(key, 0.0))
+        if need > have + 1e-9:
+            lines.append(f"{need:g} {key} asked ({' + '.join(fields)}), the cluster has {have:g}")
+    return "; ".join(lines) or None

@@ -5,10 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.compare_methods import markdown_table, summarize, with_ratios
+from benchmarks.compare_methods import (
+    VARIANTS,
+    architecture_overrides,
+    markdown_table,
+    summarize,
+    with_ratios,
+)
 from benchmarks.overhead import compute_share, median_breakdown, phase_breakdown
 from benchmarks.reward_control import random_rewards, run_control
-from benchmarks.weight_sync import peak_bytes, tensor_sizes
+from benchmarks.weight_sync import fits, gpus_per_actor, peak_bytes, tensor_sizes
 
 
 def train_rec(i, seconds, reward, *, nfe=16, image_evals=512, trained=(0, 1, 2, 3), sample=2.0):
@@ -81,6 +87,10 @@ def test_weight_sync_helpers():
     assert tensor_sizes(2, 4) == [1, 1]
     assert peak_bytes(10**9, 1, "object_store") == 20 * 10**9  # sender + store + worker (weights, copy, bytes)
     assert peak_bytes(10**9, 2, "collective") == 12 * 10**9
+    # on GPUs: NCCL ranks each take a whole GPU (it refuses two ranks on one device); the object store shares them
+    assert gpus_per_actor("collective", 2, "cuda", 4) == 1.0 and gpus_per_actor("object_store", 3, "cuda", 1) == 0.25
+    assert gpus_per_actor("collective", 2, "cpu", 0) == 0.0
+    assert fits(10**6, 1, "collective", 0.0, "cuda", "bf16", gpus=1) == "NCCL needs one GPU per rank: 2, 1 here"
 
 
 def test_random_rewards_are_seeded_uniform_and_ignore_the_images():
@@ -100,3 +110,30 @@ def test_random_reward_control_is_reproducible():
     first = run_control(overrides, reward_seed=1, save=None)
     assert [n for n, _, _ in first] == [0, 2]
     assert run_control(overrides, reward_seed=1, save=None) == first
+
+
+def test_real_architectures_have_the_real_sizes():
+    import torch
+
+    from benchmarks.real_arch import flux_dev_transformer, sd3_5_medium_transformer
+
+    with torch.device("meta"):
+        flux, sd3 = flux_dev_transformer(), sd3_5_medium_transformer()
+    assert sum(p.numel() for p in flux.parameters()) == 11_901_408_320  # the preflight's FLUX.1-dev count
+    assert 2.2e9 < sum(p.numel() for p in sd3.parameters()) < 2.6e9  # SD3.5-Medium: 2.5 B
+    assert len(sd3.transformer_blocks) == 24 and flux.config.num_single_layers == 38
+
+
+@pytest.mark.parametrize("architecture", ["sd3_5_medium", "flux_dev"])
+def test_architecture_mode_is_the_papers_per_gpu_shape_for_every_method(architecture, tmp_path):
+    from services.config import load_config
+
+    overrides = architecture_overrides(architecture, tmp_path / "model", tmp_path / "p.txt", "cpu")
+    for label, (preset, extra) in VARIANTS.items():
+        cfg = load_config([architecture, preset], ["rollout.batch_size=12", *overrides, *extra])
+        assert (cfg.sampler.num_steps, cfg.grpo.group_size, cfg.rollout.batch_size) == (25, 12, 12), label
+        assert [r.name for r in cfg.reward.rewards] == ["jpeg_incompressibility"]
+        assert cfg.rollout.num_gpus == cfg.learner.num_gpus == 0 and cfg.model.device == "cpu"
+        assert cfg.model.height == (720 if architecture == "flux_dev" else 512)
+        if preset == "dance_grpo":
+            assert cfg.grpo.train_fraction == 0.6

@@ -18,6 +18,8 @@ from learner.driver.preflight import (
     diffusers_architecture,
     estimate_memory,
     lora_rank1_params,
+    resource_demand,
+    resource_shortfall,
 )
 from services.config import ConfigError, load_config
 
@@ -140,3 +142,16 @@ def test_cpu_roles_are_reported_not_checked():
     estimates = check_memory(load_config([]))  # the embedded default: every role on the CPU
     assert all(r.capacity_gb is None and r.fits for r in estimates)
     assert {r.role for r in estimates} == {"learner", "rollout worker", "reward shapes_reward", "reward shapes_verifier"}
+
+
+def test_resources_the_cluster_lacks_are_named_with_their_fields(sd35_medium):
+    cfg = load_config(["sd3_5_medium"], [f"model.path={sd35_medium}"])  # 4 rollout GPUs, 1 learner, 0.5 PickScore
+    demand = resource_demand(cfg)
+    assert demand["GPU"] == (5.5, ["rollout.num_workers × rollout.num_gpus", "learner.num_workers × learner.num_gpus",
+                                   "reward.rewards.0.num_replicas × num_gpus"])
+    assert demand["CPU"][0] == 4 * 4 + 4 + 1
+    msg = resource_shortfall(cfg, {"CPU": 64.0})
+    assert msg == "5.5 GPU asked (rollout.num_workers × rollout.num_gpus + learner.num_workers × learner.num_gpus + " \
+                  "reward.rewards.0.num_replicas × num_gpus), the cluster has 0"
+    assert resource_shortfall(cfg, {"CPU": 21.0, "GPU": 8.0}) is None
+    assert "21 CPU asked" in resource_shortfall(cfg, {"CPU": 20.0, "GPU": 8.0})
