@@ -58,6 +58,8 @@ VARIANTS = {
     "mixgrpo_flash_star": ("mixgrpo_flash_star", []),
     "mixgrpo_flash_star async": ("mixgrpo_flash_star", ["run.async_rollout=true"]),
     "mixgrpo async": ("mixgrpo", ["run.async_rollout=true"]),
+    "awm": ("awm", []),
+    "diffusion_nft": ("diffusion_nft", []),
 }
 BASELINE = "dance_grpo"
 # the goals: time per iteration as a fraction of DanceGRPO's (paper: 0.52, 0.39, 0.29 on FLUX)

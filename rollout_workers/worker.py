@@ -56,6 +56,7 @@ class RolloutWorker:
         self, policy: Policy, rewards: RewardSink, reward_names: Sequence[str], *, num_steps: int, shift: float,
         eta: float, sde_kind: str, post_window: str, compress_ratio: float, group_size: int, seed: int,
         chunk_groups: int = 4, log_images: int = 4, num_threads: int | None = None, worker_id: int = 0,
+        keep_final: bool = False,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1
@@ -63,7 +64,7 @@ class RolloutWorker:
         self.sigmas = sigma_schedule(num_steps, shift)
         self.eta, self.sde_kind, self.post_window, self.compress_ratio = eta, sde_kind, post_window, compress_ratio
         self.group_size, self.seed, self.chunk_groups, self.log_images = group_size, seed, chunk_groups, log_images
-        self.worker_id = worker_id
+        self.worker_id, self.keep_final = worker_id, keep_final  # keep_final: the final latents go to the learner
         self.version = 0
 
     # ----------------------------------------------------------------------------- weights
@@ -154,6 +155,7 @@ class RolloutWorker:
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
             image_prompts=[p for p in prompts for _ in range(self.group_size)][:: max(1, len(images) // max(k, 1))][:k],
             timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
+            final_latents=torch.cat([t.final for t, _ in trajs]).float() if self.keep_final else None,
         ).to("cpu")
 
     def _collect(self, pending: list[Mapping[str, RewardFuture]]) -> dict[str, torch.Tensor]:

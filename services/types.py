@@ -39,6 +39,7 @@ class RolloutBatch:
     images: np.ndarray | None = None  # (k, H, W, 3) uint8, a few for logging
     image_prompts: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    final_latents: Tensor | None = None  # (B, C, H, W) fp32, each row's x_0: AWM's targets (None unless asked for)
 
     def __post_init__(self) -> None:
         b, w = self.log_probs.shape
@@ -47,6 +48,10 @@ class RolloutBatch:
         for name, t in {"latents": self.latents, "next_latents": self.next_latents, "log_probs": self.log_probs}.items():
             if t.dtype != torch.float32:
                 raise TypeError(f"RolloutBatch.{name} must be fp32, got {t.dtype}")
+        if self.final_latents is not None and (self.final_latents.dtype != torch.float32
+                                               or self.final_latents.shape[0] != b):
+            raise ValueError(f"RolloutBatch.final_latents must be {b} fp32 rows, got "
+                             f"{self.final_latents.dtype} {tuple(self.final_latents.shape)}")
         for name, r in self.rewards.items():
             if r.shape != (b,) or not torch.isfinite(r).all():
                 raise ValueError(f"reward {name!r} must be {b} finite values, got shape {tuple(r.shape)}")
@@ -60,7 +65,8 @@ class RolloutBatch:
         return dataclasses.replace(
             self, latents=move(self.latents), next_latents=move(self.next_latents), log_probs=move(self.log_probs),
             sigmas=move(self.sigmas), sigmas_next=move(self.sigmas_next),
-            cond={k: move(v) for k, v in self.cond.items()})
+            cond={k: move(v) for k, v in self.cond.items()},
+            final_latents=None if self.final_latents is None else move(self.final_latents))
 
     @property
     def num_rows(self) -> int:
@@ -106,4 +112,5 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         images=np.concatenate(images) if images else None,
         image_prompts=[p for b in batches for p in b.image_prompts],
         timings={k: max(b.timings.get(k, 0.0) for b in batches) for k in first.timings},
+        final_latents=None if first.final_latents is None else cat("final_latents"),
     )

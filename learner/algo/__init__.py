@@ -22,6 +22,7 @@ XueZeyue/DanceGRPO), on purpose:
 
 from .advantages import combine_advantages, group_advantages
 from .dpm import dpmpp_2m_step
+from .family import batch_std_advantages, lagged_update
 from .loss import grpo_loss, kl_penalty
 from .sampler import Trajectory, repeat_cond, sample_mixed, sample_ode, transition_log_probs, transition_step
 from .schedule import flash_schedule, infer_shift, shift_sigma, sigma_schedule
@@ -30,8 +31,8 @@ from .transitions import SdeStep, gaussian_log_prob, ode_step, sde_mean_std, sde
 from .window import STRATEGIES, Window, window_at
 
 __all__ = [
-    "STRATEGIES", "SdeStep", "Stream", "Trajectory", "Window", "combine_advantages", "dpmpp_2m_step",
-    "flash_schedule", "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "kl_penalty", "mix_seed", "ode_step",
+    "STRATEGIES", "SdeStep", "Stream", "Trajectory", "Window", "batch_std_advantages", "combine_advantages", "dpmpp_2m_step",
+    "flash_schedule", "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "kl_penalty", "lagged_update", "mix_seed", "ode_step",
     "repeat_cond", "sample_mixed", "sample_ode", "sde_mean_std", "sde_step", "seeded_generator", "shift_sigma",
     "sigma_schedule", "transition_log_probs", "transition_step", "window_at",
 ]

@@ -27,6 +27,8 @@ class Stream(IntEnum):
     WINDOW = 3  # (iteration,): the `random` window strategy's start
     PROMPTS = 4  # (iteration,): the iteration's training prompts
     UPDATE_ORDER = 5  # (iteration, epoch): the learner's shuffle of a batch's rows into micro-batches
+    AWM_TIMES = 6  # (iteration, epoch, micro-batch): AWM's stratified training times
+    AWM_NOISE = 7  # (iteration, epoch, micro-batch): AWM's fresh ε per (row, time)
 
 
 def mix_seed(*key: int) -> int:

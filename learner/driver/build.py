@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from learner.training import Learner
+from learner.training.objectives import MatchingSpec
 from rollout_workers.policies import load_policy
 from rollout_workers.worker import RewardSink, RolloutWorker
 from services.config import Config, ModelConfig
@@ -74,7 +75,10 @@ def build_learner(cfg: Config) -> Learner:
         reward_aggregation=g.reward_aggregation, train_fraction=g.train_fraction, num_inner_epochs=g.num_inner_epochs,
         eta=cfg.sampler.eta, sde_kind=cfg.sampler.sde_kind, seed=cfg.run.seed, num_threads=lc.num_threads,
         kl_beta=g.kl_beta, sync_dtype=None if cfg.model.lora_rank else rollout_weights_dtype(cfg),
-        timesteps_per_backward=lc.timesteps_per_backward,
+        timesteps_per_backward=lc.timesteps_per_backward, objective=g.objective,
+        matching=MatchingSpec(kind=g.objective, times=g.matching_times, num_steps=cfg.sampler.num_steps,
+                              shift=cfg.sampler.shift, weighting=g.awm_weighting, beta=g.nft_beta,
+                              decay_cap=g.nft_decay_cap) if g.objective != "grpo" else None,
     )
 
 
@@ -84,7 +88,7 @@ def build_worker(cfg: Config, rewards: RewardSink, worker_id: int = 0) -> Rollou
         policy_from_config(cfg.model, "rollout"), rewards, [r.name for r in cfg.reward.rewards], num_steps=s.num_steps,
         shift=s.shift, eta=s.eta, sde_kind=s.sde_kind, post_window=s.post_window, compress_ratio=s.compress_ratio,
         group_size=cfg.grpo.group_size, seed=cfg.run.seed, log_images=cfg.rollout.log_images,
-        num_threads=cfg.rollout.num_threads, worker_id=worker_id,
+        num_threads=cfg.rollout.num_threads, worker_id=worker_id, keep_final=cfg.grpo.objective != "grpo",
     )
 
 

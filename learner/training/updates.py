@@ -19,9 +19,11 @@ import torch
 
 from learner.algo import (
     Stream,
+    batch_std_advantages,
     combine_advantages,
     grpo_loss,
     kl_penalty,
+    lagged_update,
     sde_mean_std,
     seeded_generator,
     transition_step,
@@ -31,6 +33,7 @@ from services.types import RolloutBatch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .group import RankGroup
+from .objectives import MatchingSpec, matching_micro_loss, matching_times
 
 
 def trained_steps(window_size: int, fraction: float, seed: int, iteration: int) -> list[int]:
@@ -48,7 +51,8 @@ class Learner:
         micro_batch_size: int, gradient_accumulation_steps: int, clip_range: float, adv_clip_max: float,
         reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
         eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
-        sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0,
+        sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0, objective: str = "grpo",
+        matching: MatchingSpec | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -72,6 +76,13 @@ class Learner:
         self.reward_weights, self.aggregation = dict(reward_weights), reward_aggregation
         self.train_fraction, self.epochs, self.eta, self.sde_kind = train_fraction, num_inner_epochs, eta, sde_kind
         self.seed = seed
+        if objective not in ("grpo", "awm", "nft") or (objective != "grpo") != (matching is not None) or (
+                matching is not None and matching.kind != objective):
+            raise ValueError(f"objective {objective!r} with {matching!r}: expected grpo, or awm / nft with its spec")
+        self.objective, self.awm = objective, matching  # self.awm: the matching objectives' spec (awm or nft)
+        # NFT's lagged "old" policy φ: what the workers sample with and the loss's v_old (objectives.py)
+        self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
+                       if objective == "nft" else None)
         self.version = 0
         self.iteration = -1
 
@@ -80,6 +91,10 @@ class Learner:
         """(B,) group-relative advantages from every reward, aggregated per config."""
         p, g = len(batch.prompts), batch.group_size
         per_reward = {n: r.view(p, g) for n, r in batch.rewards.items()}
+        if self.awm:  # AWM / NFT: the weighted reward, centred per group, scaled by the batch's std
+            total = sum(self.reward_weights.values())
+            mixed = sum(self.reward_weights[n] * r for n, r in per_reward.items()) / total
+            return batch_std_advantages(mixed).flatten()
         return combine_advantages(per_reward, self.reward_weights, aggregation=self.aggregation).flatten()
 
     def update(self, batch: RolloutBatch) -> dict:
@@ -87,7 +102,8 @@ class Learner:
         t0 = time.perf_counter()
         adv = self.advantages(batch).to(self.device)
         batch = batch.to(self.device)
-        steps = trained_steps(batch.window[1], self.train_fraction, self.seed, batch.iteration)
+        steps = (list(range(self.awm.times)) if self.awm else  # AWM / NFT: the micro-batch's T time draws
+                 trained_steps(batch.window[1], self.train_fraction, self.seed, batch.iteration))
         b = batch.num_rows
         per_update = self.mb * self.accum
         if b % per_update:
@@ -108,7 +124,7 @@ class Learner:
                     continue
                 rows = order[lo:lo + self.mb]
                 t_fb = time.perf_counter()
-                loss, m = self._forward_backward(batch, cond, rows, steps, adv)
+                loss, m = self._forward_backward(batch, cond, rows, steps, adv, (batch.iteration, epoch, u))
                 if loss.is_cuda:  # time the kernels, not their launch
                     torch.cuda.synchronize(loss.device)
                 forward_backward_s += time.perf_counter() - t_fb
@@ -125,6 +141,9 @@ class Learner:
             self._reduce_stats(stats, step_loss)
         self.version += 1
         self.iteration = batch.iteration
+        if self.lagged is not None:  # NFT: φ ← d·φ + (1−d)·θ after each iteration
+            lagged_update(list(self.lagged.values()), [self.policy.trainable_state_dict()[k] for k in self.lagged],
+                          self.awm.decay(self.version))
         n_micro = stats.pop("n_micro", [len(stats["loss"])])[0]
         adv_np = adv.cpu().numpy()
         total_w = sum(self.reward_weights.values())
@@ -141,7 +160,8 @@ class Learner:
             "kl": float(np.mean(stats["kl"])),
             "grad_norm": float(np.mean(stats["grad_norm"])), "grad_norm_max": float(np.max(stats["grad_norm"])),
             "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
-            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": [batch.window[0] + s for s in steps],
+            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, steps),
+            "objective": self.objective,
             "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0,
             "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
             "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
@@ -152,12 +172,12 @@ class Learner:
         (at ratio 1, i.e. the policy-gradient estimate); no optimizer step, `.grad` left cleared."""
         adv = self.advantages(batch).to(self.device)
         batch = batch.to(self.device)
-        steps = list(range(batch.window[1]))
+        steps = list(range(self.awm.times if self.awm else batch.window[1]))
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}
         self.optimizer.zero_grad(set_to_none=True)
         for lo in range(0, batch.num_rows, self.mb):
             rows = torch.arange(lo, min(lo + self.mb, batch.num_rows))
-            loss, _ = self._micro_step(batch, cond, rows, steps, adv)
+            loss, _ = self._micro_step(batch, cond, rows, steps, adv, (batch.iteration, 0, lo // self.mb))
             (loss * len(rows) / batch.num_rows).backward()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
@@ -209,8 +229,14 @@ class Learner:
             self.params = self.policy.trainable_parameters()
             self.optimizer = torch.optim.AdamW(self.params, **self.optim_kwargs)
 
+    def _trained_steps(self, batch: RolloutBatch, steps: list[int]) -> list[int]:
+        """Trajectory steps that got a gradient: the window's; AWM's σ-grid draws of the first micro-batch."""
+        if self.awm:
+            return matching_times(self.awm, self.seed, (batch.iteration, 0, 0))[0].tolist()
+        return [batch.window[0] + s for s in steps]
+
     def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int],
-                          adv: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                          adv: torch.Tensor, key: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one micro-batch; gradients accumulate as those of (its mean loss) / accum.
 
         With `timesteps_per_backward` = t > 0 the window steps go t at a time, each chunk its own backward
@@ -220,13 +246,13 @@ class Learner:
         k, t = len(steps), self.timesteps_per_backward or len(steps)
         scale = self.group.world_size if self.sharding == "fsdp" else 1  # FSDP averages over ranks: undo
         if t >= k:
-            loss, m = self._micro_step(batch, cond, rows, steps, adv)
+            loss, m = self._micro_step(batch, cond, rows, steps, adv, key)
             (loss * scale / self.accum if scale != 1 else loss / self.accum).backward()
             return loss.detach(), m
         parts = []
         for lo in range(0, k, t):
             sub = steps[lo:lo + t]
-            loss, m = self._micro_step(batch, cond, rows, sub, adv)
+            loss, m = self._micro_step(batch, cond, rows, sub, adv, key)
             (loss * (scale * len(sub) / k) / self.accum).backward()
             parts.append((len(sub) / k, loss.detach(), m))
         merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
@@ -235,8 +261,13 @@ class Learner:
                    "loss_per_step": torch.cat([m["loss_per_step"] for _, _, m in parts])}
         return sum(w * loss for w, loss, _ in parts), merged
 
-    def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor):
-        """The loss of `rows` × window `steps`: GRPO's clipped objective, plus β·KL to the reference."""
+    def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor,
+                    key: tuple[int, ...] = ()):
+        """The loss of `rows` × window `steps`: GRPO's clipped objective, plus β·KL to the reference (AWM: `steps`
+        are the micro-batch's time draws, `key` seeds them; objectives.py)."""
+        if self.awm:
+            return matching_micro_loss(self.policy, batch, cond, rows.to(self.device), steps, adv, spec=self.awm,
+                                       seed=self.seed, key=key, kl_beta=self.kl_beta, lagged=self.lagged)
         k = len(steps)
         rows, idx = rows.to(self.device), torch.as_tensor(steps, device=self.device)
         x = batch.latents[rows][:, idx].flatten(0, 1)  # (mb·k, C, H, W)
@@ -274,7 +305,7 @@ class Learner:
     def published_state(self) -> dict[str, torch.Tensor]:
         """What the broadcast carries: the trainable weights, in the rollout workers' dtype when that differs
         (full fine-tuning with bf16 inference weights), so what they load is exactly what was sent."""
-        state = self.trainable_state()
+        state = self.trainable_state() if self.lagged is None else self.lagged  # NFT: workers sample with φ
         if self.sync_dtype is None:
             return state
         return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -305,6 +336,8 @@ class Learner:
             optim = full_optimizer_state(self.policy.transformer, self.optimizer)
         else:
             optim = self.optimizer.state_dict()
+        if self.lagged is not None:  # NFT's lagged policy is optimisation state: it travels with the optimizer's
+            optim = {**optim, "nft_lagged": {k: v.detach().cpu() for k, v in self.lagged.items()}}
         if self.group is not None and self.group.rank != 0:
             return None
         meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), "sharding": self.sharding,
@@ -314,6 +347,13 @@ class Learner:
     def restore(self, path: str) -> dict:
         """Load a checkpoint, written by a learner of any number of ranks with the same `learner.sharding`."""
         weights, optim, meta = load_checkpoint(path)
+        lagged = optim.pop("nft_lagged", None)
+        if (lagged is None) != (self.lagged is None):
+            raise ValueError(f"checkpoint {path} {'lacks' if lagged is None else 'holds'} NFT's lagged policy; this "
+                             f"learner's grpo.objective is {self.objective}: resume with the objective it was run with")
+        if lagged is not None:
+            for k, v in self.lagged.items():
+                v.copy_(lagged[k])
         saved = meta.get("sharding", "none")
         if (saved == "fsdp") != (self.sharding == "fsdp"):
             raise ValueError(f"checkpoint {path} was written with learner.sharding={saved}; this learner uses "

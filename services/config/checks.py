@@ -87,6 +87,23 @@ def _check_sampler(c: Config) -> str | None:
     return None
 
 
+def _check_objective(c: Config) -> str | None:
+    g, expected = c.grpo, {"awm": "awm", "diffusion_nft": "nft"}.get(c.run.method)
+    if expected and g.objective != expected:
+        return f"run.method={c.run.method} needs grpo.objective={expected} (use the {c.run.method} preset)"
+    if g.objective == "grpo":
+        return None
+    if g.matching_times > c.sampler.num_steps:
+        return (f"grpo.matching_times ({g.matching_times}) draws at most one time per step of the σ grid: "
+                f"≤ sampler.num_steps ({c.sampler.num_steps})")
+    if g.train_fraction < 1.0:
+        return (f"grpo.train_fraction subsets window steps; grpo.objective={g.objective} trains on re-noised final "
+                "images: set it to 1")
+    if g.objective == "nft" and c.learner.sharding == "fsdp":
+        return "grpo.objective=nft swaps in its lagged policy's weights, which a sharded learner cannot: learner.sharding=none"
+    return None
+
+
 def _check_learner_group(c: Config) -> str | None:
     k, lc = c.learner.num_workers, c.learner
     if k > 1 and lc.gradient_accumulation_steps % k:
@@ -129,4 +146,5 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_learner_group, _check_devices, _check_eval)
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_objective, _check_learner_group, _check_devices,
+                 _check_eval)

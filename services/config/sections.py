@@ -92,6 +92,19 @@ class GrpoConfig(_Section):
     The reference is the model with its LoRA adapter switched off, or a frozen copy of the starting
     transformer when it trains fully (one more transformer in the learner's memory)."""
     num_inner_epochs: int = Field(1, ge=1, le=16)
+    objective: Literal["grpo", "awm", "nft"] = "grpo"
+    """grpo: the clipped ratio on the window's transitions (MixGRPO, Flow-GRPO, DanceGRPO); awm: advantage-weighted
+    matching (METHODS.md §3), the flow-matching loss on re-noised final images weighted by the advantage; nft:
+    DiffusionNFT (§4), implicit positive / negative policies around a lagged old policy that the workers sample
+    with. awm and nft use no log-probs; their advantages are centred per group and scaled by the batch's std."""
+    awm_weighting: Literal["uniform", "ghuber"] = "ghuber"
+    """AWM's weighting ψ: uniform (plain advantage-weighted flow matching) or the reference's default ghuber."""
+    matching_times: int = Field(6, ge=1)
+    """awm / nft: training times per micro-batch, stratified over the rollout's σ grid (AWM's reference: 6)."""
+    nft_beta: float = Field(1.0, gt=0.0)
+    """DiffusionNFT's β: v⁺ = β·v_θ + (1−β)·v_old (reference: 1; 0.1 for OCR / multi-reward)."""
+    nft_decay_cap: float = Field(0.5, ge=0.0, le=1.0)
+    """DiffusionNFT: after each iteration φ ← d·φ + (1−d)·θ, d = min(0.001·iteration, this) (reference: 0.5)."""
 
 
 class RewardSpec(_Section):
@@ -255,7 +268,8 @@ class ClusterConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "shapes-tiny"
-    method: Literal["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"] = "mixgrpo"
+    method: Literal["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo", "awm",
+                    "diffusion_nft"] = "mixgrpo"
     """Label of the method; the numbers that define it live in sampler/window/grpo (see presets)."""
     output_dir: str | None = None
     """Run directory; default runs/<name>-<timestamp>."""

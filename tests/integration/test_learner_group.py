@@ -1,5 +1,5 @@
 """A K-rank learner on a local Ray (gloo on the CPU): data parallel and FSDP ranks compute what one learner computes
-on the same global batch, a 2-rank run resumes exactly (on 2 ranks and on 1), and `python learner/main.py
+on the same global batch, a 2-rank run resumes exactly (on 2 ranks, then on 1), and `python learner/main.py
 learner.num_workers=2` runs with every weight broadcast verified."""
 
 from __future__ import annotations
@@ -63,19 +63,22 @@ def test_two_ranks_hold_what_one_learner_holds_after_two_updates(ray_cluster, sm
         torch.testing.assert_close(packets[0].state[k], v, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("resume_ranks", [2, 1])
-def test_a_two_rank_run_resumes_exactly(ray_cluster, small_checkpoint, tmp_path, resume_ranks):  # noqa: F811
-    """Two ranks for 2 iterations, then --resume to 3 on `resume_ranks` ranks: the in-process run of 3 iterations."""
-    cfg = group_cfg(small_checkpoint, tmp_path, "run.iterations=2")
+def test_a_two_rank_run_resumes_exactly_on_two_ranks_then_on_one(ray_cluster, small_checkpoint, tmp_path):  # noqa: F811
+    """Two ranks for 1 iteration, --resume to 2 on two ranks, then to 3 on one rank (a K-rank checkpoint on K'
+    ranks): the in-process run of 3 iterations, record for record and weight for weight."""
+    cfg = group_cfg(small_checkpoint, tmp_path, "run.iterations=1")
+
+    def more(iterations, ranks):
+        return cfg.model_copy(update={"run": cfg.run.model_copy(update={"iterations": iterations}),
+                                      "learner": cfg.learner.model_copy(update={"num_workers": ranks})})
+
     with reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-group")
-        more = cfg.model_copy(update={
-            "run": cfg.run.model_copy(update={"iterations": 3}),
-            "learner": cfg.learner.model_copy(update={"num_workers": resume_ranks})})
-        run_loop(more, tmp_path, "t-group", resume=True)
+        run_loop(more(2, 2), tmp_path, "t-group", resume=True)
+        run_loop(more(3, 1), tmp_path, "t-group", resume=True)
     recs = train_records(tmp_path)
     assert [r["iteration"] for r in recs] == [0, 1, 2]
-    assert_same_training(recs, *reference_run(more), tmp_path / "checkpoints" / "iter_000002")
+    assert_same_training(recs, *reference_run(more(3, 1)), tmp_path / "checkpoints" / "iter_000002")
 
 
 def test_main_with_two_learner_ranks(small_checkpoint, tmp_path):  # noqa: F811

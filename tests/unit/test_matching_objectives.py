@@ -1,0 +1,167 @@
+"""The matching objectives in the Learner (learner/training/objectives.py). AWM: its gradient against the written-out
+formula, no gradient from groups of equal rewards, one backward per time draw giving the same update. DiffusionNFT:
+its first gradient against the independent form, the lagged policy φ updated after each iteration, published to
+the workers and checkpointed. The rollout keeps the final latents only when asked; the config refuses what these
+objectives cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learner.algo import Stream, seeded_generator, sigma_schedule
+from learner.algo.family import stratified_indices
+from learner.training.objectives import MatchingSpec
+from services.config import ConfigError, load_config
+from services.types import merge_batches
+from tests.unit.test_trainer_inprocess import PROMPTS, make_learner, make_worker, small_policy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SPEC = MatchingSpec(kind="awm", weighting="uniform", times=3, num_steps=8, shift=3.0)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    worker = make_worker(small_policy(), keep_final=True)  # 4 prompts × G = 4: 16 rows; 2 SDE steps at the start
+    return worker.rollout(0, (0, 2), PROMPTS, [0, 1, 2, 3])
+
+
+def awm_learner(**kw):
+    spec = kw.pop("spec", SPEC)
+    return make_learner(small_policy(), objective=spec.kind, matching=spec, **kw)
+
+
+def test_rollout_keeps_final_latents_only_when_asked(batch):
+    assert batch.final_latents.shape == (16, 3, 32, 32) and batch.final_latents.dtype == torch.float32
+    plain = make_worker(small_policy()).rollout(0, (0, 2), PROMPTS, [0, 1, 2, 3])
+    assert plain.final_latents is None
+    torch.testing.assert_close(plain.latents, batch.latents)  # the same sampling either way
+    parts = [make_worker(small_policy(), keep_final=True).rollout(0, (0, 2), PROMPTS[2:], [2, 3]),
+             make_worker(small_policy(), keep_final=True).rollout(0, (0, 2), PROMPTS[:2], [0, 1])]
+    torch.testing.assert_close(merge_batches(parts).final_latents, batch.final_latents)  # merged in group order
+
+
+def test_uniform_awm_gradient_is_the_written_out_advantage_weighted_flow_matching(batch):
+    learner = awm_learner(micro_batch_size=8)
+    got = learner.policy_gradient(batch)
+    # independently: A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5;
+    # per micro-batch u of 8 rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded streams
+    r = batch.rewards["verifier"].view(4, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
+    grid = sigma_schedule(8, 3.0)[:-1].float()
+    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
+    total = 0.0
+    for u in range(2):
+        rows = torch.arange(8 * u, 8 * u + 8)
+        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
+        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+        for j in range(3):
+            x0 = batch.final_latents[rows]
+            x_t = (1 - t[j]) * x0 + t[j] * eps[:, j]
+            v = learner.policy.velocity(x_t, t[j].repeat(8), {k: c[rows] for k, c in cond.items()})
+            err = ((v - (eps[:, j] - x0)) ** 2).flatten(1).mean(1)
+            total = total + (adv[rows] * err).sum() / (16 * 3)
+    total.backward()
+    expected = torch.cat([p.grad.flatten() for p in learner.params])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert got.abs().max() > 0
+
+
+def test_groups_of_equal_rewards_give_no_gradient(batch):
+    flat = batch.__class__(**{**batch.__dict__, "rewards": {"verifier": torch.full((16,), 0.5)}})
+    assert awm_learner(spec=MatchingSpec(weighting="ghuber", times=3, num_steps=8)).policy_gradient(flat).abs().max() == 0
+
+
+def test_one_backward_per_time_draw_gives_the_same_update(batch):
+    spec = MatchingSpec(weighting="ghuber", times=3, num_steps=8)
+    whole, split = awm_learner(spec=spec), awm_learner(spec=spec, timesteps_per_backward=1)
+    a, b = whole.update(batch), split.update(batch)
+    assert a["objective"] == "awm" and a["first_ratio_dev"] == 0.0 and a["num_updates"] == 2
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5) and len(a["trained_steps"]) == 3
+    for p, q in zip(whole.params, split.params, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_an_awm_batch_without_final_latents_is_refused():
+    plain = make_worker(small_policy()).rollout(0, (0, 2), PROMPTS, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="final latents"):
+        awm_learner().update(plain)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["grpo.objective=awm", "grpo.matching_times=40"], "grpo.matching_times"),
+    (["run.method=diffusion_nft"], "grpo.objective=nft"),
+    (["grpo.objective=nft", "learner.num_workers=2", "learner.gradient_accumulation_steps=2", "learner.sharding=fsdp",
+      "model.lora_rank=0"], "learner.sharding=none"),
+    (["grpo.objective=awm", "grpo.train_fraction=0.5"], "grpo.train_fraction"),
+    (["run.method=awm"], "grpo.objective=awm"),
+    (["grpo.awm_weighting=huber"], "grpo.awm_weighting"),
+])
+def test_config_refuses_what_awm_cannot_run(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config([], overrides)
+    assert needle in str(err.value)
+
+
+def test_awm_preset():
+    cfg = load_config(["awm"], [])
+    assert (cfg.run.method, cfg.grpo.objective, cfg.grpo.awm_weighting, cfg.grpo.matching_times) == (
+        "awm", "awm", "ghuber", 6)
+    assert (cfg.window.strategy, cfg.window.start, cfg.window.size) == ("frozen", 0, 2)
+    nft = load_config(["diffusion_nft"], [])
+    assert (nft.grpo.objective, nft.grpo.nft_beta, nft.grpo.nft_decay_cap, nft.sampler.post_window) == (
+        "nft", 1.0, 0.5, "dpm")
+
+
+# ------------------------------------------------------------------------------------------------ DiffusionNFT
+NFT = MatchingSpec(kind="nft", times=3, num_steps=8, beta=0.5)
+
+
+def test_nft_first_gradient_is_the_advantage_weighted_normalised_error(batch):
+    """At the first update θ = φ, so ∂ℓ/∂v = (2r − 1)·∇L_norm = clip(A)/5 · ∇L_norm for any β (METHODS.md §4)."""
+    learner = awm_learner(spec=NFT, micro_batch_size=8)
+    got = learner.policy_gradient(batch)
+    r = batch.rewards["verifier"].view(4, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
+    grid = sigma_schedule(8, 3.0)[:-1].float()
+    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
+    total = 0.0
+    for u in range(2):
+        rows = torch.arange(8 * u, 8 * u + 8)
+        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
+        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+        for j in range(3):
+            x0 = batch.final_latents[rows]
+            x_t = (1 - t[j]) * x0 + t[j] * eps[:, j]
+            v = learner.policy.velocity(x_t, t[j].repeat(8), {k: c[rows] for k, c in cond.items()})
+            diff = (x_t - t[j] * v - x0).flatten(1)
+            norm = diff.pow(2).mean(1) / diff.abs().mean(1).clamp(min=1e-5).detach()
+            total = total + (adv[rows] * norm).sum() / (16 * 3)
+    total.backward()
+    torch.testing.assert_close(got, torch.cat([p.grad.flatten() for p in learner.params]), rtol=1e-4, atol=1e-7)
+
+
+def test_nft_lagged_policy_is_updated_published_and_checkpointed(batch, tmp_path):
+    from learner.training import load_checkpoint
+
+    learner = awm_learner(spec=NFT)
+    phi0 = {k: v.clone() for k, v in learner.lagged.items()}
+    torch.testing.assert_close(phi0, {k: v.clone() for k, v in learner.policy.trainable_state_dict().items()})
+    learner.update(batch)
+    theta = learner.policy.trainable_state_dict()
+    d = min(0.001 * 1, 0.5)  # after iteration 1
+    for k, v in learner.lagged.items():
+        torch.testing.assert_close(v, d * phi0[k] + (1 - d) * theta[k])
+    assert any(not torch.equal(learner.lagged[k], theta[k]) for k in theta)  # φ lags θ
+    packet = learner.get_weights()
+    for k, v in learner.lagged.items():  # the workers sample with φ
+        assert torch.equal(packet.state[k], v)
+    path = learner.save(str(tmp_path))
+    _, optim, _ = load_checkpoint(path)
+    assert set(optim["nft_lagged"]) == set(theta)
+    again = awm_learner(spec=NFT)
+    again.restore(path)
+    for k, v in learner.lagged.items():
+        assert torch.equal(again.lagged[k], v)
+    with pytest.raises(ValueError, match="lagged policy"):
+        awm_learner().restore(path)  # an AWM learner has no lagged policy to restore it into
