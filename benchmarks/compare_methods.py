@@ -58,6 +58,7 @@ VARIANTS = {
     "mixgrpo_flash_star": ("mixgrpo_flash_star", []),
     "mixgrpo_flash_star async": ("mixgrpo_flash_star", ["run.async_rollout=true"]),
     "mixgrpo async": ("mixgrpo", ["run.async_rollout=true"]),
+    "flow_grpo_fast": ("flow_grpo_fast", []),
     "awm": ("awm", []),
     "diffusion_nft": ("diffusion_nft", []),
 }

@@ -38,7 +38,7 @@ from benchmarks.reward_control import random_rewards  # noqa: E402
 
 METHODS = {  # row label → (preset, random rewards?)
     "mixgrpo": ("mixgrpo", False), "mixgrpo_flash": ("mixgrpo_flash", False), "dance_grpo": ("dance_grpo", False),
-    "flow_grpo": ("flow_grpo", False), "awm": ("awm", False), "diffusion_nft": ("diffusion_nft", False),
+    "flow_grpo": ("flow_grpo", False), "flow_grpo_fast": ("flow_grpo_fast", False), "awm": ("awm", False), "diffusion_nft": ("diffusion_nft", False),
     "control": ("mixgrpo", True),
 }
 DEFAULT_METHODS = ["mixgrpo", "mixgrpo_flash", "dance_grpo", "awm", "diffusion_nft", "control"]
@@ -115,8 +115,8 @@ def run_one(preset: str, random: bool, seed: int, args, overrides: list[str]) ->
     curve, clock = [], {"train": 0.0, "mark": time.perf_counter()}
 
     def observe(m: int, learner) -> None:
-        clock["train"] += time.perf_counter() - clock["mark"]
         done = m + 1
+        clock["train"] += (time.perf_counter() - clock["mark"]) if done else 0.0  # not the set-up before iteration 0
         if done == 0 or done == args.iterations or done % args.eval_every == 0:
             scores = [evaluation.evaluate(learner.policy, prompts, num_steps=cfg.sampler.num_steps,
                                           shift=cfg.sampler.shift, seed=s, verifier=True)["overall"]["verifier_score"]
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (f"{args.iterations} iterations × {batch} images per method and seed (seeds {args.seeds}); held-out: "
             f"{args.sets} fresh sets × {4 * args.per_category} prompts (seeds {SET_SEED0}…), scored every "
-            f"{args.eval_every} iterations; one thread; {os.cpu_count()} CPU cores, 1-min load average at the end "
+            f"{args.eval_every} iterations; {args.threads} torch thread(s); {os.cpu_count()} CPU cores, 1-min load average at the end "
             f"{os.getloadavg()[0]:.1f}; {(time.perf_counter() - t0) / 60:.0f} min in all.\n\n")
     publish(head + markdown(rows) + f"\n\nPlot: `{args.plot.name}`.\n", args.out)
     (args.out.with_suffix(".json")).write_text(json.dumps({m: {str(s): c for s, c in v.items()}

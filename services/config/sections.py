@@ -269,7 +269,7 @@ class ClusterConfig(_Section):
 class RunConfig(_Section):
     name: str = "shapes-tiny"
     method: Literal["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo", "awm",
-                    "diffusion_nft"] = "mixgrpo"
+                    "diffusion_nft", "flow_grpo_fast"] = "mixgrpo"
     """Label of the method; the numbers that define it live in sampler/window/grpo (see presets)."""
     output_dir: str | None = None
     """Run directory; default runs/<name>-<timestamp>."""

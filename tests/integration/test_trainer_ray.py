@@ -41,7 +41,8 @@ def train_records(out):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo"])
+@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo",
+                                    "flow_grpo_fast"])
 def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, preset):
     cfg = small_cfg(small_checkpoint, tmp_path, preset)
     with reward_service(cfg.reward):
@@ -55,6 +56,8 @@ def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, 
     starts = [r["window_start"] for r in recs]
     if preset in ("mixgrpo", "mixgrpo_flash"):
         assert starts == [0, 1]  # progressive, τ = 1
+    elif preset == "flow_grpo_fast":
+        assert all(0 <= s <= 6 - 1 - 2 for s in starts) and {r["window_size"] for r in recs} == {2}  # random, w = 2
     else:
         assert starts == [0, 0]
     evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]

@@ -41,11 +41,10 @@ def test_rollout_keeps_final_latents_only_when_asked(batch):
     torch.testing.assert_close(merge_batches(parts).final_latents, batch.final_latents)  # merged in group order
 
 
-def test_uniform_awm_gradient_is_the_written_out_advantage_weighted_flow_matching(batch):
-    learner = awm_learner(micro_batch_size=8)
-    got = learner.policy_gradient(batch)
-    # independently: A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5;
-    # per micro-batch u of 8 rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded streams
+def written_out_gradient(learner, batch, per_row) -> torch.Tensor:
+    """The gradient of Σ_rows,draws Ā·per_row(v, x_t, x0, ε, t) / (B·T), written out independently of the learner:
+    A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5; per micro-batch u of 8
+    rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded streams (seed 3, iteration 0)."""
     r = batch.rewards["verifier"].view(4, 4)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
     grid = sigma_schedule(8, 3.0)[:-1].float()
@@ -59,10 +58,16 @@ def test_uniform_awm_gradient_is_the_written_out_advantage_weighted_flow_matchin
             x0 = batch.final_latents[rows]
             x_t = (1 - t[j]) * x0 + t[j] * eps[:, j]
             v = learner.policy.velocity(x_t, t[j].repeat(8), {k: c[rows] for k, c in cond.items()})
-            err = ((v - (eps[:, j] - x0)) ** 2).flatten(1).mean(1)
-            total = total + (adv[rows] * err).sum() / (16 * 3)
+            total = total + (adv[rows] * per_row(v, x_t, x0, eps[:, j], t[j])).sum() / (16 * 3)
+    learner.optimizer.zero_grad(set_to_none=True)
     total.backward()
-    expected = torch.cat([p.grad.flatten() for p in learner.params])
+    return torch.cat([p.grad.flatten() for p in learner.params])
+
+
+def test_uniform_awm_gradient_is_the_written_out_advantage_weighted_flow_matching(batch):
+    learner = awm_learner(micro_batch_size=8)
+    got = learner.policy_gradient(batch)
+    expected = written_out_gradient(learner, batch, lambda v, x_t, x0, eps, t: ((v - (eps - x0)) ** 2).flatten(1).mean(1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
     assert got.abs().max() > 0
 
@@ -121,24 +126,13 @@ def test_nft_first_gradient_is_the_advantage_weighted_normalised_error(batch):
     """At the first update θ = φ, so ∂ℓ/∂v = (2r − 1)·∇L_norm = clip(A)/5 · ∇L_norm for any β (METHODS.md §4)."""
     learner = awm_learner(spec=NFT, micro_batch_size=8)
     got = learner.policy_gradient(batch)
-    r = batch.rewards["verifier"].view(4, 4)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
-    grid = sigma_schedule(8, 3.0)[:-1].float()
-    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
-    total = 0.0
-    for u in range(2):
-        rows = torch.arange(8 * u, 8 * u + 8)
-        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
-        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
-        for j in range(3):
-            x0 = batch.final_latents[rows]
-            x_t = (1 - t[j]) * x0 + t[j] * eps[:, j]
-            v = learner.policy.velocity(x_t, t[j].repeat(8), {k: c[rows] for k, c in cond.items()})
-            diff = (x_t - t[j] * v - x0).flatten(1)
-            norm = diff.pow(2).mean(1) / diff.abs().mean(1).clamp(min=1e-5).detach()
-            total = total + (adv[rows] * norm).sum() / (16 * 3)
-    total.backward()
-    torch.testing.assert_close(got, torch.cat([p.grad.flatten() for p in learner.params]), rtol=1e-4, atol=1e-7)
+
+    def normalised_x0_error(v, x_t, x0, eps, t):
+        diff = (x_t - t * v - x0).flatten(1)
+        return diff.pow(2).mean(1) / diff.abs().mean(1).clamp(min=1e-5).detach()
+
+    expected = written_out_gradient(learner, batch, normalised_x0_error)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
 def test_nft_lagged_policy_is_updated_published_and_checkpointed(batch, tmp_path):
