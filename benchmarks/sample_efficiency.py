@@ -37,8 +37,13 @@ from benchmarks.common import publish  # noqa: E402
 from benchmarks.reward_control import random_rewards  # noqa: E402
 
 METHODS = {  # row label → (preset, random rewards?)
-    "mixgrpo": ("mixgrpo", False), "mixgrpo_flash": ("mixgrpo_flash", False), "dance_grpo": ("dance_grpo", False),
-    "flow_grpo": ("flow_grpo", False), "flow_grpo_fast": ("flow_grpo_fast", False), "awm": ("awm", False), "diffusion_nft": ("diffusion_nft", False),
+    "mixgrpo": ("mixgrpo", False),
+    "mixgrpo_flash": ("mixgrpo_flash", False),
+    "dance_grpo": ("dance_grpo", False),
+    "flow_grpo": ("flow_grpo", False),
+    "flow_grpo_fast": ("flow_grpo_fast", False),
+    "awm": ("awm", False),
+    "diffusion_nft": ("diffusion_nft", False),
     "control": ("mixgrpo", True),
 }
 DEFAULT_METHODS = ["mixgrpo", "mixgrpo_flash", "dance_grpo", "awm", "diffusion_nft", "control"]
@@ -158,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
     head = (f"{args.iterations} iterations × {batch} images per method and seed (seeds {args.seeds}); held-out: "
             f"{args.sets} fresh sets × {4 * args.per_category} prompts (seeds {SET_SEED0}…), scored every "
-            f"{args.eval_every} iterations; {args.threads} torch thread(s); {os.cpu_count()} CPU cores, 1-min load average at the end "
-            f"{os.getloadavg()[0]:.1f}; {(time.perf_counter() - t0) / 60:.0f} min in all.\n\n")
+            f"{args.eval_every} iterations; {args.threads} torch thread(s); {os.cpu_count()} CPU cores, 1-min load "
+            f"average at the end {os.getloadavg()[0]:.1f}; {(time.perf_counter() - t0) / 60:.0f} min in all.\n\n")
     publish(head + markdown(rows) + f"\n\nPlot: `{args.plot.name}`.\n", args.out)
     (args.out.with_suffix(".json")).write_text(json.dumps({m: {str(s): c for s, c in v.items()}
                                                             for m, v in curves.items()}))
