@@ -14,7 +14,7 @@ embedding gets `guidance_scale` (FLUX.1-dev: 3.5); there is no classifier-free g
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from .base import (
     DEFAULT_LORA_TARGETS,
     Cond,
-    TrainableTransformer,
     check_velocity_inputs,
     cond_to,
     load_diffusers_policy,
@@ -34,6 +33,7 @@ from .base import (
     save_trainable,
     vae_decode,
 )
+from .trainable import TrainableTransformer, TransformerPolicy
 
 SUBFOLDERS = ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
@@ -64,7 +64,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tenso
     return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)
 
 
-class FluxPolicy:
+class FluxPolicy(TransformerPolicy):
     """FLUX MM-DiT policy over VAE latents; satisfies `base.Policy`.
 
     Cond keys: "encoder_hidden_states" (B, L, D_t5) and "pooled_projections" (B, D_clip), fp32.
@@ -147,20 +147,8 @@ class FluxPolicy:
         )
         return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()}
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; quantised sigma."""
-        return self._forward(self.transformer, x, sigma, cond)
-
-    @torch.no_grad()
-    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """The starting model's velocity: the adapter off, or the copy `keep_reference` made."""
-        with self.trainable.reference() as transformer:
-            return self._forward(transformer, x, sigma, cond)
-
-    def keep_reference(self) -> None:
-        self.trainable.keep_reference()
-
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; quantised sigma."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
         dtype = transformer.dtype
         cond = cond_to(cond, self.device, dtype)
@@ -190,22 +178,6 @@ class FluxPolicy:
     def release_inference_parts(self) -> None:
         """Drop the VAE and text encoders (the learner trains on recorded latents and conditioning)."""
         release_pipeline_parts(self, ("vae", "text_encoder", "text_encoder_2"))
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.trainable.parameters()
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The LoRA adapter (peft key names), or all transformer weights at rank 0: detached tensors sharing
-        storage with the live weights (WeightPacket.build snapshots them)."""
-        return self.trainable.state_dict()
-
-    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.trainable.load_state_dict(state)
-
-    def train(self, mode: bool = True) -> FluxPolicy:
-        """Records the mode only: modules stay in eval so rollout and learner compute the same velocity."""
-        self.training = mode
-        return self
 
     def to(self, device: str | torch.device) -> FluxPolicy:
         self.device = torch.device(device)

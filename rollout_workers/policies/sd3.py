@@ -15,7 +15,7 @@ with lora_rank 0).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from .base import (
     DEFAULT_LORA_TARGETS,
     Cond,
-    TrainableTransformer,
     check_velocity_inputs,
     cond_to,
     load_diffusers_policy,
@@ -35,6 +34,7 @@ from .base import (
     save_trainable,
     vae_decode,
 )
+from .trainable import TrainableTransformer, TransformerPolicy
 
 SUBFOLDERS = (
     "transformer",
@@ -49,7 +49,7 @@ SUBFOLDERS = (
 )
 
 
-class SD3Policy:
+class SD3Policy(TransformerPolicy):
     """SD3 MM-DiT policy over VAE latents; satisfies `base.Policy`.
 
     Cond keys: "encoder_hidden_states" (B, L, D_joint), "pooled_projections" (B, D_pooled), and with
@@ -151,20 +151,8 @@ class SD3Policy:
             }
         return cond
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; timestep = 1000 * sigma."""
-        return self._forward(self.transformer, x, sigma, cond)
-
-    @torch.no_grad()
-    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """The starting model's (guided) velocity: the adapter off, or the copy `keep_reference` made."""
-        with self.trainable.reference() as transformer:
-            return self._forward(transformer, x, sigma, cond)
-
-    def keep_reference(self) -> None:
-        self.trainable.keep_reference()
-
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; timestep = 1000 * sigma."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
         dtype = transformer.dtype
         cond = cond_to(cond, self.device, dtype)
@@ -199,22 +187,6 @@ class SD3Policy:
     def release_inference_parts(self) -> None:
         """Drop the VAE and text encoders (the learner trains on recorded latents and conditioning)."""
         release_pipeline_parts(self, ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"))
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.trainable.parameters()
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The LoRA adapter (peft key names), or all transformer weights at rank 0: detached tensors sharing
-        storage with the live weights (WeightPacket.build snapshots them)."""
-        return self.trainable.state_dict()
-
-    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.trainable.load_state_dict(state)
-
-    def train(self, mode: bool = True) -> SD3Policy:
-        """Records the mode only: modules stay in eval so rollout and learner compute the same velocity."""
-        self.training = mode
-        return self
 
     def to(self, device: str | torch.device) -> SD3Policy:
         self.device = torch.device(device)

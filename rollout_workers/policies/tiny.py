@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +34,12 @@ from .base import (
     DEFAULT_LORA_TARGETS,
     DTYPES,
     Cond,
-    TrainableTransformer,
     check_state_dict,
     check_velocity_inputs,
     cond_to,
     to_uint8_images,
 )
+from .trainable import TrainableTransformer, TransformerPolicy
 
 FORMAT = "mixgrpo-ray/tiny-policy"
 FORMAT_VERSION = 1
@@ -128,7 +128,7 @@ def build_modules(config: TinyConfig) -> tuple[SD3Transformer2DModel, CLIPTextMo
     return transformer, CLIPTextModel(text_config)
 
 
-class TinyPolicy:
+class TinyPolicy(TransformerPolicy):
     """Pixel-space policy; x (B, 3, 32, 32) in [-1, 1]. Satisfies `base.Policy`."""
 
     name = "tiny"
@@ -259,20 +259,8 @@ class TinyPolicy:
             "pooled_projections": out.pooler_output.float(),
         }
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32; timestep = 1000 * sigma."""
-        return self._forward(self.transformer, x, sigma, cond)
-
-    @torch.no_grad()
-    def reference_velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """The starting model's velocity: the adapter off, or the copy `keep_reference` made."""
-        with self.trainable.reference() as transformer:
-            return self._forward(transformer, x, sigma, cond)
-
-    def keep_reference(self) -> None:
-        self.trainable.keep_reference()
-
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32; timestep = 1000 * sigma."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
         cond = cond_to(cond, self.device, transformer.dtype)
         timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
@@ -289,22 +277,6 @@ class TinyPolicy:
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
         return to_uint8_images(x)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.trainable.parameters()
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Every transformer parameter, or only the LoRA adapter (peft key names): detached tensors sharing
-        storage with the live weights (WeightPacket.build snapshots them)."""
-        return self.trainable.state_dict()
-
-    def load_trainable_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.trainable.load_state_dict(state)
-
-    def train(self, mode: bool = True) -> TinyPolicy:
-        """Records the mode only: modules stay in eval so rollout and learner compute the same velocity."""
-        self.training = mode
-        return self
 
     def to(self, device: str | torch.device) -> TinyPolicy:
         self.device = torch.device(device)
