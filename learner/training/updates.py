@@ -142,8 +142,8 @@ class Learner:
         self.version += 1
         self.iteration = batch.iteration
         if self.lagged is not None:  # NFT: φ ← d·φ + (1−d)·θ after each iteration
-            lagged_update(list(self.lagged.values()), [self.policy.trainable_state_dict()[k] for k in self.lagged],
-                          self.awm.decay(self.version))
+            theta = self.policy.trainable_state_dict()  # one copy of θ, not one per tensor
+            lagged_update(list(self.lagged.values()), [theta[k] for k in self.lagged], self.awm.decay(self.version))
         n_micro = stats.pop("n_micro", [len(stats["loss"])])[0]
         adv_np = adv.cpu().numpy()
         total_w = sum(self.reward_weights.values())
