@@ -4,9 +4,10 @@
     python benchmarks/sample_efficiency.py --methods mixgrpo awm --seeds 1 --iterations 4 --per-category 8
 
 Each (method, seed) runs the default tiny job with that method's preset (`learner.driver.inprocess.run_inprocess`:
-the loop without Ray, one thread, the same shards, windows, seeds and weight syncs) for the same number of
-iterations of the same `rollout.batch_size` images: the same budget of images, prompts (run seed) and reward (the
-default job's). "control" is MixGRPO on uniform random rewards (`benchmarks/reward_control.py`): whatever it gains is
+the loop without Ray, one thread, the same shards, windows, seeds and weight syncs) on one budget of images:
+`--iterations` × the default `rollout.batch_size` scored images, the same prompts (run seed) and reward (the default
+job's). A preset that scores more images per iteration (TempFlow-GRPO's children, G²RPO's children at each
+granularity) runs proportionally fewer iterations. "control" is MixGRPO on uniform random rewards (`benchmarks/reward_control.py`): whatever it gains is
 the optimizer's random walk, the floor under every other row.
 
 Along the way (every `--eval-every` iterations and at the end) the learner's current weights are scored by the rule
@@ -42,6 +43,8 @@ METHODS = {  # row label → (preset, random rewards?)
     "dance_grpo": ("dance_grpo", False),
     "flow_grpo": ("flow_grpo", False),
     "flow_grpo_fast": ("flow_grpo_fast", False),
+    "tempflow_grpo": ("tempflow_grpo", False),
+    "g2rpo": ("g2rpo", False),
     "awm": ("awm", False),
     "diffusion_nft": ("diffusion_nft", False),
     "control": ("mixgrpo", True),
@@ -50,22 +53,29 @@ DEFAULT_METHODS = ["mixgrpo", "mixgrpo_flash", "dance_grpo", "awm", "diffusion_n
 SET_SEED0 = 101  # fresh sets: 101, 102, …; the in-run set is 1234, the prompts of training come from the run seed
 
 
-def gain_rows(curves: dict[str, dict[int, list[tuple[int, float, float]]]], images_per_iteration: int) -> list[dict]:
-    """curves: method → seed → [(iterations done, held-out score, training seconds so far)], iteration 0 first.
+def images_per_iteration(cfg) -> int:
+    """Images a run of `cfg` scores per iteration: its rows, times the finishing grids under G²RPO."""
+    grids = len(cfg.sampler.granularities) if cfg.sampler.branching == "granular" else 1
+    return cfg.rollout.batch_size * grids
+
+
+def gain_rows(curves: dict[str, dict[int, list[tuple[int, float, float, int]]]]) -> list[dict]:
+    """curves: method → seed → [(iterations done, held-out score, training seconds so far, images so far)],
+    iteration 0 first.
 
     -> one row per method: base and final scores (means over seeds), gain mean and sample sd over seeds, gain per
     1,000 images and per training minute (from the means)."""
     rows = []
     for method, by_seed in curves.items():
         gains = [c[-1][1] - c[0][1] for c in by_seed.values()]
-        done = statistics.mean(c[-1][0] for c in by_seed.values())
+        images = statistics.mean(c[-1][3] for c in by_seed.values())
         minutes = statistics.mean(c[-1][2] for c in by_seed.values()) / 60
         gain = statistics.mean(gains)
         rows.append({"method": method, "seeds": len(gains), "base": statistics.mean(c[0][1] for c in by_seed.values()),
                      "final": statistics.mean(c[-1][1] for c in by_seed.values()), "gain": gain,
                      "gain_sd": statistics.stdev(gains) if len(gains) > 1 else float("nan"), "gains": gains,
-                     "images": done * images_per_iteration, "minutes": minutes,
-                     "per_1000_images": 1000 * gain / (done * images_per_iteration) if done else float("nan"),
+                     "images": images, "minutes": minutes,
+                     "per_1000_images": 1000 * gain / images if images else float("nan"),
                      "per_minute": gain / minutes if minutes else float("nan")})
     return rows
 
@@ -80,7 +90,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(curves: dict, images_per_iteration: int, path: Path) -> None:
+def plot(curves: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -88,11 +98,11 @@ def plot(curves: dict, images_per_iteration: int, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, by_seed in curves.items():
-        points = sorted({n for c in by_seed.values() for n, _, _ in c})
-        per_point = [[s for c in by_seed.values() for n, s, _ in c if n == p] for p in points]
+        points = sorted({im for c in by_seed.values() for _, _, _, im in c})
+        per_point = [[s for c in by_seed.values() for _, s, _, im in c if im == p] for p in points]
         mean = [statistics.mean(v) for v in per_point]
         sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_point]
-        x = [p * images_per_iteration for p in points]
+        x = points
         ax.plot(x, mean, marker="o", label=method, linestyle="--" if method == "control" else "-")
         ax.fill_between(x, [m - s for m, s in zip(mean, sd, strict=True)],
                         [m + s for m, s in zip(mean, sd, strict=True)], alpha=0.15)
@@ -105,15 +115,18 @@ def plot(curves: dict, images_per_iteration: int, path: Path) -> None:
     plt.close(fig)
 
 
-def run_one(preset: str, random: bool, seed: int, args, overrides: list[str]) -> list[tuple[int, float, float]]:
+def run_one(preset: str, random: bool, seed: int, args, overrides: list[str], budget: int
+            ) -> list[tuple[int, float, float, int]]:
     from learner import evaluation
     from learner.driver.inprocess import run_inprocess
     from learner.tools.eval import eval_prompt_list
     from reward_servers.client import LocalRewards
     from services.config import load_config
 
-    cfg = load_config([preset], [f"run.seed={seed}", f"run.iterations={args.iterations}", "run.eval_every=0",
-                                 *overrides])
+    per_iter = images_per_iteration(load_config([preset], overrides))
+    iterations = max(1, round(budget / per_iter))
+    every = budget * args.eval_every / args.iterations  # images between scorings
+    cfg = load_config([preset], [f"run.seed={seed}", f"run.iterations={iterations}", "run.eval_every=0", *overrides])
     sets = [(s, eval_prompt_list(cfg, None, args.per_category, s)) for s in range(SET_SEED0, SET_SEED0 + args.sets)]
     names = [r.name for r in cfg.reward.rewards]
     rewards = random_rewards(names, 7 + seed) if random else LocalRewards.from_specs(cfg.reward.rewards)
@@ -122,11 +135,11 @@ def run_one(preset: str, random: bool, seed: int, args, overrides: list[str]) ->
     def observe(m: int, learner) -> None:
         done = m + 1
         clock["train"] += (time.perf_counter() - clock["mark"]) if done else 0.0  # not the set-up before iteration 0
-        if done == 0 or done == args.iterations or done % args.eval_every == 0:
+        if done == 0 or done == iterations or int(done * per_iter / every) > int((done - 1) * per_iter / every):
             scores = [evaluation.evaluate(learner.policy, prompts, num_steps=cfg.sampler.num_steps,
                                           shift=cfg.sampler.shift, seed=s, verifier=True)["overall"]["verifier_score"]
                       for s, prompts in sets]
-            curve.append((done, float(statistics.mean(scores)), clock["train"]))
+            curve.append((done, float(statistics.mean(scores)), clock["train"], done * per_iter))
             print(f"  {preset}{' (random rewards)' if random else ''} seed {seed}: {done} iterations, held-out "
                   f"{curve[-1][1]:.3f}, {clock['train']:.0f} s training", flush=True)
         clock["mark"] = time.perf_counter()
@@ -139,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--iterations", type=int, default=20, help="the budget: iterations of rollout.batch_size images")
-    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=20,
+                   help="the budget: this many iterations of the default rollout.batch_size images")
+    p.add_argument("--eval-every", type=int, default=5, help="score every this many budget iterations' images")
     p.add_argument("--sets", type=int, default=2, help="fresh held-out sets (seeds 101, 102, …)")
     p.add_argument("--per-category", type=int, default=24, help="prompts per category in each set")
     p.add_argument("--threads", type=int, default=1)
@@ -155,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     curves, t0 = {}, time.perf_counter()
     for method in args.methods:
         preset, random = METHODS[method]
-        curves[method] = {s: run_one(preset, random, s, args, args.overrides) for s in args.seeds}
-    rows = gain_rows(curves, batch)
+        curves[method] = {s: run_one(preset, random, s, args, args.overrides, args.iterations * batch)
+                          for s in args.seeds}
+    rows = gain_rows(curves)
     args.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, batch, args.plot)
+    plot(curves, args.plot)
     import os
 
-    head = (f"{args.iterations} iterations × {batch} images per method and seed (seeds {args.seeds}); held-out: "
+    head = (f"A budget of {args.iterations} × {batch} images per method and seed (seeds {args.seeds}); held-out: "
             f"{args.sets} fresh sets × {4 * args.per_category} prompts (seeds {SET_SEED0}…), scored every "
             f"{args.eval_every} iterations; {args.threads} torch thread(s); {os.cpu_count()} CPU cores, 1-min load "
             f"average at the end {os.getloadavg()[0]:.1f}; {(time.perf_counter() - t0) / 60:.0f} min in all.\n\n")

@@ -1,6 +1,11 @@
 """RolloutWorker: samples whole groups with the mixed ODE-SDE sampler, decodes, scores, returns fp32
 window transitions. A plain class; `learner/driver/actors.py` makes it a Ray actor.
 
+Two rollout shapes (`sampler.branching`): "none", one mixed ODE-SDE trajectory per group member (MixGRPO and its
+baselines, AWM, NFT); "tempflow" / "granular", K children branched off each group's deterministic main path at
+every window step (TempFlow-GRPO: finished by Euler, a process reward per branch step; G²RPO: finished at each
+granularity's grid, one reward per grid).
+
 Seeding: each group's initial noise and window noise come from `seeded_generator(run seed,
 Stream.ROLLOUT_NOISE, iteration, global group id)`, so results do not depend on how groups are split
 across workers, and a re-run shard or a resumed run repeats them exactly. The noise is drawn on the CPU and
@@ -18,6 +23,8 @@ import numpy as np
 import torch
 
 from learner.algo import Stream, Window, sample_mixed, seeded_generator, sigma_schedule
+from learner.algo.family import granularity_grid
+from learner.algo.sampler import sample_branched
 from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded
 from services.types import RolloutBatch
 
@@ -56,7 +63,7 @@ class RolloutWorker:
         self, policy: Policy, rewards: RewardSink, reward_names: Sequence[str], *, num_steps: int, shift: float,
         eta: float, sde_kind: str, post_window: str, compress_ratio: float, group_size: int, seed: int,
         chunk_groups: int = 4, log_images: int = 4, num_threads: int | None = None, worker_id: int = 0,
-        keep_final: bool = False,
+        keep_final: bool = False, branching: str = "none", granularities: Sequence[int] = (1,),
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1
@@ -65,6 +72,11 @@ class RolloutWorker:
         self.eta, self.sde_kind, self.post_window, self.compress_ratio = eta, sde_kind, post_window, compress_ratio
         self.group_size, self.seed, self.chunk_groups, self.log_images = group_size, seed, chunk_groups, log_images
         self.worker_id, self.keep_final = worker_id, keep_final  # keep_final: the final latents go to the learner
+        if branching not in ("none", "tempflow", "granular"):
+            raise ValueError(f"unknown branching {branching!r}; expected none, tempflow or granular")
+        if branching != "none" and keep_final:
+            raise ValueError("branched rollouts (TempFlow-GRPO, G²RPO) train on transitions, not on final latents")
+        self.branching, self.granularities = branching, list(granularities) if branching == "granular" else [1]
         self.version = 0
 
     # ----------------------------------------------------------------------------- weights
@@ -109,13 +121,34 @@ class RolloutWorker:
 
     # ----------------------------------------------------------------------------- rollout
     def _noise(self, iteration: int, group_ids: Sequence[int], window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, C, H, W) initial noise and the SDE noise: (P·G, w, C, H, W), branched (P, w, K, C, H, W)."""
         shape = self.policy.latent_shape
         inits, sde = [], []
         for gid in group_ids:
             gen = seeded_generator(self.seed, Stream.ROLLOUT_NOISE, iteration, gid)
             inits.append(torch.randn(shape, generator=gen))
-            sde.append(torch.randn((self.group_size, window.size, *shape), generator=gen))
-        return torch.stack(inits), torch.cat(sde)  # (P, C, H, W), (P·G, w, C, H, W)
+            if self.branching == "none":
+                sde.append(torch.randn((self.group_size, window.size, *shape), generator=gen))
+            else:
+                sde.append(torch.randn((1, window.size, self.group_size, *shape), generator=gen))
+        return torch.stack(inits), torch.cat(sde)
+
+    def _sample(self, velocity, noise, cond, win: Window, sde_noise):
+        """One chunk of groups → (trajectory, its final latents per finishing grid)."""
+        if self.branching == "none":
+            traj = sample_mixed(velocity, noise, cond, self.sigmas, win, group_size=self.group_size, eta=self.eta,
+                                sde_kind=self.sde_kind, post_window=self.post_window,
+                                compress_ratio=self.compress_ratio, sde_noise=sde_noise)
+            return traj, [traj.final]
+        grids = [lambda k, j=j: granularity_grid(self.sigmas, k, j) for j in self.granularities]
+        traj = sample_branched(velocity, noise, cond, self.sigmas, win.steps, children=self.group_size, eta=self.eta,
+                               sde_kind=self.sde_kind, sde_noise=sde_noise, grids=grids)
+        return traj, list(traj.finals)
+
+    @property
+    def rows_per_group(self) -> int:
+        """Rows of one prompt: G members, or K children at each of the w branch steps."""
+        return self.group_size * (1 if self.branching == "none" else self.window_size)
 
     def rollout(self, iteration: int, window: tuple[int, int], prompts: Sequence[str],
                 group_ids: Sequence[int]) -> RolloutBatch:
@@ -123,6 +156,7 @@ class RolloutWorker:
         if len(prompts) != len(group_ids):
             raise ValueError("one group id per prompt is required")
         win = Window(*window)
+        self.window_size = win.size
         t0 = time.perf_counter()
         conds, trajs, pending = [], [], []
         model = {"encode_s": 0.0, "forward_s": 0.0, "decode_s": 0.0}  # model compute inside sample_s
@@ -132,38 +166,45 @@ class RolloutWorker:
             cond = _timed(self.policy.encode_prompts, model, "encode_s")(chunk)
             noise, sde_noise = self._noise(iteration, ids, win)
             noise = noise.to(self.policy.device)  # (the window's noise moves step by step, in the sampler)
-            traj = sample_mixed(velocity, noise, cond, self.sigmas, win, group_size=self.group_size,
-                                eta=self.eta, sde_kind=self.sde_kind, post_window=self.post_window,
-                                compress_ratio=self.compress_ratio, sde_noise=sde_noise)
-            images = _timed(self.policy.decode, model, "decode_s")(traj.final)  # (P_chunk·G, H, W, 3) uint8
-            member_prompts = [p for p in chunk for _ in range(self.group_size)]
-            pending.append({n: self.rewards.submit(n, images, member_prompts) for n in self.reward_names})
+            traj, finals = self._sample(velocity, noise, cond, win, sde_noise)
+            decoded = [_timed(self.policy.decode, model, "decode_s")(f) for f in finals]  # (rows, H, W, 3) uint8
+            member_prompts = [p for p in chunk for _ in range(self.rows_per_group)]
+            pending.append([{n: self.rewards.submit(n, im, member_prompts) for n in self.reward_names}
+                            for im in decoded])
             conds.append(cond)
-            trajs.append((traj, images))
+            trajs.append((traj, decoded[0]))
         t_sample = time.perf_counter() - t0
         rewards = self._collect(pending)
         t_total = time.perf_counter() - t0
         first = trajs[0][0]
         images = np.concatenate([im for _, im in trajs])
         k = min(self.log_images, len(images))
+        branched = self.branching != "none"
+        cat = lambda name: torch.cat([getattr(t, name) for t, _ in trajs])  # noqa: E731
         return RolloutBatch(
-            prompts=list(prompts), prompt_ids=list(group_ids), group_size=self.group_size,
-            latents=torch.cat([t.latents for t, _ in trajs]), next_latents=torch.cat([t.next_latents for t, _ in trajs]),
-            log_probs=torch.cat([t.log_probs for t, _ in trajs]), sigmas=first.sigmas, sigmas_next=first.sigmas_next,
+            prompts=list(prompts), prompt_ids=list(group_ids), group_size=self.rows_per_group,
+            latents=cat("latents"), next_latents=cat("next_latents"), log_probs=cat("log_probs"),
+            sigmas=cat("sigmas") if branched else first.sigmas,
+            sigmas_next=cat("sigmas_next") if branched else first.sigmas_next,
             rewards=rewards, window=(win.start, win.size), iteration=iteration, weight_version=self.version,
             nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
-            image_prompts=[p for p in prompts for _ in range(self.group_size)][:: max(1, len(images) // max(k, 1))][:k],
+            image_prompts=[p for p in prompts for _ in range(self.rows_per_group)][:: max(1, len(images) // max(k, 1))][:k],
             timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
-            final_latents=torch.cat([t.final for t, _ in trajs]).float() if self.keep_final else None,
+            final_latents=cat("final").float() if self.keep_final else None,
+            branches=win.size if branched else 1, steps=cat("steps") if branched else None,
         ).to("cpu")
 
-    def _collect(self, pending: list[Mapping[str, RewardFuture]]) -> dict[str, torch.Tensor]:
+    def _collect(self, pending: list[list[Mapping[str, RewardFuture]]]) -> dict[str, torch.Tensor]:
+        """Scores per reward: (B,), or (B, J) with one column per finishing grid (G²RPO's granularities)."""
         out: dict[str, list[np.ndarray]] = {n: [] for n in self.reward_names}
-        for futures in pending:
-            for name, fut in futures.items():
-                scores = np.asarray(fut.result(), dtype=np.float32)
-                if not np.all(np.isfinite(scores)):
-                    raise ValueError(f"reward {name!r} returned non-finite scores")
-                out[name].append(scores)
+        for per_grid in pending:
+            for name in self.reward_names:
+                cols = []
+                for futures in per_grid:
+                    scores = np.asarray(futures[name].result(), dtype=np.float32)
+                    if not np.all(np.isfinite(scores)):
+                        raise ValueError(f"reward {name!r} returned non-finite scores")
+                    cols.append(scores)
+                out[name].append(np.stack(cols, 1) if self.branching == "granular" else cols[0])
         return {n: torch.from_numpy(np.concatenate(v)) for n, v in out.items()}

@@ -19,6 +19,11 @@ class RolloutBatch:
     """The window transitions of whole groups, their rewards, and what produced them.
 
     B = groups × group_size rows, group members adjacent; w window steps.
+
+    Branched rollouts (TempFlow-GRPO, G²RPO: `sampler.branching`) hold one SDE transition per row (w = 1) at the
+    row's own step: `steps` (B,) says which, `sigmas` / `sigmas_next` are per row (B, 1), and each prompt's
+    group_size rows are `branches` advantage groups of group_size / branches members (one per branch step).
+    G²RPO's rows have one reward per finishing granularity: rewards (B, J).
     """
 
     prompts: list[str]  # (P,) one per group
@@ -27,9 +32,9 @@ class RolloutBatch:
     latents: Tensor  # (B, w, C, H, W) fp32, x_i
     next_latents: Tensor  # (B, w, C, H, W) fp32, x_{i+1}
     log_probs: Tensor  # (B, w) fp32, log π_old
-    sigmas: Tensor  # (w,) fp32
-    sigmas_next: Tensor  # (w,) fp32
-    rewards: dict[str, Tensor]  # name → (B,) fp32
+    sigmas: Tensor  # (w,) fp32, or (B, w) per row (branched)
+    sigmas_next: Tensor  # (w,) fp32, or (B, w)
+    rewards: dict[str, Tensor]  # name → (B,) fp32, or (B, J) one per finishing grid (G²RPO)
     cond: dict[str, Tensor]  # (P, …) per group: the conditioning the rollout used (the learner reuses it)
     window: tuple[int, int]  # (start, size)
     iteration: int
@@ -40,6 +45,8 @@ class RolloutBatch:
     image_prompts: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     final_latents: Tensor | None = None  # (B, C, H, W) fp32, each row's x_0: AWM's targets (None unless asked for)
+    branches: int = 1  # advantage groups per prompt (branched rollouts: the branch steps)
+    steps: Tensor | None = None  # (B,) long, each row's trajectory step (branched rollouts)
 
     def __post_init__(self) -> None:
         b, w = self.log_probs.shape
@@ -52,9 +59,17 @@ class RolloutBatch:
                                                or self.final_latents.shape[0] != b):
             raise ValueError(f"RolloutBatch.final_latents must be {b} fp32 rows, got "
                              f"{self.final_latents.dtype} {tuple(self.final_latents.shape)}")
+        if self.group_size % self.branches:
+            raise ValueError(f"group_size {self.group_size} is not {self.branches} branches of equal size")
+        if self.sigmas.shape not in ((w,), (b, w)) or self.sigmas_next.shape != self.sigmas.shape:
+            raise ValueError(f"sigmas must be ({w},) or ({b}, {w}), got {tuple(self.sigmas.shape)} and "
+                             f"{tuple(self.sigmas_next.shape)}")
+        if self.steps is not None and self.steps.shape != (b,):
+            raise ValueError(f"RolloutBatch.steps must be ({b},), got {tuple(self.steps.shape)}")
         for name, r in self.rewards.items():
-            if r.shape != (b,) or not torch.isfinite(r).all():
-                raise ValueError(f"reward {name!r} must be {b} finite values, got shape {tuple(r.shape)}")
+            if r.ndim not in (1, 2) or r.shape[0] != b or not torch.isfinite(r).all():
+                raise ValueError(f"reward {name!r} must be {b} finite values (or {b} rows of them), got shape "
+                                 f"{tuple(r.shape)}")
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         """The same batch with its model inputs (latents, log-probs, sigmas, conditioning) on `device`; a no-op
@@ -83,7 +98,8 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         raise ValueError("no rollout batches to merge")
     first = batches[0]
     for b in batches[1:]:
-        if (b.iteration, b.window, b.group_size) != (first.iteration, first.window, first.group_size):
+        if (b.iteration, b.window, b.group_size, b.branches) != (first.iteration, first.window, first.group_size,
+                                                                 first.branches):
             raise ValueError("rollout batches from different iterations or windows cannot be merged")
     order = np.argsort([pid for b in batches for pid in b.prompt_ids], kind="stable")
     prompts = [p for b in batches for p in b.prompts]
@@ -104,7 +120,8 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
     return RolloutBatch(
         prompts=[prompts[k] for k in order], prompt_ids=[ids[k] for k in order], group_size=g,
         latents=cat("latents"), next_latents=cat("next_latents"), log_probs=cat("log_probs"),
-        sigmas=first.sigmas, sigmas_next=first.sigmas_next,
+        sigmas=first.sigmas if first.sigmas.ndim == 1 else cat("sigmas"),
+        sigmas_next=first.sigmas_next if first.sigmas_next.ndim == 1 else cat("sigmas_next"),
         rewards={n: torch.cat([b.rewards[n] for b in batches])[rows] for n in first.rewards},
         cond={k: torch.cat([b.cond[k] for b in batches])[torch.as_tensor(order)] for k in first.cond},
         window=first.window, iteration=first.iteration, weight_version=min(b.weight_version for b in batches),
@@ -113,4 +130,5 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         image_prompts=[p for b in batches for p in b.image_prompts],
         timings={k: max(b.timings.get(k, 0.0) for b in batches) for k in first.timings},
         final_latents=None if first.final_latents is None else cat("final_latents"),
+        branches=first.branches, steps=None if first.steps is None else cat("steps"),
     )

@@ -18,7 +18,7 @@ latents, B rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -67,6 +67,16 @@ def branch_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
     return (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
 
 
+def tempflow_advantages(per_reward: Mapping[str, Tensor], weights: Mapping[str, float]) -> Tensor:
+    """Σ_r w_r·A_r with A_r = `branch_advantages` of reward r, weights normalised to sum 1.
+
+    per_reward: name → (P·b, K) rewards, one row per (main path, branch point). → (P·b, K)."""
+    from .advantages import _normalised
+
+    w = _normalised(weights, set(per_reward))
+    return sum(w[n] * branch_advantages(r) for n, r in per_reward.items())
+
+
 def noise_aware_weights(stds: Tensor) -> Tensor:
     """w_i = s_i / mean_j s_j over the branch points' SDE stds s_i = g_i·√Δ_i (mean weight 1)."""
     s = stds.to(torch.float32).flatten()
@@ -87,30 +97,41 @@ def tempflow_forwards(num_steps: int, branch_points: Sequence[int], children: in
 
 
 def granularity_grid(sigmas: Tensor, step: int, granularity: int) -> Tensor:
-    """The σ grid that finishes a trajectory after its SDE step k at granularity j: σ_{k+1}, σ_{k+1+j}, …, then 0.
+    """The σ grid that finishes a trajectory after its SDE step k at granularity j: σ_{k+1}, σ_{k+2}, σ_{k+2+j},
+    σ_{k+2+2j}, …, then 0 if the grid has not reached it.
 
-    sigmas: (N+1,) the rollout schedule, ending at 0. The grid always ends at σ = 0 (the reference can stop at the
-    last grid point and return x̂0 from there; appending 0 is the same final denoising as one Euler step)."""
+    sigmas: (N+1,) the rollout schedule, ending at 0. As bcmi/Granular-GRPO's `run_ode_sample_step` does
+    (fastvideo/train_g2rpo_hps.py: the grid cat(σ[:k+2], σ[k+2::j])), the first step after the SDE step is the
+    schedule's own; METHODS.md's σ_{k+1}, σ_{k+1+j}, … differs in that one point. Where the reference stops short
+    of 0 it scores x̂0 = x − σ·v from the last grid point, which is exactly one more Euler step to σ = 0: appended.
+    """
     n = sigmas.numel() - 1
     if not 0 <= step < n - 1:
         raise ValueError(f"the SDE step must lie in [0, {n - 1}), got {step}")
     if granularity < 1:
         raise ValueError(f"granularity must be >= 1, got {granularity}")
-    grid = sigmas[step + 1::granularity]
+    grid = torch.cat([sigmas[step + 1:step + 2], sigmas[step + 2::granularity]])
     if grid[-1] != 0:
         grid = torch.cat([grid, sigmas.new_zeros(1)])
     return grid
 
 
-def integrated_advantages(rewards: Tensor, *, eps: float = 1e-8, clip: float = 5.0) -> Tensor:
-    """A_g = Σ_j Σ_r (R^{(j, r)}_g − mean_g) / (std_g + eps), unbiased std, clipped to ±clip.
+def integrated_advantages(rewards: Tensor, *, reward_weights: Tensor | None = None, eps: float = 1e-8,
+                           clip: float = 5.0) -> Tensor:
+    """A_g = Σ_j Σ_r u_r·(R^{(j, r)}_g − mean_g) / (std_g + eps), unbiased std, clipped to ±clip.
 
     rewards: (J, R, P, G): granularities, rewards, groups (one per prompt and SDE step k), members. → (P, G).
-    Granularities and rewards are summed, not averaged (G²RPO's integration)."""
+    Granularities and rewards are summed, not averaged (G²RPO's integration). reward_weights: (R,) u_r, scaled
+    here to mean 1, so equal weights (and None) give the plain sum."""
     if rewards.ndim != 4:
         raise ValueError(f"rewards must be shaped (J, R, P, G), got {tuple(rewards.shape)}")
     r = _check_groups(rewards.flatten(0, 2)).view(rewards.shape)
     z = (r - r.mean(dim=-1, keepdim=True)) / (r.std(dim=-1, unbiased=True, keepdim=True) + eps)
+    if reward_weights is not None:
+        u = reward_weights.to(torch.float32).flatten()
+        if u.numel() != r.shape[1] or not torch.all(u > 0):
+            raise ValueError(f"reward_weights must be {r.shape[1]} positive values, got {reward_weights.tolist()}")
+        z = z * (u / u.mean()).view(1, -1, 1, 1)
     return z.sum(dim=(0, 1)).clamp(-clip, clip)
 
 

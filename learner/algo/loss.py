@@ -7,14 +7,17 @@ from torch import Tensor
 
 
 def grpo_loss(
-    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *, clip_range: float, adv_clip_max: float = 5.0
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *, clip_range: float, adv_clip_max: float = 5.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO-style clipped loss, max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), averaged over all entries.
+    """PPO-style clipped loss, max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)), averaged over all entries (each entry times its
+    weight when `weights` is given: TempFlow-GRPO's noise-aware w_i).
 
     Args:
         log_prob: (B, T) or (B,) log π_θ with gradients, T window steps.
         old_log_prob: same shape, log π_old recorded at rollout (fp32, no gradients).
         advantages: (B,) per sample, clipped to ±adv_clip_max.
+        weights: (B,) or (B, T) non-negative weights of the entries (None: 1).
     Returns:
         loss (0-d) and detached metrics: ratio_mean/min/max, clip_frac, approx_kl, loss_per_step (T,).
     """
@@ -29,6 +32,9 @@ def grpo_loss(
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     per_entry = torch.maximum(unclipped, clipped)  # (B, T)
+    if weights is not None:
+        w = weights.detach().to(per_entry.dtype)
+        per_entry = per_entry * (w if w.ndim == 2 else w[:, None])
     with torch.no_grad():
         metrics = {
             "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max(),

@@ -3,6 +3,10 @@
 Group sampling: the G members of a group share their initial noise, so their trajectories are
 identical until the window starts. The prefix is computed once per group (batch P) and the batch
 branches to P·G at the first window step.
+
+`sample_branched` is the other rollout shape (TempFlow-GRPO, G²RPO; ../shared/docs/METHODS.md §1–2): one
+deterministic main path per group, and at each branch step k, K children that take their one SDE step there
+and are finished by Euler on one or more grids. The main path is the shared prefix of every child.
 """
 
 from __future__ import annotations
@@ -36,6 +40,22 @@ class Trajectory:
     sigmas_next: Tensor  # (w,)  σ_{i+1}
     nfe: int  # sequential model evaluations along one trajectory
     image_evals: int  # model evaluations × batch rows (the compute actually spent)
+
+
+@dataclass
+class BranchedTrajectory:
+    """A branched rollout (all fp32). R = P·b·K rows: group p, branch step j (of b), child k at row (p·b + j)·K + k;
+    each row holds one SDE transition x̄_k → y."""
+
+    finals: Tensor  # (J, R, C, H, W)  each child finished on each of the J grids
+    latents: Tensor  # (R, 1, C, H, W)  x̄_k, the main path at the row's branch step
+    next_latents: Tensor  # (R, 1, C, H, W)  y, the child's SDE sample
+    log_probs: Tensor  # (R, 1)  log π_old(y | x̄_k)
+    sigmas: Tensor  # (R, 1)  σ_k
+    sigmas_next: Tensor  # (R, 1)  σ_{k+1}
+    steps: Tensor  # (R,) long, k
+    nfe: int  # model evaluations along the longest child trajectory
+    image_evals: int
 
 
 def repeat_cond(cond: Cond, repeats: int) -> dict[str, Tensor]:
@@ -116,6 +136,71 @@ def sample_mixed(
         log_probs=torch.stack(log_probs, 1), sigmas=sigmas[window.start:window.stop].float(),
         sigmas_next=sigmas[window.start + 1:window.stop + 1].float(),
         nfe=window.start + w + post_nfe, image_evals=p * window.start + p * g * (w + post_nfe),
+    )
+
+
+@torch.no_grad()
+def sample_branched(
+    velocity_fn: VelocityFn, noise: Tensor, cond: Cond, sigmas: Tensor, steps: list[int] | range, *,
+    children: int, eta: float, sde_noise: Tensor, sde_kind: SdeKind = "flow", grids: list[Tensor] | None = None,
+) -> BranchedTrajectory:
+    """Branch `children` SDE samples off each group's deterministic main path at every step of `steps`.
+
+    The main path is Euler from the shared noise (batch P), one velocity per step; at a branch step k that same
+    velocity gives the children's SDE mean μ_k(x̄_k), so branching costs no extra evaluation. Each child is then
+    finished by Euler on each grid of `grids[j]` (a function of k: see below), batch P·K per branch step.
+
+    Args:
+        noise: (P, C, H, W) each group's initial noise.
+        steps: the b branch steps, increasing, each < N−1.
+        sde_noise: (P, b, K, C, H, W) the children's ξ.
+        grids: J finishing grids; `grids[j]` maps k to the σ grid from σ_{k+1} to 0 (None: the rollout schedule
+            itself, TempFlow-GRPO; G²RPO passes `family.granularity_grid` at each granularity).
+    """
+    from .family import granularity_grid
+
+    n, steps = len(sigmas) - 1, list(steps)
+    if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] > n - 2:
+        raise ValueError(f"branch steps must be increasing and in [0, {n - 2}], got {steps}")
+    p, b, k = noise.shape[0], len(steps), children
+    if sde_noise.shape != (p, b, k, *noise.shape[1:]):
+        raise ValueError(f"sde_noise must be shaped {(p, b, k, *noise.shape[1:])}, got {tuple(sde_noise.shape)}")
+    grid_fns = grids or [lambda step: granularity_grid(sigmas, step, 1)]
+    cond_k = repeat_cond(cond, k)
+    x = noise.to(torch.float32)
+    branched: dict[int, SdeStep] = {}
+    mains: dict[int, Tensor] = {}  # x̄_k repeated for the K children: what the learner's transition starts from
+    for i in range(steps[-1] + 1):  # the main path is needed up to the last branch step only
+        s, sn = float(sigmas[i]), float(sigmas[i + 1])
+        v = _velocity(velocity_fn, x, s, cond)
+        if i in steps:
+            j = steps.index(i)
+            mains[i] = x.repeat_interleave(k, 0)
+            branched[i] = sde_step(mains[i], v.repeat_interleave(k, 0), s, sn, eta=eta,
+                                   kind=sde_kind, noise=sde_noise[:, j].flatten(0, 1).to(x.device))
+        x = ode_step(x, v, s, sn)
+    finals, longest, evals = [], 0, p * (steps[-1] + 1)
+    for fn in grid_fns:
+        per_step = []
+        for i in steps:
+            grid = fn(i)
+            y = branched[i].prev_sample
+            for a in range(len(grid) - 1):
+                y = ode_step(y, _velocity(velocity_fn, y, float(grid[a]), cond_k), float(grid[a]), float(grid[a + 1]))
+            per_step.append(y.view(p, k, *y.shape[1:]))
+            longest, evals = max(longest, i + len(grid)), evals + p * k * (len(grid) - 1)
+        finals.append(torch.stack(per_step, 1).flatten(0, 2))  # (P·b·K, C, H, W)
+
+    def rows(t: Tensor) -> Tensor:  # per-branch (P·K, …) tensors → (P·b·K, …) in row order
+        return torch.stack([t_i.view(p, k, *t_i.shape[1:]) for t_i in t], 1).flatten(0, 2)
+
+    step_ids = torch.tensor(steps).view(1, b, 1).expand(p, b, k).flatten()
+    return BranchedTrajectory(
+        finals=torch.stack(finals), latents=rows([mains[i] for i in steps]).unsqueeze(1),
+        next_latents=rows([branched[i].prev_sample for i in steps]).unsqueeze(1),
+        log_probs=rows([branched[i].log_prob for i in steps]).unsqueeze(1),
+        sigmas=sigmas[step_ids].float().unsqueeze(1), sigmas_next=sigmas[step_ids + 1].float().unsqueeze(1),
+        steps=step_ids, nfe=longest, image_evals=evals,
     )
 
 

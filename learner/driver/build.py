@@ -79,6 +79,7 @@ def build_learner(cfg: Config) -> Learner:
         matching=MatchingSpec(kind=g.objective, times=g.matching_times, num_steps=cfg.sampler.num_steps,
                               shift=cfg.sampler.shift, weighting=g.awm_weighting, beta=g.nft_beta,
                               decay_cap=g.nft_decay_cap) if g.objective != "grpo" else None,
+        branching=cfg.sampler.branching,
     )
 
 
@@ -89,6 +90,7 @@ def build_worker(cfg: Config, rewards: RewardSink, worker_id: int = 0) -> Rollou
         shift=s.shift, eta=s.eta, sde_kind=s.sde_kind, post_window=s.post_window, compress_ratio=s.compress_ratio,
         group_size=cfg.grpo.group_size, seed=cfg.run.seed, log_images=cfg.rollout.log_images,
         num_threads=cfg.rollout.num_threads, worker_id=worker_id, keep_final=cfg.grpo.objective != "grpo",
+        branching=s.branching, granularities=s.granularities,
     )
 
 

@@ -191,7 +191,7 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
     learner.parts["AdamW moments (fp32)"] = trained * 8 / GB
     if cfg.grpo.kl_beta > 0 and m.lora_rank == 0:
         learner.parts["KL reference copy (fp32)"] = transformer * 4 / GB
-    window = cfg.window.size
+    window = cfg.window.size if cfg.sampler.branching == "none" else 1  # branched: one transition per row
     learner.parts["window latents (fp32)"] = cfg.rollout.batch_size * window * arch.latent_numel * 4 * 2 / GB
     steps = lc.timesteps_per_backward or window
     learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * min(steps, window) * cfg_rows,

@@ -19,8 +19,6 @@ import torch
 
 from learner.algo import (
     Stream,
-    batch_std_advantages,
-    combine_advantages,
     grpo_loss,
     kl_penalty,
     lagged_update,
@@ -32,6 +30,7 @@ from services.broadcast import CollectiveChannel, WeightPacket
 from services.types import RolloutBatch
 
 from .checkpoint import load_checkpoint, save_checkpoint
+from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup
 from .objectives import MatchingSpec, matching_micro_loss, matching_times
 
@@ -52,7 +51,7 @@ class Learner:
         reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
         eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
         sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0, objective: str = "grpo",
-        matching: MatchingSpec | None = None,
+        matching: MatchingSpec | None = None, branching: str = "none",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -80,6 +79,10 @@ class Learner:
                 matching is not None and matching.kind != objective):
             raise ValueError(f"objective {objective!r} with {matching!r}: expected grpo, or awm / nft with its spec")
         self.objective, self.awm = objective, matching  # self.awm: the matching objectives' spec (awm or nft)
+        if branching not in ("none", "tempflow", "granular") or (branching != "none" and objective != "grpo"):
+            raise ValueError(f"branching {branching!r} with objective {objective!r}: expected none, or tempflow / "
+                             "granular with grpo")
+        self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
         # NFT's lagged "old" policy φ: what the workers sample with and the loss's v_old (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
                        if objective == "nft" else None)
@@ -88,22 +91,18 @@ class Learner:
 
     # ------------------------------------------------------------------------------ update
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
-        """(B,) group-relative advantages from every reward, aggregated per config."""
-        p, g = len(batch.prompts), batch.group_size
-        per_reward = {n: r.view(p, g) for n, r in batch.rewards.items()}
-        if self.awm:  # AWM / NFT: the weighted reward, centred per group, scaled by the batch's std
-            total = sum(self.reward_weights.values())
-            mixed = sum(self.reward_weights[n] * r for n, r in per_reward.items()) / total
-            return batch_std_advantages(mixed).flatten()
-        return combine_advantages(per_reward, self.reward_weights, aggregation=self.aggregation).flatten()
+        """(B,) advantages from every reward, as this learner's method forms them (credit.py)."""
+        return batch_advantages(batch, self.reward_weights, branching=self.branching, aggregation=self.aggregation,
+                                matching=self.awm is not None, adv_clip_max=self.adv_clip_max)
 
     def update(self, batch: RolloutBatch) -> dict:
         """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
         t0 = time.perf_counter()
         adv = self.advantages(batch).to(self.device)
+        weights = self.row_weights(batch)
         batch = batch.to(self.device)
         steps = (list(range(self.awm.times)) if self.awm else  # AWM / NFT: the micro-batch's T time draws
-                 trained_steps(batch.window[1], self.train_fraction, self.seed, batch.iteration))
+                 trained_steps(batch.log_probs.shape[1], self.train_fraction, self.seed, batch.iteration))
         b = batch.num_rows
         per_update = self.mb * self.accum
         if b % per_update:
@@ -117,6 +116,8 @@ class Learner:
         for epoch in range(self.epochs):
             gen = seeded_generator(self.seed, Stream.UPDATE_ORDER, batch.iteration, epoch)
             order = torch.randperm(b, generator=gen)
+            if self.branching == "granular":  # G²RPO's reference steps the optimizer once per SDE step k: rows by k
+                order = order[torch.sort(batch.steps.cpu()[order], stable=True).indices]
             for u, lo in enumerate(range(0, b, self.mb)):
                 if self.group is not None and not self.group.owns(u):  # another rank's micro-batch
                     if (u + 1) % self.accum == 0:
@@ -124,7 +125,7 @@ class Learner:
                     continue
                 rows = order[lo:lo + self.mb]
                 t_fb = time.perf_counter()
-                loss, m = self._forward_backward(batch, cond, rows, steps, adv, (batch.iteration, epoch, u))
+                loss, m = self._forward_backward(batch, cond, rows, steps, adv, (batch.iteration, epoch, u), weights)
                 if loss.is_cuda:  # time the kernels, not their launch
                     torch.cuda.synchronize(loss.device)
                 forward_backward_s += time.perf_counter() - t_fb
@@ -148,6 +149,7 @@ class Learner:
         adv_np = adv.cpu().numpy()
         total_w = sum(self.reward_weights.values())
         rewards = {
+            "images_scored": int(next(iter(batch.rewards.values())).numel()),  # G²RPO: one image per row and grid
             "reward_mean": sum(self.reward_weights[n] * float(r.mean()) for n, r in batch.rewards.items()) / total_w,
             **{f"reward_mean/{n}": float(r.mean()) for n, r in batch.rewards.items()},
             **{f"reward_std/{n}": float(r.std()) for n, r in batch.rewards.items()},
@@ -171,17 +173,24 @@ class Learner:
         """The flattened gradient of this batch's GRPO loss at the current weights, all window steps
         (at ratio 1, i.e. the policy-gradient estimate); no optimizer step, `.grad` left cleared."""
         adv = self.advantages(batch).to(self.device)
+        weights = self.row_weights(batch)
         batch = batch.to(self.device)
-        steps = list(range(self.awm.times if self.awm else batch.window[1]))
+        steps = list(range(self.awm.times if self.awm else batch.log_probs.shape[1]))
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}
         self.optimizer.zero_grad(set_to_none=True)
         for lo in range(0, batch.num_rows, self.mb):
             rows = torch.arange(lo, min(lo + self.mb, batch.num_rows))
-            loss, _ = self._micro_step(batch, cond, rows, steps, adv, (batch.iteration, 0, lo // self.mb))
+            loss, _ = self._micro_step(batch, cond, rows, steps, adv, (batch.iteration, 0, lo // self.mb), weights)
             (loss * len(rows) / batch.num_rows).backward()
         grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params])
         self.optimizer.zero_grad(set_to_none=True)
         return grad.detach().clone()
+
+    def row_weights(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """TempFlow-GRPO's noise-aware weight of each row (credit.py); None for every other method."""
+        if self.branching != "tempflow":
+            return None
+        return noise_aware_row_weights(batch, eta=self.eta, sde_kind=self.sde_kind).to(self.device)
 
     def _optimizer_step(self, stats: dict, iteration: int) -> float:
         """Sum the ranks' gradients (data parallel), clip the whole gradient, step; -> seconds."""
@@ -233,10 +242,13 @@ class Learner:
         """Trajectory steps that got a gradient: the window's; AWM's σ-grid draws of the first micro-batch."""
         if self.awm:
             return matching_times(self.awm, self.seed, (batch.iteration, 0, 0))[0].tolist()
+        if batch.steps is not None:  # branched: each row's own branch step
+            return sorted(set(batch.steps.tolist()))
         return [batch.window[0] + s for s in steps]
 
     def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int],
-                          adv: torch.Tensor, key: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict]:
+                          adv: torch.Tensor, key: tuple[int, ...] = (), weights: torch.Tensor | None = None,
+                          ) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one micro-batch; gradients accumulate as those of (its mean loss) / accum.
 
         With `timesteps_per_backward` = t > 0 the window steps go t at a time, each chunk its own backward
@@ -246,13 +258,13 @@ class Learner:
         k, t = len(steps), self.timesteps_per_backward or len(steps)
         scale = self.group.world_size if self.sharding == "fsdp" else 1  # FSDP averages over ranks: undo
         if t >= k:
-            loss, m = self._micro_step(batch, cond, rows, steps, adv, key)
+            loss, m = self._micro_step(batch, cond, rows, steps, adv, key, weights)
             (loss * scale / self.accum if scale != 1 else loss / self.accum).backward()
             return loss.detach(), m
         parts = []
         for lo in range(0, k, t):
             sub = steps[lo:lo + t]
-            loss, m = self._micro_step(batch, cond, rows, sub, adv, key)
+            loss, m = self._micro_step(batch, cond, rows, sub, adv, key, weights)
             (loss * (scale * len(sub) / k) / self.accum).backward()
             parts.append((len(sub) / k, loss.detach(), m))
         merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
@@ -262,9 +274,9 @@ class Learner:
         return sum(w * loss for w, loss, _ in parts), merged
 
     def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor,
-                    key: tuple[int, ...] = ()):
-        """The loss of `rows` × window `steps`: GRPO's clipped objective, plus β·KL to the reference (AWM: `steps`
-        are the micro-batch's time draws, `key` seeds them; objectives.py)."""
+                    key: tuple[int, ...] = (), weights: torch.Tensor | None = None):
+        """The loss of `rows` × window `steps`: GRPO's clipped objective (each row times its weight, TempFlow), plus
+        β·KL to the reference (AWM: `steps` are the micro-batch's time draws, `key` seeds them; objectives.py)."""
         if self.awm:
             return matching_micro_loss(self.policy, batch, cond, rows.to(self.device), steps, adv, spec=self.awm,
                                        seed=self.seed, key=key, kl_beta=self.kl_beta, lagged=self.lagged)
@@ -272,13 +284,17 @@ class Learner:
         rows, idx = rows.to(self.device), torch.as_tensor(steps, device=self.device)
         x = batch.latents[rows][:, idx].flatten(0, 1)  # (mb·k, C, H, W)
         x_next = batch.next_latents[rows][:, idx].flatten(0, 1)
-        sig = batch.sigmas[idx].repeat(len(rows))  # (mb·k,)
-        sig_next = batch.sigmas_next[idx].repeat(len(rows))
+        if batch.sigmas.ndim == 1:
+            sig = batch.sigmas[idx].repeat(len(rows))  # (mb·k,)
+            sig_next = batch.sigmas_next[idx].repeat(len(rows))
+        else:  # branched: each row its own step
+            sig, sig_next = batch.sigmas[rows][:, idx].flatten(), batch.sigmas_next[rows][:, idx].flatten()
         c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
         step = transition_step(self.policy.velocity, x, x_next, sig, sig_next, c, eta=self.eta,
                                sde_kind=self.sde_kind)
         loss, m = grpo_loss(step.log_prob.view(len(rows), k), batch.log_probs[rows][:, idx], adv[rows],
-                            clip_range=self.clip_range, adv_clip_max=self.adv_clip_max)
+                            clip_range=self.clip_range, adv_clip_max=self.adv_clip_max,
+                            weights=None if weights is None else weights[rows])
         if self.kl_beta > 0:
             v_ref = self.policy.reference_velocity(x, sig, c).to(torch.float32)
             ref_mean, _ = sde_mean_std(x, v_ref, sig, sig_next, eta=self.eta, kind=self.sde_kind)

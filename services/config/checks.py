@@ -48,8 +48,14 @@ class Config(_Section):
         return self
 
     @property
+    def rows_per_prompt(self) -> int:
+        """Trained rows per prompt: its G members, or (branched) K children at each of the w window steps."""
+        return self.grpo.group_size * (1 if self.sampler.branching == "none" else self.window.size)
+
+    @property
     def num_groups(self) -> int:
-        return self.rollout.batch_size // self.grpo.group_size
+        """Prompts per iteration."""
+        return self.rollout.batch_size // self.rows_per_prompt
 
 
 def _check_window(c: Config) -> str | None:
@@ -67,6 +73,9 @@ def _check_batch(c: Config) -> str | None:
     b, g = c.rollout.batch_size, c.grpo.group_size
     if b % g:
         return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g})"
+    if b % c.rows_per_prompt:
+        return (f"rollout.batch_size ({b}) must be divisible by grpo.group_size × window.size ({c.rows_per_prompt}): "
+                f"sampler.branching={c.sampler.branching} trains group_size children at each window step of a prompt")
     per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
     if b % per_update:
         return (f"rollout.batch_size ({b}) must be divisible by learner.micro_batch_size × "
@@ -84,6 +93,26 @@ def _check_sampler(c: Config) -> str | None:
         return "model.height/width are fixed at 32 for the tiny backend"
     if c.rollout.prompts == "file" and not c.rollout.prompts_file:
         return "rollout.prompts_file is required when rollout.prompts=file"
+    return None
+
+
+def _check_branching(c: Config) -> str | None:
+    s, expected = c.sampler, {"tempflow_grpo": "tempflow", "g2rpo": "granular"}.get(c.run.method, "none")
+    if c.run.method in ("tempflow_grpo", "g2rpo") and s.branching != expected:
+        return f"run.method={c.run.method} needs sampler.branching={expected} (use the {c.run.method} preset)"
+    if s.branching != "granular" and s.granularities != [1, 2]:
+        return "sampler.granularities only applies with sampler.branching=granular"
+    if s.branching == "none":
+        return None
+    if s.post_window != "euler":
+        return (f"sampler.branching={s.branching} finishes its children by Euler on the schedule's grid: "
+                "sampler.post_window=euler")
+    if c.grpo.objective != "grpo":
+        return f"sampler.branching={s.branching} trains the children's transitions: grpo.objective=grpo"
+    if c.grpo.train_fraction < 1.0:
+        return f"sampler.branching={s.branching} trains every child's one transition: grpo.train_fraction=1"
+    if s.branching == "granular" and max(s.granularities) > s.num_steps - 1:
+        return f"sampler.granularities ({s.granularities}) must be < sampler.num_steps ({s.num_steps})"
     return None
 
 
@@ -146,5 +175,5 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_objective, _check_learner_group, _check_devices,
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_branching, _check_objective, _check_learner_group, _check_devices,
                  _check_eval)

@@ -56,6 +56,22 @@ class SamplerConfig(_Section):
     """Solver after the window: Euler on the full schedule, or DPM-Solver++ 2M on a compressed one (Flash)."""
     compress_ratio: float = Field(1.0, gt=0.0, le=1.0)
     """Flash: fraction of post-window steps kept by DPM-Solver++ (Flash 0.4, Flash* 0.2)."""
+    branching: Literal["none", "tempflow", "granular"] = "none"
+    """Rollout shape. none: each group member is one mixed trajectory, SDE over the window. tempflow
+    (TempFlow-GRPO): a deterministic main path per prompt, and at every window step grpo.group_size SDE children
+    finished by Euler, each with its own (process) reward and advantage within its branch step. granular
+    (G²RPO): the same branching, each child finished on the grid of every `granularities` entry, advantages
+    summed over them. Both train one transition per child; rollout.batch_size counts children."""
+    granularities: list[int] = Field(default_factory=lambda: [1, 2])
+    """branching=granular: finish each child on every j-th step of the schedule for each j here, always down to
+    σ = 0 (G²RPO's reference: 1 and 2)."""
+
+    @model_validator(mode="after")
+    def _granularities(self) -> SamplerConfig:
+        if not self.granularities or any(j < 1 for j in self.granularities) or len(set(self.granularities)) != len(
+                self.granularities):
+            raise ValueError(f"granularities must be distinct integers >= 1, got {self.granularities}")
+        return self
 
 
 class WindowConfig(_Section):
@@ -269,7 +285,7 @@ class ClusterConfig(_Section):
 class RunConfig(_Section):
     name: str = "shapes-tiny"
     method: Literal["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo", "awm",
-                    "diffusion_nft", "flow_grpo_fast"] = "mixgrpo"
+                    "diffusion_nft", "flow_grpo_fast", "tempflow_grpo", "g2rpo"] = "mixgrpo"
     """Label of the method; the numbers that define it live in sampler/window/grpo (see presets)."""
     output_dir: str | None = None
     """Run directory; default runs/<name>-<timestamp>."""

@@ -67,3 +67,30 @@ def test_sd3_with_cfg(sd3_dir):  # noqa: F811
 def test_flux(flux_dir):  # noqa: F811
     policy = load_policy("flux", flux_dir, height=32, width=32, lora_rank=4, guidance_scale=3.5)
     assert ratio_deviation(policy, ["a photo", "a cat"]) < 1e-6
+
+
+def branched_ratio_deviation(policy, prompts, eta=0.7):
+    """TempFlow-GRPO / G²RPO rollouts: the children's SDE step starts from the main path's velocity at batch P; the
+    learner recomputes it at batch P·b·K rows, each row its own σ."""
+    from learner.algo.sampler import sample_branched
+
+    sigmas = sigma_schedule(8, 3.0)
+    gen = torch.Generator().manual_seed(0)
+    cond = policy.encode_prompts(prompts)
+    noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen)
+    xi = torch.randn(len(prompts), 2, G, *policy.latent_shape, generator=gen)
+    traj = sample_branched(policy.velocity, noise, cond, sigmas, [1, 4], children=G, eta=eta, sde_noise=xi)
+    rows = {k: v.repeat_interleave(2 * G, 0) for k, v in cond.items()}
+    lp = transition_log_probs(policy.velocity, traj.latents[:, 0], traj.next_latents[:, 0], traj.sigmas[:, 0],
+                              traj.sigmas_next[:, 0], rows, eta=eta)
+    return float((torch.exp(lp.detach() - traj.log_probs[:, 0]) - 1).abs().max())
+
+
+def test_branched_every_backend(sd3_dir, flux_dir):  # noqa: F811
+    cfg = TinyConfig.for_shapes_world(num_layers=1, num_attention_heads=2, attention_head_dim=16,
+                                      text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64)
+    assert branched_ratio_deviation(TinyPolicy.from_config(cfg, seed=0), ["a red circle", "two blue squares"]) < 1e-6
+    sd3 = load_policy("sd3", sd3_dir, height=32, width=32, lora_rank=4, guidance_scale=3.0)
+    assert branched_ratio_deviation(sd3, ["a photo", "a cat"]) < 1e-6
+    flux = load_policy("flux", flux_dir, height=32, width=32, lora_rank=4, guidance_scale=3.5)
+    assert branched_ratio_deviation(flux, ["a photo", "a cat"]) < 1e-6

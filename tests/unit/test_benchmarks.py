@@ -142,13 +142,18 @@ def test_architecture_mode_is_the_papers_per_gpu_shape_for_every_method(architec
 def test_sample_efficiency_gains_worked_example(tmp_path):
     from benchmarks.sample_efficiency import gain_rows, markdown, plot
 
-    curves = {"awm": {1: [(0, 0.50, 0.0), (10, 0.60, 60.0)], 2: [(0, 0.50, 0.0), (10, 0.54, 120.0)]},
-              "control": {1: [(0, 0.50, 0.0), (10, 0.49, 90.0)]}}
-    awm, control = gain_rows(curves, images_per_iteration=64)
+    curves = {"awm": {1: [(0, 0.50, 0.0, 0), (10, 0.60, 60.0, 640)], 2: [(0, 0.50, 0.0, 0), (10, 0.54, 120.0, 640)]},
+              "control": {1: [(0, 0.50, 0.0, 0), (10, 0.49, 90.0, 640)]}}
+    awm, control = gain_rows(curves)
     assert awm["gain"] == pytest.approx(0.07) and awm["gain_sd"] == pytest.approx(math.sqrt(2 * 0.03**2))
     assert awm["images"] == 640 and awm["minutes"] == pytest.approx(1.5)
     assert awm["per_1000_images"] == pytest.approx(0.07 / 0.64) and awm["per_minute"] == pytest.approx(0.07 / 1.5)
     assert control["gain"] == pytest.approx(-0.01) and math.isnan(control["gain_sd"])
     assert "| awm | 2 | 0.500 → 0.570 | +0.070 ± 0.042 | +0.100 / +0.040 | 640 |" in markdown([awm, control])
-    plot(curves, 64, tmp_path / "p.png")
+    plot(curves, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+    from benchmarks.sample_efficiency import images_per_iteration
+    from services.config import load_config
+
+    assert images_per_iteration(load_config(["g2rpo"], [])) == 192 * 2  # each child scored at both granularities
+    assert images_per_iteration(load_config(["tempflow_grpo"], [])) == 180

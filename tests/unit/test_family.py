@@ -62,10 +62,10 @@ def test_tempflow_forward_count():
 def test_granularity_grids_always_end_at_zero():
     sig = sigma_schedule(8, 3.0)
     assert torch.equal(granularity_grid(sig, 0, 1), sig[1:])
-    g2 = granularity_grid(sig, 0, 2)  # σ1, σ3, σ5, σ7 then 0 (the reference would stop at σ7)
-    assert torch.equal(g2[:-1], sig[[1, 3, 5, 7]]) and g2[-1] == 0
-    g3 = granularity_grid(sig, 1, 3)  # σ2, σ5, σ8 = 0: nothing appended
-    assert torch.equal(g3, sig[[2, 5, 8]])
+    g2 = granularity_grid(sig, 0, 2)  # σ1, then the reference's σ[2::2] = σ2, σ4, σ6, σ8 = 0: nothing appended
+    assert torch.equal(g2, sig[[1, 2, 4, 6, 8]])
+    g3 = granularity_grid(sig, 1, 3)  # σ2, σ3, σ6, then 0 (the reference scores x̂0 from σ6: one Euler step to 0)
+    assert torch.equal(g3[:-1], sig[[2, 3, 6]]) and g3[-1] == 0
     with pytest.raises(ValueError, match="SDE step"):
         granularity_grid(sig, 7, 1)
 
