@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from learner.training import Learner
-from learner.training.objectives import MatchingSpec
+from learner.training.objectives import AWM_DECAY_CAP, MatchingSpec
 from rollout_workers.policies import load_policy
 from rollout_workers.worker import RewardSink, RolloutWorker
 from services.config import Config, ModelConfig
@@ -78,7 +78,8 @@ def build_learner(cfg: Config) -> Learner:
         timesteps_per_backward=lc.timesteps_per_backward, objective=g.objective,
         matching=MatchingSpec(kind=g.objective, times=g.matching_times, num_steps=cfg.sampler.num_steps,
                               shift=cfg.sampler.shift, weighting=g.awm_weighting, beta=g.nft_beta,
-                              decay_cap=g.nft_decay_cap) if g.objective != "grpo" else None,
+                              decay_cap=g.nft_decay_cap if g.objective == "nft" else AWM_DECAY_CAP,
+                              lagged_beta=g.awm_lagged_beta) if g.objective != "grpo" else None,
         branching=cfg.sampler.branching,
     )
 

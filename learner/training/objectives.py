@@ -6,7 +6,9 @@ draws T training times stratified over the rollout's σ grid (shared by the micr
 (row, time), and re-noises x_t = (1−t)·x0 + t·ε.
 
 - AWM (advantage-weighted matching, METHODS.md §3; scxue/advantage_weighted_matching): the flow-matching error of
-  v_θ(x_t, t) weighted by the advantage, −Ā·exp(ψ − sg ψ).
+  v_θ(x_t, t) weighted by the advantage, −Ā·exp(ψ − sg ψ); with `lagged_beta` > 0 plus lagged_beta·mean_d (v_θ − v_φ)²
+  to a lagged copy φ (the reference's "ema" adapter, scripts/train_sd3_awm.py: ema_beta = 1, decay
+  min(0.001·step, 0.3) after each epoch), which the workers do not sample with.
 - DiffusionNFT (METHODS.md §4; NVlabs/DiffusionNFT): the implicit positive and negative policies around a lagged
   "old" policy φ (v_old, no gradient), weighted by r = clip(A)/10 + ½. φ is learner state: the rollout workers
   sample with it (it is what the learner publishes), it is checkpointed, and after each iteration
@@ -39,7 +41,8 @@ from learner.algo.family import (
 )
 from services.types import RolloutBatch
 
-NFT_DECAY_RATE = 0.001  # d = min(0.001·iteration, cap), as DiffusionNFT's reference
+NFT_DECAY_RATE = 0.001  # d = min(0.001·iteration, cap), as DiffusionNFT's and AWM's references
+AWM_DECAY_CAP = 0.3  # AWM's reference: kl_ema_decay = 0.3, linear
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,13 @@ class MatchingSpec:
     shift: float = 3.0
     weighting: Literal["uniform", "ghuber"] = "ghuber"  # AWM's ψ
     beta: float = 1.0  # NFT's β (the implicit policies' step)
-    decay_cap: float = 0.5  # NFT: the lagged copy's d = min(rate·iteration, cap)
+    decay_cap: float = 0.5  # the lagged copy's d = min(rate·iteration, cap) (NFT 0.5, AWM 0.3)
+    lagged_beta: float = 0.0  # AWM: weight of mean_d (v_θ − v_φ)² (0: no lagged copy)
+
+    @property
+    def has_lagged(self) -> bool:
+        """Whether the learner keeps a lagged copy φ: NFT always (the workers sample with it), AWM when regularised."""
+        return self.kind == "nft" or self.lagged_beta > 0
 
     def grid(self) -> torch.Tensor:
         """σ_0 … σ_{N−1} (σ = 0 is no training time: x_0 itself)."""
@@ -105,8 +114,11 @@ def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Ten
         v = policy.velocity(x_t, t, c).float()
         loss = nft_loss(v, v_old, x_t, x0, t, nft_optimality(a), beta=spec.beta)
     else:
+        v_lagged = old_velocity(policy, lagged, x_t, t, c) if spec.lagged_beta > 0 else None
         v = policy.velocity(x_t, t, c).float()
         loss = awm_loss(flow_matching_error(v, x0, eps), t, a, weighting=spec.weighting)
+        if v_lagged is not None:
+            loss = loss + spec.lagged_beta * velocity_kl(v, v_lagged)
     one = torch.ones(())
     err = flow_matching_error(v.detach(), x0, eps)
     m = {"ratio_mean": one, "ratio_min": one, "ratio_max": one, "clip_frac": torch.zeros(()),

@@ -83,9 +83,9 @@ class Learner:
             raise ValueError(f"branching {branching!r} with objective {objective!r}: expected none, or tempflow / "
                              "granular with grpo")
         self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
-        # NFT's lagged "old" policy φ: what the workers sample with and the loss's v_old (objectives.py)
+        # the lagged policy φ: NFT's v_old, which the workers sample with; AWM's regularisation target (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
-                       if objective == "nft" else None)
+                       if matching is not None and matching.has_lagged else None)
         self.version = 0
         self.iteration = -1
 
@@ -142,7 +142,7 @@ class Learner:
             self._reduce_stats(stats, step_loss)
         self.version += 1
         self.iteration = batch.iteration
-        if self.lagged is not None:  # NFT: φ ← d·φ + (1−d)·θ after each iteration
+        if self.lagged is not None:  # NFT, AWM: φ ← d·φ + (1−d)·θ after each iteration
             theta = self.policy.trainable_state_dict()  # one copy of θ, not one per tensor
             lagged_update(list(self.lagged.values()), [theta[k] for k in self.lagged], self.awm.decay(self.version))
         n_micro = stats.pop("n_micro", [len(stats["loss"])])[0]
@@ -321,7 +321,7 @@ class Learner:
     def published_state(self) -> dict[str, torch.Tensor]:
         """What the broadcast carries: the trainable weights, in the rollout workers' dtype when that differs
         (full fine-tuning with bf16 inference weights), so what they load is exactly what was sent."""
-        state = self.trainable_state() if self.lagged is None else self.lagged  # NFT: workers sample with φ
+        state = self.lagged if self.objective == "nft" else self.trainable_state()  # NFT: workers sample with φ
         if self.sync_dtype is None:
             return state
         return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -352,8 +352,8 @@ class Learner:
             optim = full_optimizer_state(self.policy.transformer, self.optimizer)
         else:
             optim = self.optimizer.state_dict()
-        if self.lagged is not None:  # NFT's lagged policy is optimisation state: it travels with the optimizer's
-            optim = {**optim, "nft_lagged": {k: v.detach().cpu() for k, v in self.lagged.items()}}
+        if self.lagged is not None:  # the lagged policy is optimisation state: it travels with the optimizer's
+            optim = {**optim, "lagged": {k: v.detach().cpu() for k, v in self.lagged.items()}}
         if self.group is not None and self.group.rank != 0:
             return None
         meta = {"version": self.version, "torch_rng": torch.get_rng_state().tolist(), "sharding": self.sharding,
@@ -363,10 +363,11 @@ class Learner:
     def restore(self, path: str) -> dict:
         """Load a checkpoint, written by a learner of any number of ranks with the same `learner.sharding`."""
         weights, optim, meta = load_checkpoint(path)
-        lagged = optim.pop("nft_lagged", None)
+        lagged = optim.pop("lagged", optim.pop("nft_lagged", None))  # (nft_lagged: checkpoints before AWM had one)
         if (lagged is None) != (self.lagged is None):
-            raise ValueError(f"checkpoint {path} {'lacks' if lagged is None else 'holds'} NFT's lagged policy; this "
-                             f"learner's grpo.objective is {self.objective}: resume with the objective it was run with")
+            raise ValueError(f"checkpoint {path} {'lacks' if lagged is None else 'holds'} a lagged policy; this "
+                             f"learner's grpo.objective is {self.objective}: resume with the objective (and "
+                             "grpo.awm_lagged_beta) it was run with")
         if lagged is not None:
             for k, v in self.lagged.items():
                 v.copy_(lagged[k])

@@ -121,14 +121,17 @@ def _check_objective(c: Config) -> str | None:
     if expected and g.objective != expected:
         return f"run.method={c.run.method} needs grpo.objective={expected} (use the {c.run.method} preset)"
     if g.objective == "grpo":
-        return None
+        return "grpo.awm_lagged_beta regularises AWM towards its lagged copy: grpo.objective=awm" if (
+            g.awm_lagged_beta) else None
     if g.matching_times > c.sampler.num_steps:
         return (f"grpo.matching_times ({g.matching_times}) draws at most one time per step of the σ grid: "
                 f"≤ sampler.num_steps ({c.sampler.num_steps})")
     if g.train_fraction < 1.0:
         return (f"grpo.train_fraction subsets window steps; grpo.objective={g.objective} trains on re-noised final "
                 "images: set it to 1")
-    if g.objective == "nft" and c.learner.sharding == "fsdp":
+    if g.awm_lagged_beta and g.objective != "awm":
+        return f"grpo.awm_lagged_beta regularises AWM towards its lagged copy: grpo.objective=awm, not {g.objective}"
+    if (g.objective == "nft" or g.awm_lagged_beta) and c.learner.sharding == "fsdp":
         return "grpo.objective=nft swaps in its lagged policy's weights, which a sharded learner cannot: learner.sharding=none"
     return None
 

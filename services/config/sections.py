@@ -119,6 +119,10 @@ class GrpoConfig(_Section):
     """awm / nft: training times per micro-batch, stratified over the rollout's σ grid (AWM's reference: 6)."""
     nft_beta: float = Field(1.0, gt=0.0)
     """DiffusionNFT's β: v⁺ = β·v_θ + (1−β)·v_old (reference: 1; 0.1 for OCR / multi-reward)."""
+    awm_lagged_beta: float = Field(0.0, ge=0.0)
+    """AWM: weight of mean_d (v_θ − v_φ)², φ a lagged copy of the policy updated after each iteration as
+    φ ← d·φ + (1−d)·θ, d = min(0.001·iteration, 0.3) (the reference's `ema_beta` = 1 with its "ema" adapter); 0: no
+    lagged copy. The workers keep sampling with θ (the reference's off_policy=False)."""
     nft_decay_cap: float = Field(0.5, ge=0.0, le=1.0)
     """DiffusionNFT: after each iteration φ ← d·φ + (1−d)·θ, d = min(0.001·iteration, this) (reference: 0.5)."""
 

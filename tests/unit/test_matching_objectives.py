@@ -101,6 +101,8 @@ def test_an_awm_batch_without_final_latents_is_refused():
     (["grpo.objective=awm", "grpo.train_fraction=0.5"], "grpo.train_fraction"),
     (["run.method=awm"], "grpo.objective=awm"),
     (["grpo.awm_weighting=huber"], "grpo.awm_weighting"),
+    (["grpo.awm_lagged_beta=1"], "grpo.objective=awm"),
+    (["grpo.objective=nft", "grpo.awm_lagged_beta=1"], "grpo.objective=awm, not nft"),
 ])
 def test_config_refuses_what_awm_cannot_run(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -113,6 +115,7 @@ def test_awm_preset():
     assert (cfg.run.method, cfg.grpo.objective, cfg.grpo.awm_weighting, cfg.grpo.matching_times) == (
         "awm", "awm", "ghuber", 6)
     assert (cfg.window.strategy, cfg.window.start, cfg.window.size) == ("frozen", 0, 2)
+    assert (cfg.grpo.kl_beta, cfg.grpo.awm_lagged_beta) == (0.001, 1.0)  # the reference's GenEval β and ema_beta
     nft = load_config(["diffusion_nft"], [])
     assert (nft.grpo.objective, nft.grpo.nft_beta, nft.grpo.nft_decay_cap, nft.sampler.post_window) == (
         "nft", 1.0, 0.5, "dpm")
@@ -152,10 +155,57 @@ def test_nft_lagged_policy_is_updated_published_and_checkpointed(batch, tmp_path
         assert torch.equal(packet.state[k], v)
     path = learner.save(str(tmp_path))
     _, optim, _ = load_checkpoint(path)
-    assert set(optim["nft_lagged"]) == set(theta)
+    assert set(optim["lagged"]) == set(theta)
     again = awm_learner(spec=NFT)
     again.restore(path)
     for k, v in learner.lagged.items():
         assert torch.equal(again.lagged[k], v)
     with pytest.raises(ValueError, match="lagged policy"):
         awm_learner().restore(path)  # an AWM learner has no lagged policy to restore it into
+
+
+# ------------------------------------------------------------------------------------------------ AWM's lagged copy
+def test_awm_lagged_copy_regularises_checkpoints_and_is_not_published(batch, tmp_path):
+    """AWM with lagged_beta: φ ← d·φ + (1−d)·θ after each iteration (d = min(0.001·m, 0.3)); the gradient gains
+    β·∇ mean (v_θ − v_φ)² on the same re-noised draws (φ's velocity from a second policy holding φ); the workers
+    still get θ; φ checkpoints and restores."""
+    from learner.training import load_checkpoint
+
+    beta = 0.5
+    spec = MatchingSpec(weighting="uniform", times=3, num_steps=8, shift=3.0, decay_cap=0.3, lagged_beta=beta)
+    learner = awm_learner(spec=spec, micro_batch_size=8)
+    learner.update(batch)
+    theta = learner.policy.trainable_state_dict()
+    assert any(not torch.equal(learner.lagged[k], theta[k]) for k in theta)
+    assert all(torch.equal(learner.get_weights().state[k], theta[k]) for k in theta)  # workers sample with θ
+    got = learner.policy_gradient(batch)
+    plain = MatchingSpec(weighting="uniform", times=3, num_steps=8, shift=3.0)
+    learner.awm = plain  # the same θ without the regulariser
+    without = learner.policy_gradient(batch)
+    learner.awm = spec
+    phi = small_policy()
+    phi.load_trainable_state_dict(learner.lagged)
+    grid = sigma_schedule(8, 3.0)[:-1].float()
+    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
+    reg = 0.0
+    for u in range(2):
+        rows = torch.arange(8 * u, 8 * u + 8)
+        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
+        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+        c = {k: v[rows] for k, v in cond.items()}
+        for j in range(3):
+            x_t = (1 - t[j]) * batch.final_latents[rows] + t[j] * eps[:, j]
+            with torch.no_grad():
+                v_phi = phi.velocity(x_t, t[j].repeat(8), c)
+            v = learner.policy.velocity(x_t, t[j].repeat(8), c)
+            reg = reg + beta * (v - v_phi).pow(2).flatten(1).mean(1).sum() / (16 * 3)
+    learner.optimizer.zero_grad(set_to_none=True)
+    reg.backward()
+    expected = without + torch.cat([p.grad.flatten() for p in learner.params])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert (got - without).abs().max() > 0
+    path = learner.save(str(tmp_path))
+    assert set(load_checkpoint(path)[1]["lagged"]) == set(theta)
+    again = awm_learner(spec=spec)
+    again.restore(path)
+    assert all(torch.equal(again.lagged[k], v) for k, v in learner.lagged.items())
