@@ -8,7 +8,7 @@
 
 Both transports have the same contract: timeouts; retries with exponential backoff
 (`backoff_s · 2^attempt`, at most `max_retries`) on overload (429/503, Serve backpressure), 5xx and
-connection errors; no retry on other 4xx (the request itself is wrong); a score that did not succeed
+connection errors, waiting at least what a `Retry-After` header asks (capped at 30 s); no retry on other 4xx (the request itself is wrong); a score that did not succeed
 raises `RewardError` naming the reward and the cause, never a silent 0. `metrics()` counts requests,
 retries and failures for the run's metrics. Over HTTP the images travel as raw uint8 bytes (base64) in
 JSON; over handles as numpy arrays through Ray's object transport.
@@ -45,11 +45,20 @@ class RewardError(RuntimeError):
 
 
 class _Retryable(Exception):
-    """One attempt failed in a way worth retrying (overload, 5xx, connection, timeout)."""
+    """One attempt failed in a way worth retrying (overload, 5xx, connection, timeout); `retry_after`: seconds the
+    server asked to wait (its Retry-After), else None."""
 
-    def __init__(self, cause: str, status: int | None = None) -> None:
+    def __init__(self, cause: str, status: int | None = None, retry_after: float | None = None) -> None:
         super().__init__(cause)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """A Retry-After header's delay in seconds (delta-seconds; an HTTP date or garbage gives None)."""
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 class LocalRewards:
@@ -115,7 +124,7 @@ class RewardClient:
                     self._count(name, "failures")
                     raise RewardError(name, str(e), status=e.status, attempts=attempt + 1) from None
                 self._count(name, "retries")
-                time.sleep(min(self.backoff_s * 2**attempt, 30.0))
+                time.sleep(min(max(self.backoff_s * 2**attempt, e.retry_after or 0.0), 30.0))
                 continue
             except RewardError:
                 self._count(name, "failures")
@@ -167,7 +176,7 @@ class RewardClient:
         detail = _json(r).get("detail") or r.text[:300]
         cause = f"HTTP {r.status_code}: {detail}"
         if r.status_code in RETRY_STATUS:
-            raise _Retryable(cause, r.status_code)
+            raise _Retryable(cause, r.status_code, retry_after_s(r.headers.get("retry-after")))
         raise RewardError(name, cause, status=r.status_code)
 
     def _attempt_handle(self, name: str, images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -177,7 +186,7 @@ class RewardClient:
         try:
             result = self._handle(name).score.remote(images, prompts).result(timeout_s=self.timeout_s)
         except BackPressureError as e:
-            raise _Retryable(f"overloaded: {e}", 503) from None
+            raise _Retryable(f"overloaded: {e}", 429) from None
         except (TimeoutError, ray_exc.GetTimeoutError) as e:
             raise _Retryable(f"timed out after {self.timeout_s}s ({type(e).__name__})") from None
         except (ray_exc.RayActorError, ray_exc.RayTaskError, ray_exc.RaySystemError) as e:

@@ -7,7 +7,8 @@
 
 Backends are anything with `async score(images, prompts) -> result dict` and `async info() -> dict`:
 Serve DeploymentHandles in production (reward_servers/deployments.py), a ScorerWorker in-process in
-tests. Every failure is a JSON `ErrorResponse` with a 4xx/5xx status; the server keeps serving.
+tests. Every failure is a JSON `ErrorResponse` with a 4xx/5xx status; the server keeps serving. A reward whose queue
+is full (Serve backpressure: `max_queued_requests`) refuses the excess with 429 and `Retry-After`, never a 5xx.
 Auth: when a token is configured, /v1/* needs `Authorization: Bearer <token>`; only its SHA-256 is held.
 """
 
@@ -42,7 +43,7 @@ class Backend(Protocol):
 
 
 class BackendOverloaded(RuntimeError):
-    """The reward's queue is full (Serve backpressure): answer 503 with Retry-After so clients back off."""
+    """The reward's queue is full (Serve backpressure): answer 429 with Retry-After so clients back off."""
 
 
 class ApiError(Exception):
@@ -51,8 +52,11 @@ class ApiError(Exception):
         self.status, self.error, self.detail = status, error, detail
 
 
+RETRY_AFTER_S = 1  # what a refused client is told to wait (whole seconds, RFC 9110); the queue drains in well under it
+
+
 def error_response(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
     if status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status, headers=headers)
@@ -159,7 +163,7 @@ def create_http_app(backends: Mapping[str, Backend], specs: Mapping[str, RewardS
     app.add_middleware(GuardMiddleware, max_bytes=server.max_request_bytes, token_sha256=token_sha256)
     _install_error_handlers(app)
     bearer = HTTPBearer(auto_error=False)  # documents the scheme in OpenAPI; GuardMiddleware enforces it
-    errors: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 422, 500, 503)}
+    errors: dict[int | str, dict[str, Any]] = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 422, 429, 500)}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -197,7 +201,8 @@ async def _call(backend: Backend, name: str, images: np.ndarray, prompts: list[s
     try:
         return await backend.score(images, prompts)
     except BackendOverloaded as e:
-        raise ApiError(503, "overloaded", f"reward {name!r} is overloaded ({e}); retry later") from None
+        raise ApiError(429, "overloaded", f"reward {name!r} is at capacity (its queue is full); retry after "
+                                          f"{RETRY_AFTER_S} s") from None
     except Exception as e:  # a crashed replica or model: 500, and the ingress keeps serving
         last = str(e).strip().splitlines()[-1:] or [""]
         raise ApiError(500, "scoring_failed", f"reward {name!r} failed: {type(e).__name__}: {last[0][:500]}") from None

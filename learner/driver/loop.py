@@ -5,11 +5,13 @@ each chunk of groups finishes) → learner update on the merged shards → versi
 metrics, periodic held-out evaluation and checkpoints. With `run.async_rollout` the rollout of
 iteration m+1 runs while the learner updates on m (staleness 1, corrected by the recorded log π_old).
 
-Faults: lost rollout shards are re-run and a worker that missed a broadcast is sent it again (rollouts.py);
-train records count `rollout_retries` and `weight_sync_retries`. Anything else (the learner, a reward that
-failed after the client's retries) fails the run, which `--resume` continues from its last checkpoint:
-the learner restores it, the window scheduler is put back at its iteration (whatever store it uses), and
-prompts and noise are functions of the run seed and the iteration.
+Faults: lost rollout shards are re-run and a worker that missed a broadcast is sent it again (rollouts.py); a
+learner that dies is started again from its last checkpoint and the iterations since are replayed (recovery.py,
+up to `learner.max_restarts` times); train records count `rollout_retries`, `weight_sync_retries`,
+`learner_restarts` and `replayed_iterations`. Anything else (a reward that failed after the client's retries)
+fails the run, which `--resume` continues from its last checkpoint: the learner restores it, the window scheduler
+is put back at its iteration (whatever store it uses), and prompts and noise are functions of the run seed and
+the iteration.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from services.config import Config
 from services.prompts import PromptSource
 
 from .actors import LearnerActor, SchedulerActor, WorkerActor
-from .rollouts import Cluster, broadcast, gather_rollout, launch_rollout, open_collective
+from .recovery import learners_alive, recover_learner
+from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
 
 def start_actors(cfg: Config, run_id: str) -> Cluster:
@@ -148,33 +151,59 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
                            shapes_grammar=cfg.model.backend == "tiny")
     pending = launch_rollout(cl, cfg, prompts, start) if start < cfg.run.iterations else None
     last_eval, t_prev_end = None, time.perf_counter()
-    for m in range(start, cfg.run.iterations):
-        # from this rollout's launch (sync) or the previous iteration's end (async: the rollout overlapped it);
-        # evaluation and checkpoint time are not part of an iteration
-        t_iter, ro, t_wait = max(pending.started, t_prev_end), pending, time.perf_counter()
-        refs = gather_rollout(cl, cfg, ro)  # this iteration's rollout is done (lost shards re-run)…
-        if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
-            pending = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
-        t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
-        stats = ray.get([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
-        _, t_sync, resent = broadcast(cl, collective, cfg.rollout.restart_timeout_s)
-        now = time.perf_counter()
-        rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,
-               "rollout_retries": ro.retries, "weight_sync_retries": resent, "broadcast_s": t_sync,
-               "wait_update_s": now - t_update - t_sync, "iteration_seconds": now - t_iter}
-        log.write(rec)
-        progress.report(rec)
-        for obs in observers:
-            obs.on_iteration(rec)
-        done = m + 1 == cfg.run.iterations
-        if cfg.run.eval_every and (m + 1) % cfg.run.eval_every == 0 or done:
-            last_eval = evaluate(cl, m, log)
-            progress.report_eval(last_eval)
-            for obs in observers:
-                obs.on_eval(last_eval)
-        if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
-            ray.get([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
+    faults = {"learner_restarts": 0, "replayed_iterations": 0}
+    m = start
+    while m < cfg.run.iterations:
+        try:
+            evaluated, launched = _one_iteration(cl, cfg, out, run_id, log, progress, observers, prompts, pending, m,
+                                                 t_prev_end, faults)
+        except ray.exceptions.RayActorError as e:
+            if learners_alive(cl):
+                raise  # a rollout worker's loss that its own retries did not absorb
+            resume_at = recover_learner(cl, cfg, out, log, m, faults["learner_restarts"], e)
+            faults["learner_restarts"] += 1
+            faults["replayed_iterations"] += m - resume_at
+            m, pending, t_prev_end = resume_at, launch_rollout(cl, cfg, prompts, resume_at), time.perf_counter()
+            continue
+        last_eval = evaluated or last_eval
         t_prev_end = time.perf_counter()
-        if not cfg.run.async_rollout and not done:
-            pending = launch_rollout(cl, cfg, prompts, m + 1)
+        m += 1
+        if m < cfg.run.iterations:
+            pending = launched or launch_rollout(cl, cfg, prompts, m)
     return {"final_eval": last_eval, "output_dir": str(out)}
+
+
+def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: MetricsLog, progress: Progress,
+                   observers: list[Observer], prompts: PromptSource, pending, m: int, t_prev_end: float,
+                   faults: dict) -> tuple[dict | None, Rollout | None]:
+    """Iteration m from its launched rollout `pending` to its record, evaluation and checkpoint.
+
+    -> (the evaluation record, if one ran; in async mode the rollout of m+1, launched before the update)."""
+    # from this rollout's launch (sync) or the previous iteration's end (async: the rollout overlapped it);
+    # evaluation and checkpoint time are not part of an iteration
+    t_iter, ro, t_wait = max(pending.started, t_prev_end), pending, time.perf_counter()
+    refs = gather_rollout(cl, cfg, ro)  # this iteration's rollout is done (lost shards re-run)…
+    launched = None
+    if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
+        launched = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
+    t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
+    stats = ray.get([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
+    _, t_sync, resent = broadcast(cl, cfg.cluster.weight_sync == "collective", cfg.rollout.restart_timeout_s)
+    now = time.perf_counter()
+    rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,
+           "rollout_retries": ro.retries, "weight_sync_retries": resent, **faults, "broadcast_s": t_sync,
+           "wait_update_s": now - t_update - t_sync, "iteration_seconds": now - t_iter}
+    log.write(rec)
+    progress.report(rec)
+    for obs in observers:
+        obs.on_iteration(rec)
+    done, evaluated = m + 1 == cfg.run.iterations, None
+    if cfg.run.eval_every and (m + 1) % cfg.run.eval_every == 0 or done:
+        evaluated = evaluate(cl, m, log)
+        progress.report_eval(evaluated)
+        for obs in observers:
+            obs.on_eval(evaluated)
+    if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
+        ray.get([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
+    return evaluated, launched
+

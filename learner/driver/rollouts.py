@@ -180,6 +180,7 @@ def broadcast(cl: Cluster, collective: bool = False, restart_timeout_s: float = 
         ray.get(sent)
     else:
         packet = [rank.get_weights.remote() for rank in cl.gathering()][0]  # rank 0's; the others helped gather
+        ray.get(cl.learner.weight_version.remote())  # the learner is alive (a dead one raises here, not per worker)
         refs = [w.sync_weights.remote(packet) for w in cl.workers]
         versions = []
         for i, (w, ref) in enumerate(zip(cl.workers, refs)):

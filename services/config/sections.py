@@ -259,6 +259,10 @@ class LearnerConfig(_Section):
     num_threads: int = Field(1, ge=1)
     checkpoint_every: int = Field(25, ge=0)
     """Iterations between checkpoints (0: only at the end)."""
+    max_restarts: int = Field(3, ge=0)
+    """Times a learner that died (any rank) is started again from the last checkpoint, the iterations since then
+    replayed (learner/driver/recovery.py); past it the run stops naming the checkpoint to --resume from. Needs
+    cluster.weight_sync=object_store (a collective group cannot re-admit a process)."""
 
 
 class ClusterConfig(_Section):
