@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -186,9 +185,9 @@ def run_levels(levels: list[float], seconds: float, *, port: int, probe_s: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    import ray
-
     import socket
+
+    import ray
 
     from benchmarks.common import publish
 

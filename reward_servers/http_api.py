@@ -200,7 +200,7 @@ def create_http_app(backends: Mapping[str, Backend], specs: Mapping[str, RewardS
 async def _call(backend: Backend, name: str, images: np.ndarray, prompts: list[str]) -> dict[str, Any]:
     try:
         return await backend.score(images, prompts)
-    except BackendOverloaded as e:
+    except BackendOverloaded:
         raise ApiError(429, "overloaded", f"reward {name!r} is at capacity (its queue is full); retry after "
                                           f"{RETRY_AFTER_S} s") from None
     except Exception as e:  # a crashed replica or model: 500, and the ingress keeps serving
