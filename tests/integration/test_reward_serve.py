@@ -244,6 +244,25 @@ def test_client_retries_overload_5xx_and_connection_errors(statuses, retries):
     assert '"array"' in body and '"dtype":"uint8"' in body.replace(" ", "")  # raw bytes in JSON, no pickle
 
 
+def test_client_waits_what_retry_after_asks(monkeypatch):
+    """A 429 with Retry-After: 2 makes the client wait 2 s (not its 1 ms backoff) before trying again."""
+    import reward_servers.client as client_module
+
+    slept, calls = [], []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) == 1:
+            return httpx.Response(429, json={"error": "overloaded", "detail": "full"}, headers={"Retry-After": "2"})
+        return httpx.Response(200, json={"scores": [0.5, 0.5]})
+
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    with _client(httpx.MockTransport(handler)) as client:
+        assert client.score("shapes_reward", np.zeros((2, 32, 32, 3), np.uint8), ["a"] * 2).tolist() == [0.5, 0.5]
+    assert slept == [2.0] and len(calls) == 2
+    assert client_module.retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT") is None  # a date: the backoff applies
+
+
 @pytest.mark.parametrize("statuses, calls_expected, status", [([400], 1, 400), ([422], 1, 422),
                                                                ([503], 4, 503), ([200], 1, None)])
 def test_client_raises_reward_error_never_zero(statuses, calls_expected, status):
