@@ -1,6 +1,6 @@
 """A learner killed with SIGKILL mid-run: the driver starts it again from the last checkpoint, replays the iterations
-since then, and the run ends with the records and weights of an uninterrupted run; past learner.max_restarts the
-error names the checkpoint to resume from."""
+since then, and the run ends with the records and weights of an uninterrupted run. (The refusals past
+learner.max_restarts and with collective sync: tests/unit/test_recovery.py.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from learner.driver.loop import run_loop
-from learner.driver.recovery import LearnerLost
 from reward_servers.service import reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
@@ -69,17 +68,3 @@ def test_learner_killed_mid_run_restarts_from_its_checkpoint_and_replays(ray_clu
     assert recs[-1]["replayed_iterations"] >= 1  # iteration 2 (at least) ran twice
     assert [r["weight_version"] for r in recs] == [1, 2, 3, 4, 5]
     assert_same_training(recs, *reference_run(cfg), tmp_path / "checkpoints" / "iter_000004")
-
-
-def test_past_max_restarts_the_error_names_the_checkpoint(ray_cluster, small_checkpoint, tmp_path):  # noqa: F811
-    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.iterations=4", "learner.checkpoint_every=1",
-                    "learner.max_restarts=0")
-    stop = threading.Event()
-    with reward_service(cfg.reward):
-        killer = kill_learner_after(tmp_path / "metrics.jsonl", 1, stop)
-        try:
-            with pytest.raises(LearnerLost, match=r"learner.max_restarts=0\): --resume .* continues from .*iter_00000"):
-                run_loop(cfg, tmp_path, "t-learner-fault-max")
-        finally:
-            stop.set()
-            killer.join(5)
