@@ -32,7 +32,7 @@ from services.config import Config
 from services.prompts import PromptSource
 
 from .actors import LearnerActor, SchedulerActor, WorkerActor
-from .recovery import learners_alive, recover_learner
+from .recovery import all_ranks, learners_alive, recover_learner
 from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
 
@@ -157,9 +157,9 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         try:
             evaluated, launched = _one_iteration(cl, cfg, out, run_id, log, progress, observers, prompts, pending, m,
                                                  t_prev_end, faults)
-        except ray.exceptions.RayActorError as e:
+        except ray.exceptions.RayError as e:  # a dead rank, or a surviving rank's collective failing with it
             if learners_alive(cl):
-                raise  # a rollout worker's loss that its own retries did not absorb
+                raise  # not the learner: a rollout worker's loss its retries did not absorb, a reward, a bug
             resume_at = recover_learner(cl, cfg, out, log, m, faults["learner_restarts"], e)
             faults["learner_restarts"] += 1
             faults["replayed_iterations"] += m - resume_at
@@ -187,7 +187,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
         launched = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
     t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
-    stats = ray.get([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
+    stats = all_ranks([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
     _, t_sync, resent = broadcast(cl, cfg.cluster.weight_sync == "collective", cfg.rollout.restart_timeout_s)
     now = time.perf_counter()
     rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,
@@ -204,6 +204,6 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
         for obs in observers:
             obs.on_eval(evaluated)
     if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
-        ray.get([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
+        all_ranks([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
     return evaluated, launched
 

@@ -31,8 +31,19 @@ class LearnerLost(RuntimeError):
     """The learner (a rank of it) died and was not brought back."""
 
 
+def all_ranks(refs: list[ray.ObjectRef]) -> list:
+    """The results of every rank's call, failing as soon as any fails: a rank killed mid-update leaves the others
+    blocked in a collective (until its timeout), so waiting for them in order would hang."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 def learners_alive(cl: Cluster, timeout_s: float = 30.0) -> bool:
-    """Whether every learner rank answers (a dead one raises RayActorError at once)."""
+    """Whether every learner rank answers within `timeout_s` (a dead one raises RayActorError at once; one blocked
+    in a collective with a dead peer does not answer)."""
     try:
         ray.get([rank.weight_version.remote() for rank in cl.learners], timeout=timeout_s)
         return True

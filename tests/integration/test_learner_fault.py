@@ -40,7 +40,7 @@ def kill_learner_after(metrics: Path, iteration: int, stop: threading.Event, del
             if metrics.exists() and any(json.loads(line).get("iteration", -1) >= iteration and
                                         json.loads(line)["kind"] == "train" for line in metrics.read_text().splitlines()):
                 time.sleep(delay_s)
-                for pid in learner_pids():
+                for pid in learner_pids()[:1]:  # one process: a rank of a group takes the group down with it
                     os.kill(pid, signal.SIGKILL)
                 return
 
@@ -49,9 +49,13 @@ def kill_learner_after(metrics: Path, iteration: int, stop: threading.Event, del
     return thread
 
 
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_learner_killed_mid_run_restarts_from_its_checkpoint_and_replays(ray_cluster, small_checkpoint, tmp_path,  # noqa: F811
-                                                                          capsys):
-    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.iterations=5", "learner.checkpoint_every=2")
+                                                                          capsys, ranks):
+    """With 2 ranks (data parallel), one rank's process is killed: both are replaced and the group formed again."""
+    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.iterations=5", "learner.checkpoint_every=2",
+                    f"learner.num_workers={ranks}", f"learner.gradient_accumulation_steps={ranks}",
+                    f"learner.micro_batch_size={8 // ranks}")
     stop = threading.Event()
     with reward_service(cfg.reward):
         killer = kill_learner_after(tmp_path / "metrics.jsonl", 2, stop)
