@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from learner.driver.loop import run_loop
-from reward_servers.service import reward_service
+from tests.integration.conftest import shared_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
 
@@ -20,7 +20,7 @@ def test_branched_methods_through_ray_equal_the_inprocess_run(ray_cluster, small
     cfg = small_cfg(small_checkpoint, tmp_path, preset, "learner.gradient_accumulation_steps=1",
                     f"run.async_rollout={str(async_rollout).lower()}", *(["run.iterations=3"] if async_rollout else []))
     assert cfg.num_groups == 2 and cfg.rows_per_prompt == 8  # 2 window steps × 4 children per prompt
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, f"t-{preset}")
     recs = train_records(tmp_path)
     n = cfg.run.iterations

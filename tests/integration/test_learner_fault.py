@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from learner.driver.loop import run_loop
-from reward_servers.service import reward_service
+from tests.integration.conftest import shared_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
 
@@ -57,7 +57,7 @@ def test_learner_killed_mid_run_restarts_from_its_checkpoint_and_replays(ray_clu
                     f"learner.num_workers={ranks}", f"learner.gradient_accumulation_steps={ranks}",
                     f"learner.micro_batch_size={8 // ranks}")
     stop = threading.Event()
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         killer = kill_learner_after(tmp_path / "metrics.jsonl", 2, stop)
         try:
             run_loop(cfg, tmp_path, "t-learner-fault")

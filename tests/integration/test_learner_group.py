@@ -18,7 +18,7 @@ from learner.driver.actors import LearnerActor
 from learner.driver.build import build_learner, build_worker
 from learner.driver.loop import run_loop
 from reward_servers.client import LocalRewards
-from reward_servers.service import reward_service
+from tests.integration.conftest import shared_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
 from tests.redis_server import free_port
@@ -72,7 +72,7 @@ def test_a_two_rank_run_resumes_exactly_on_two_ranks_then_on_one(ray_cluster, sm
         return cfg.model_copy(update={"run": cfg.run.model_copy(update={"iterations": iterations}),
                                       "learner": cfg.learner.model_copy(update={"num_workers": ranks})})
 
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-group")
         run_loop(more(2, 2), tmp_path, "t-group", resume=True)
         run_loop(more(3, 1), tmp_path, "t-group", resume=True)

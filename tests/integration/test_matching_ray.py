@@ -8,7 +8,7 @@ import math
 import pytest
 
 from learner.driver.loop import run_loop
-from reward_servers.service import reward_service
+from tests.integration.conftest import shared_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_matching_objectives_through_ray_equal_the_inprocess_run(ray_cluster, small_checkpoint, tmp_path,  # noqa: F811
                                                                   preset, objective):
     cfg = small_cfg(small_checkpoint, tmp_path, preset)
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, f"t-{preset}")
     recs = train_records(tmp_path)
     assert [r["objective"] for r in recs] == [objective] * 2 and [r["weight_version"] for r in recs] == [1, 2]
@@ -31,7 +31,7 @@ def test_nft_async(ray_cluster, small_checkpoint, tmp_path):  # noqa: F811
     """Async: the rollout of m+1 samples with φ before update m (staleness 1); the matching objectives need no
     ratio correction. (AWM's async path is the same driver code.)"""
     cfg = small_cfg(small_checkpoint, tmp_path, "diffusion_nft", "run.async_rollout=true", "run.iterations=3")
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-nft-async")
     recs = train_records(tmp_path)
     assert [r["staleness"] for r in recs] == [0, 1, 1] and all(math.isfinite(r["loss"]) for r in recs)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from learner.driver.loop import run_loop
-from reward_servers.service import reward_service
 from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 from services.config import load_config
+from tests.integration.conftest import shared_reward_service
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,7 @@ def train_records(out):
                                     "flow_grpo_fast"])
 def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, preset):
     cfg = small_cfg(small_checkpoint, tmp_path, preset)
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         result = run_loop(cfg, tmp_path, f"t-{preset}")
     recs = train_records(tmp_path)
     assert [r["iteration"] for r in recs] == [0, 1]
@@ -66,7 +66,7 @@ def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, 
 
 def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
     cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true", "run.iterations=3")
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-async")
     recs = train_records(tmp_path)
     assert [r["staleness"] for r in recs] == [0, 1, 1]
@@ -79,7 +79,7 @@ def test_resume_continues_exactly(ray_cluster, small_checkpoint, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", "run.iterations=3")
     cfg_part = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=2")
-    with reward_service(cfg_full.reward):
+    with shared_reward_service(cfg_full.reward):
         run_loop(cfg_full, full, "t-full")
         run_loop(cfg_part, part, "t-part")
         cfg_more = cfg_part.model_copy(update={"run": cfg_part.run.model_copy(update={"iterations": 3})})
@@ -95,7 +95,7 @@ def test_resume_continues_exactly(ray_cluster, small_checkpoint, tmp_path):
 
 def test_collective_weight_sync_gloo(ray_cluster, small_checkpoint, tmp_path):
     cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "cluster.weight_sync=collective")
-    with reward_service(cfg.reward):
+    with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-gloo")
     recs = train_records(tmp_path)
     assert [r["weight_version"] for r in recs] == [1, 2]
@@ -117,7 +117,7 @@ def test_resume_after_a_crash_past_the_last_checkpoint_with_a_persistent_window_
     with redis_server(tmp_path) if store == "redis" else nullcontext(f"file://{tmp_path / 'state'}") as url:
         cfg = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=4", "learner.checkpoint_every=2",
                         f"cluster.state_store={url}")
-        with reward_service(cfg.reward):
+        with shared_reward_service(cfg.reward):
             run_loop(cfg, part, f"t-part-{store}")
             shutil.rmtree(part / "checkpoints" / "iter_000003")
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"iterations": 3})})
