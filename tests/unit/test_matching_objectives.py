@@ -41,19 +41,25 @@ def test_rollout_keeps_final_latents_only_when_asked(batch):
     torch.testing.assert_close(merge_batches(parts).final_latents, batch.final_latents)  # merged in group order
 
 
+def micro_batch_draws(u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Micro-batch u's rows (8), its T = 3 stratified times over σ_0…σ_7 and its fresh ε, from the run's seeded
+    streams (seed 3, iteration 0, epoch 0), drawn here independently of the learner."""
+    grid = sigma_schedule(8, 3.0)[:-1].float()
+    t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
+    eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+    return torch.arange(8 * u, 8 * u + 8), t, eps
+
+
 def written_out_gradient(learner, batch, per_row) -> torch.Tensor:
     """The gradient of Σ_rows,draws Ā·per_row(v, x_t, x0, ε, t) / (B·T), written out independently of the learner:
     A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5; per micro-batch u of 8
     rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded streams (seed 3, iteration 0)."""
     r = batch.rewards["verifier"].view(4, 4)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
-    grid = sigma_schedule(8, 3.0)[:-1].float()
     cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
     total = 0.0
     for u in range(2):
-        rows = torch.arange(8 * u, 8 * u + 8)
-        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
-        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+        rows, t, eps = micro_batch_draws(u)
         for j in range(3):
             x0 = batch.final_latents[rows]
             x_t = (1 - t[j]) * x0 + t[j] * eps[:, j]
@@ -185,13 +191,10 @@ def test_awm_lagged_copy_regularises_checkpoints_and_is_not_published(batch, tmp
     learner.awm = spec
     phi = small_policy()
     phi.load_trainable_state_dict(learner.lagged)
-    grid = sigma_schedule(8, 3.0)[:-1].float()
     cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
     reg = 0.0
     for u in range(2):
-        rows = torch.arange(8 * u, 8 * u + 8)
-        t = grid[stratified_indices(8, 3, seeded_generator(3, Stream.AWM_TIMES, 0, 0, u))]
-        eps = torch.randn((8, 3, 3, 32, 32), generator=seeded_generator(3, Stream.AWM_NOISE, 0, 0, u))
+        rows, t, eps = micro_batch_draws(u)
         c = {k: v[rows] for k, v in cond.items()}
         for j in range(3):
             x_t = (1 - t[j]) * batch.final_latents[rows] + t[j] * eps[:, j]
