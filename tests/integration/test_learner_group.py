@@ -81,6 +81,7 @@ def test_a_two_rank_run_resumes_exactly_on_two_ranks_then_on_one(ray_cluster, sm
     assert_same_training(recs, *reference_run(more(3, 1)), tmp_path / "checkpoints" / "iter_000002")
 
 
+@pytest.mark.slow  # (two ranks through run_loop: test_a_two_rank_run_resumes_exactly_on_two_ranks_then_on_one)
 def test_main_with_two_learner_ranks(small_checkpoint, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     args = [f"model.path={small_checkpoint}", f"run.output_dir={out}", "learner.num_workers=2",

@@ -41,8 +41,9 @@ def train_records(out):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("preset", ["mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "flow_grpo", "dance_grpo",
-                                    "flow_grpo_fast"])
+@pytest.mark.parametrize("preset", ["mixgrpo", pytest.param("mixgrpo_flash", marks=pytest.mark.slow),
+                                    "mixgrpo_flash_star", pytest.param("flow_grpo", marks=pytest.mark.slow),
+                                    "dance_grpo", "flow_grpo_fast"])  # (slow: the same code paths as their neighbours)
 def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, preset):
     cfg = small_cfg(small_checkpoint, tmp_path, preset)
     with shared_reward_service(cfg.reward):
@@ -73,6 +74,7 @@ def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
     assert recs[0]["first_ratio_dev"] < 1e-5 and recs[1]["first_ratio_dev"] > 1e-5  # stale: corrected by π_old
 
 
+@pytest.mark.slow  # (resume exactness also: test_learner_group.py's 2 → 2 → 1 ranks, test_learner_fault.py's replay)
 def test_resume_continues_exactly(ray_cluster, small_checkpoint, tmp_path):
     from learner.training import load_checkpoint
 
