@@ -145,10 +145,9 @@ class RolloutWorker:
                                sde_kind=self.sde_kind, sde_noise=sde_noise, grids=grids)
         return traj, list(traj.finals)
 
-    @property
-    def rows_per_group(self) -> int:
+    def rows_per_group(self, window: Window) -> int:
         """Rows of one prompt: G members, or K children at each of the w branch steps."""
-        return self.group_size * (1 if self.branching == "none" else self.window_size)
+        return self.group_size * (1 if self.branching == "none" else window.size)
 
     def rollout(self, iteration: int, window: tuple[int, int], prompts: Sequence[str],
                 group_ids: Sequence[int]) -> RolloutBatch:
@@ -156,7 +155,7 @@ class RolloutWorker:
         if len(prompts) != len(group_ids):
             raise ValueError("one group id per prompt is required")
         win = Window(*window)
-        self.window_size = win.size
+        rows = self.rows_per_group(win)
         t0 = time.perf_counter()
         conds, trajs, pending = [], [], []
         model = {"encode_s": 0.0, "forward_s": 0.0, "decode_s": 0.0}  # model compute inside sample_s
@@ -168,7 +167,7 @@ class RolloutWorker:
             noise = noise.to(self.policy.device)  # (the window's noise moves step by step, in the sampler)
             traj, finals = self._sample(velocity, noise, cond, win, sde_noise)
             decoded = [_timed(self.policy.decode, model, "decode_s")(f) for f in finals]  # (rows, H, W, 3) uint8
-            member_prompts = [p for p in chunk for _ in range(self.rows_per_group)]
+            member_prompts = [p for p in chunk for _ in range(rows)]
             pending.append([{n: self.rewards.submit(n, im, member_prompts) for n in self.reward_names}
                             for im in decoded])
             conds.append(cond)
@@ -182,14 +181,14 @@ class RolloutWorker:
         branched = self.branching != "none"
         cat = lambda name: torch.cat([getattr(t, name) for t, _ in trajs])  # noqa: E731
         return RolloutBatch(
-            prompts=list(prompts), prompt_ids=list(group_ids), group_size=self.rows_per_group,
+            prompts=list(prompts), prompt_ids=list(group_ids), group_size=rows,
             latents=cat("latents"), next_latents=cat("next_latents"), log_probs=cat("log_probs"),
             sigmas=cat("sigmas") if branched else first.sigmas,
             sigmas_next=cat("sigmas_next") if branched else first.sigmas_next,
             rewards=rewards, window=(win.start, win.size), iteration=iteration, weight_version=self.version,
             nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
-            image_prompts=[p for p in prompts for _ in range(self.rows_per_group)][:: max(1, len(images) // max(k, 1))][:k],
+            image_prompts=[p for p in prompts for _ in range(rows)][:: max(1, len(images) // max(k, 1))][:k],
             timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
             final_latents=cat("final").float() if self.keep_final else None,
             branches=win.size if branched else 1, steps=cat("steps") if branched else None,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .dpm import dpmpp_2m_step
+from .family import granularity_grid
 from .schedule import flash_schedule
 from .transitions import SdeKind, SdeStep, ode_step, sde_step
 from .window import Window
@@ -157,8 +158,6 @@ def sample_branched(
         grids: J finishing grids; `grids[j]` maps k to the σ grid from σ_{k+1} to 0 (None: the rollout schedule
             itself, TempFlow-GRPO; G²RPO passes `family.granularity_grid` at each granularity).
     """
-    from .family import granularity_grid
-
     n, steps = len(sigmas) - 1, list(steps)
     if not steps or steps != sorted(set(steps)) or steps[0] < 0 or steps[-1] > n - 2:
         raise ValueError(f"branch steps must be increasing and in [0, {n - 2}], got {steps}")

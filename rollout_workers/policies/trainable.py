@@ -130,7 +130,8 @@ class TransformerPolicy:
     trainable: TrainableTransformer
 
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        raise NotImplementedError
+        """The backend's forward pass of `transformer` (the live one or the reference): each backend defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define _forward(transformer, x, sigma, cond)")
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, C, H, W), sigma (B,) fp32 in [0, 1] -> velocity (B, C, H, W) fp32 (the backend's `_forward`)."""
