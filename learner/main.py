@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
           f"→ {out}", flush=True)
     from learner.driver.loop import run_loop
-    from learner.outputs.metrics import eval_summary
+    from learner.outputs.metrics import eval_change, eval_summary
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
     final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out {final}; outputs in {out}", flush=True)
+    change = eval_change(result.get("base_eval"), result["final_eval"])
+    if change:
+        n = result["final_eval"].get("eval_num_prompts", "?")
+        print(f"held-out ({n} prompts, ± standard error): {change}", flush=True)
     return 0
 
 

@@ -143,13 +143,13 @@ class WorkerActor:
         self.telemetry.record(rollout_updates(batch.timings, batch.num_rows, batch.weight_version, self.worker))
         return batch, list(batch.prompt_ids)
 
-    def evaluate(self, grid: int = 16) -> dict:
-        """The run's held-out evaluation with the weights this worker holds (`learner.evaluation`); rewards are
-        scored by the run's reward service, like the rollouts'."""
+    def evaluate(self, shard: tuple[int, int], grid: int = 16) -> dict:
+        """Prompts [lo, hi) of the run's held-out evaluation with the weights this worker holds
+        (`learner.evaluation.evaluate_shard`); rewards are scored by the run's reward service, like the rollouts'."""
         rewards = {s.name: (lambda images, prompts, n=s.name: self.client.score(n, images, prompts))
                    for s in evaluation.reward_specs(self.cfg)}
-        result = evaluation.evaluate(self.inner.policy, evaluation.run_prompts(self.cfg),
-                                     **evaluation.settings(self.cfg), rewards=rewards, grid=grid)
+        result = evaluation.evaluate_shard(self.inner.policy, evaluation.run_prompts(self.cfg), shard,
+                                           **evaluation.settings(self.cfg), rewards=rewards, grid=grid)
         return {**result, "weight_version": self.inner.version}
 
     def sync_weights(self, packet) -> int:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import ray
 
-from learner.evaluation import eval_record
+from learner.evaluation import combine, eval_record, run_prompts, shards
+from learner.evaluation import settings as evaluation_settings
 from learner.outputs.grids import save_grid
 from learner.outputs.metrics import MetricsLog, Progress
 from learner.outputs.observers import Observer
@@ -87,18 +88,25 @@ def start_learners(cfg: Config, cfg_json: str) -> tuple[list, object | None]:
     return ranks, pg
 
 
-def evaluate(cl: Cluster, iteration: int, log: MetricsLog) -> dict:
-    """The held-out evaluation (`learner.evaluation`) on rollout worker 0, which holds the weights of the last
-    broadcast (checked: `weight_version`), and a 16-cell sample grid spanning the prompt set (fixed prompts
-    and noise: the cells compare over time).
+def evaluate(cl: Cluster, cfg: Config, iteration: int, log: MetricsLog) -> dict:
+    """The held-out evaluation (`learner.evaluation`), its prompts shared out among the rollout workers, which hold
+    the weights of the last broadcast (checked: `weight_version`), and a 16-cell sample grid spanning the prompt set
+    (fixed prompts and noise: the cells compare over time). Each prompt keeps its own noise whichever worker
+    samples it, so the result does not depend on the number of workers.
 
     The grid is saved as <run>/samples/<iter>.png + .json; `rec["samples"]` (its path relative to the run)
     is how observers, the record and the report find it.
     """
-    res = ray.get(cl.workers[0].evaluate.remote(grid=16))
-    if res["weight_version"] != cl.version:
-        raise RuntimeError(f"evaluation ran with weights version {res['weight_version']}, expected {cl.version}")
-    rec = {**eval_record(iteration, res), "weight_version": res["weight_version"]}
+    prompts = run_prompts(cfg)
+    parts = ray.get([w.evaluate.remote(shard, 16) for w, shard in zip(cl.workers, shards(len(prompts),
+                                                                                          len(cl.workers)))])
+    stale = sorted({p["weight_version"] for p in parts} - {cl.version})
+    if stale:
+        raise RuntimeError(f"evaluation ran with weights versions {stale}, expected {cl.version}")
+    settings = evaluation_settings(cfg)
+    res = combine(prompts, parts, verifier=settings["verifier"], grid=16, num_steps=settings["num_steps"],
+                  shift=settings["shift"], seed=settings["seed"], hybrid_fraction=1.0)
+    rec = {**eval_record(iteration, res), "weight_version": cl.version}
     grid = res.get("grid")
     if grid is not None:
         rec["samples"] = save_grid(log.path.parent, iteration, grid["images"], grid["prompts"], grid["scores"])
@@ -143,7 +151,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         open_collective(cl, cfg)
     broadcast(cl, collective, cfg.rollout.restart_timeout_s)  # workers start from the learner's weights (verified)
     if not resume:
-        first = evaluate(cl, -1, log)
+        first = evaluate(cl, cfg, -1, log)
         progress.report_eval(first)
         for obs in observers:
             obs.on_eval(first)
@@ -170,7 +178,8 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         m += 1
         if m < cfg.run.iterations:
             pending = launched or launch_rollout(cl, cfg, prompts, m)
-    return {"final_eval": last_eval, "output_dir": str(out)}
+    base_eval = next((r for r in log.records() if r.get("kind") == "eval" and r["iteration"] < 0), None)
+    return {"base_eval": base_eval, "final_eval": last_eval, "output_dir": str(out)}
 
 
 def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: MetricsLog, progress: Progress,
@@ -199,7 +208,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
         obs.on_iteration(rec)
     done, evaluated = m + 1 == cfg.run.iterations, None
     if cfg.run.eval_every and (m + 1) % cfg.run.eval_every == 0 or done:
-        evaluated = evaluate(cl, m, log)
+        evaluated = evaluate(cl, cfg, m, log)
         progress.report_eval(evaluated)
         for obs in observers:
             obs.on_eval(evaluated)

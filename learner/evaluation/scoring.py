@@ -21,11 +21,15 @@ VERIFIER_COLUMNS = ("verifier_score", "verifier_strict")
 
 def score_images(prompts: Sequence[str], images: np.ndarray, *, verifier: bool,
                  rewards: Mapping[str, ScoreFn] | None = None, batch_size: int = 64) -> dict:
-    """Score one image per prompt.
+    """Score one image per prompt: `image_scores`, then `summarize`."""
+    prompts = list(prompts)
+    return summarize(prompts, image_scores(prompts, images, verifier=verifier, rewards=rewards,
+                                           batch_size=batch_size), verifier=verifier)
 
-    -> {"num_prompts", "columns": [names], "overall": {column: macro mean},
-        "per_category": {category: {"n", column: mean}}, "prompts": [...], "scores": {column: [per image]}}
-    """
+
+def image_scores(prompts: Sequence[str], images: np.ndarray, *, verifier: bool,
+                 rewards: Mapping[str, ScoreFn] | None = None, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per-image columns {name: (P,) float64}: the verifier's two (for shapes-world images), then each reward's."""
     prompts = list(prompts)
     if len(prompts) != len(images) or not prompts:
         raise ValueError(f"need one image per prompt and at least one, got {len(prompts)} / {len(images)}")
@@ -43,14 +47,35 @@ def score_images(prompts: Sequence[str], images: np.ndarray, *, verifier: bool,
         if scores[name].shape != (len(prompts),) or not np.isfinite(scores[name]).all():
             raise ValueError(f"reward {name!r} returned {scores[name].shape} scores (all finite: "
                              f"{bool(np.isfinite(scores[name]).all())}) for {len(prompts)} images")
+    return scores
+
+
+def macro_stderr(values: np.ndarray, groups: Sequence[Sequence[int]]) -> float:
+    """Standard error of the mean of group means: sqrt(Σ_c s_c² / n_c) / C, s_c the sample sd of group c (a group
+    of one image adds nothing: its spread is unknown)."""
+    terms = [values[idx].var(ddof=1) / len(idx) for idx in groups if len(idx) > 1]
+    return float(np.sqrt(sum(terms)) / len(groups)) if groups else float("nan")
+
+
+def summarize(prompts: Sequence[str], scores: Mapping[str, Sequence[float]], *, verifier: bool) -> dict:
+    """Per-image columns (`image_scores`, possibly merged from shards) → the evaluation's numbers.
+
+    -> {"num_prompts", "columns": [names], "overall": {column: macro mean}, "stderr": {column: its standard
+        error}, "per_category": {category: {"n", column: mean}}, "prompts": [...], "scores": {column: [per image]}}
+    """
+    prompts = list(prompts)
+    scores = {k: np.asarray(v, np.float64) for k, v in scores.items()}
+    if any(v.shape != (len(prompts),) for v in scores.values()):
+        raise ValueError(f"{len(prompts)} prompts but score columns of shapes {[v.shape for v in scores.values()]}")
     cats = [shapes_world.category(p) for p in prompts] if verifier else ["all"] * len(prompts)
-    per_category = {}
-    for cat in dict.fromkeys(c for c in (*shapes_world.CATEGORIES, *cats) if c in cats):
-        idx = [i for i, c in enumerate(cats) if c == cat]
-        per_category[cat] = {"n": len(idx), **{k: float(v[idx].mean()) for k, v in scores.items()}}
+    groups = {cat: [i for i, c in enumerate(cats) if c == cat]
+              for cat in dict.fromkeys(c for c in (*shapes_world.CATEGORIES, *cats) if c in cats)}
+    per_category = {cat: {"n": len(idx), **{k: float(v[idx].mean()) for k, v in scores.items()}}
+                    for cat, idx in groups.items()}
     overall = {k: float(np.mean([m[k] for m in per_category.values()])) for k in scores}
-    return {"num_prompts": len(prompts), "columns": list(scores), "overall": overall, "per_category": per_category,
-            "prompts": prompts, "scores": {k: v.tolist() for k, v in scores.items()}}
+    stderr = {k: macro_stderr(v, list(groups.values())) for k, v in scores.items()}
+    return {"num_prompts": len(prompts), "columns": list(scores), "overall": overall, "stderr": stderr,
+            "per_category": per_category, "prompts": prompts, "scores": {k: v.tolist() for k, v in scores.items()}}
 
 
 def headline(result: Mapping) -> str:
@@ -59,10 +84,12 @@ def headline(result: Mapping) -> str:
 
 
 def eval_record(iteration: int, result: Mapping) -> dict:
-    """The `kind: eval` record of metrics.jsonl: `eval_<column>` overall, and per shapes category
-    `eval_<category>_score` (the verifier score); `eval_columns` lists the overall columns."""
+    """The `kind: eval` record of metrics.jsonl: `eval_<column>` overall with its standard error `eval_<column>_se`,
+    and per shapes category `eval_<category>_score` (the verifier score); `eval_columns` lists the overall
+    columns."""
     rec = {"kind": "eval", "iteration": iteration, "eval_num_prompts": result["num_prompts"],
-           "eval_columns": list(result["columns"]), **{f"eval_{k}": v for k, v in result["overall"].items()}}
+           "eval_columns": list(result["columns"]), **{f"eval_{k}": v for k, v in result["overall"].items()},
+           **{f"eval_{k}_se": v for k, v in result.get("stderr", {}).items()}}
     if "verifier_score" in result["columns"]:
         rec |= {f"eval_{c}_score": m["verifier_score"] for c, m in result["per_category"].items()}
     return rec

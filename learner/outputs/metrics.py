@@ -68,9 +68,29 @@ def eval_columns(rec: dict) -> list[str]:
 
 
 def eval_summary(rec: dict) -> str:
-    """`verifier_score=0.477 verifier_strict=0.141` (or the reward columns of a real-model run)."""
-    return " ".join(f"{c}={rec[f'eval_{c}']:.3f}" for c in eval_columns(rec) if isinstance(rec.get(f"eval_{c}"),
-                                                                                         int | float))
+    """`verifier_score=0.477±0.007 verifier_strict=0.141±0.010` (± the standard error where the record has one;
+    the reward columns of a real-model run likewise)."""
+    parts = []
+    for c in eval_columns(rec):
+        v, se = rec.get(f"eval_{c}"), rec.get(f"eval_{c}_se")
+        if isinstance(v, int | float):
+            parts.append(f"{c}={v:.3f}" + (f"±{se:.3f}" if isinstance(se, int | float) else ""))
+    return " ".join(parts)
+
+
+def eval_change(base: dict | None, final: dict | None) -> str:
+    """The headline column's change from the evaluation before training to `final`, with the standard error of the
+    difference sqrt(se_base² + se_final²) (the two are not treated as paired: a change of the weights redraws
+    every image, so the set's own luck enters both), e.g. `verifier_score 0.477 → 0.512, change +0.035 ± 0.010`."""
+    if not base or not final or base is final:
+        return ""
+    column = eval_columns(final)[0]
+    b, f = base.get(f"eval_{column}"), final.get(f"eval_{column}")
+    if not isinstance(b, int | float) or not isinstance(f, int | float):
+        return ""
+    sb, sf = base.get(f"eval_{column}_se"), final.get(f"eval_{column}_se")
+    se = f" ± {(sb ** 2 + sf ** 2) ** 0.5:.3f}" if isinstance(sb, int | float) and isinstance(sf, int | float) else ""
+    return f"{column} {b:.3f} → {f:.3f}, change {f - b:+.3f}{se}"
 
 
 def eval_when(rec: dict) -> str:

@@ -143,8 +143,13 @@ def _fmt(v: float | None, signed: bool = False) -> str:
     return "–" if v is None else (f"{v:+.3f}" if signed else f"{v:.3f}")
 
 
+def _pm(v: float | None, se: float | None) -> str:
+    return _fmt(v) + (f" ± {se:.3f}" if v is not None and se is not None else "")
+
+
 def summary_table(train: list[dict], evals: list[dict]) -> str:
-    """Base vs final held-out evaluation (overall columns, per category), iterations, median s/iteration."""
+    """Base vs final held-out evaluation (overall columns ± standard error, per category), iterations, median
+    s/iteration."""
     base = next((e for e in evals if e["iteration"] < 0), None)
     final = evals[-1] if evals and evals[-1]["iteration"] >= 0 else None
     rows = ["| | base | final | change |", "|---|---|---|---|"]
@@ -152,8 +157,12 @@ def summary_table(train: list[dict], evals: list[dict]) -> str:
     keys += sorted({k for e in evals for k in e if k.startswith("eval_") and k.endswith("_score")} - set(keys))
     for key in keys:
         b, f = _num((base or {}).get(key)), _num((final or {}).get(key))
+        sb, sf = _num((base or {}).get(f"{key}_se")), _num((final or {}).get(f"{key}_se"))
         label = key.removeprefix("eval_").replace("_", " ")
-        rows.append(f"| held-out {label} | {_fmt(b)} | {_fmt(f)} | {_fmt(f - b if None not in (b, f) else None, True)} |")
+        change = _fmt(f - b if None not in (b, f) else None, True)
+        if None not in (b, f, sb, sf):  # the standard error of the difference, the two sets' luck unpaired
+            change += f" ± {(sb ** 2 + sf ** 2) ** 0.5:.3f}"
+        rows.append(f"| held-out {label} | {_pm(b, sb)} | {_pm(f, sf)} | {change} |")
     secs = [s for r in train if (s := _num(r.get("iteration_seconds"))) is not None]
     rows.append(f"| iterations | | {len(train)} | |")
     rows.append(f"| median s/iteration | | {statistics.median(secs):.2f} | |" if secs else "| median s/iteration | | – | |")

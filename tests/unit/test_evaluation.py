@@ -109,6 +109,64 @@ def test_eval_record_and_headline():
     assert evaluation.headline(plain) == "pickscore" and "eval_all_score" not in evaluation.eval_record(0, plain)
 
 
+def test_standard_error_of_the_macro_mean_worked_example():
+    """Two categories: single [1, 0.25, 0] (sample var 0.27083…, n 3), counting [2/3, 0] (var 2/9, n 2):
+    SE = sqrt(0.27083/3 + 0.22222/2) / 2 = 0.22438…; a one-image category adds nothing."""
+    prompts = ["a red square", "a red circle", "a green circle", "two green triangles", "three red circles"]
+    images = np.stack([_image("a red square"), _image("a red square"), np.zeros((32, 32, 3), np.uint8),
+                       _image("a green triangle"), np.zeros((32, 32, 3), np.uint8)])
+    r = evaluation.score_images(prompts, images, verifier=True)
+    np.testing.assert_allclose(r["scores"]["verifier_score"], [1.0, 0.25, 0.0, 2 / 3, 0.0])
+    single, counting = np.array([1.0, 0.25, 0.0]), np.array([2 / 3, 0.0])
+    expected = np.sqrt(single.var(ddof=1) / 3 + counting.var(ddof=1) / 2) / 2
+    assert r["stderr"]["verifier_score"] == pytest.approx(expected) == pytest.approx(0.224382, abs=1e-6)
+    assert evaluation.macro_stderr(np.array([0.3, 1.0, 0.5]), [[0], [1, 2]]) == pytest.approx(
+        np.sqrt(np.var([1.0, 0.5], ddof=1) / 2) / 2)
+    rec = evaluation.eval_record(0, r)
+    assert rec["eval_verifier_score_se"] == pytest.approx(expected)
+
+
+def test_sharded_evaluation_is_the_single_process_one():
+    """k workers each sample a contiguous part with the noise its positions get in the whole set: combined, the
+    scores, the standard errors and the grid are those of one process, whatever k."""
+    policy = small_policy(seed=0)
+    prompts = evaluation.heldout_prompts(3, 5)  # 12 prompts
+    kw = dict(num_steps=4, shift=3.0, seed=9, verifier=True)
+    whole = evaluation.evaluate(policy, prompts, grid=5, **kw)
+    for k in (2, 3, 5):
+        parts = [evaluation.evaluate_shard(policy, prompts, b, grid=5, **kw)
+                 for b in reversed(evaluation.shards(len(prompts), k))]  # any order
+        merged = evaluation.combine(prompts, parts, verifier=True, grid=5, num_steps=4, shift=3.0, seed=9,
+                                    hybrid_fraction=1.0)
+        assert merged["scores"] == whole["scores"] and merged["overall"] == whole["overall"]
+        assert merged["stderr"] == whole["stderr"] and merged["prompts"] == whole["prompts"]
+        np.testing.assert_array_equal(merged["grid"]["images"], whole["grid"]["images"])
+        assert merged["grid"]["scores"] == whole["grid"]["scores"]
+    assert evaluation.shards(10, 3) == [(0, 3), (3, 6), (6, 10)] and evaluation.shards(2, 5) == [(0, 1), (1, 2)]
+    part = evaluation.evaluate_shard(policy, prompts, (0, 6), **kw)
+    with pytest.raises(ValueError, match="cover"):  # half the set is not an evaluation
+        evaluation.combine(prompts, [part], verifier=True)
+    with pytest.raises(ValueError, match="cover"):  # nor is a part counted twice
+        evaluation.combine(prompts, [part, part, evaluation.evaluate_shard(policy, prompts, (6, 12), **kw)],
+                           verifier=True)
+    with pytest.raises(ValueError, match="non-empty part"):
+        evaluation.evaluate_shard(policy, prompts, (6, 6), **kw)
+
+
+def test_the_printed_change_carries_the_standard_error_of_the_difference():
+    from learner.outputs.metrics import eval_change, eval_summary
+
+    base = {"iteration": -1, "eval_columns": ["verifier_score"], "eval_verifier_score": 0.48,
+            "eval_verifier_score_se": 0.006}
+    final = {"iteration": 59, "eval_columns": ["verifier_score"], "eval_verifier_score": 0.59,
+             "eval_verifier_score_se": 0.008}
+    assert eval_summary(final) == "verifier_score=0.590±0.008"
+    assert eval_change(base, final) == "verifier_score 0.480 → 0.590, change +0.110 ± 0.010"  # sqrt(.006² + .008²)
+    assert eval_change(None, final) == "" and eval_change(base, base) == ""
+    old = {k: v for k, v in final.items() if not k.endswith("_se")}  # records written before the standard error
+    assert eval_summary(old) == "verifier_score=0.590" and eval_change(base, old).endswith("change +0.110")
+
+
 def test_grid_indices_span_the_set():
     assert evaluation.grid_indices(192, 16) == list(range(0, 192, 12))  # 4 cells per category of 48
     assert evaluation.grid_indices(5, 16) == [0, 1, 2, 3, 4]
