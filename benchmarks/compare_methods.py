@@ -6,6 +6,15 @@
     python benchmarks/compare_methods.py --quick learner.num_threads=2     # dotted overrides apply to every variant
     python benchmarks/compare_methods.py --architecture sd3_5_medium --device cuda \
         --methods dance_grpo mixgrpo mixgrpo_flash mixgrpo_flash_star          # the paper's per-GPU work, timed
+    python benchmarks/compare_methods.py --paper learner.num_threads=2        # the paper's shape, floors beside ratios
+
+`--paper` runs the tiny model at the paper's per-iteration shape: N = 25, G = 12, 96 images (8 prompts) per
+iteration, DanceGRPO training 14 of 25 steps (each row its own, as its reference), MixGRPO's reference window
+(w = 4, stride 1) over 12 iterations with τ = 1 instead of 25: one iteration stands for each window start the
+reference's 300 iterations at τ = 25 visit (0 … 11), so the timed iterations (after the warm-up at start 0) cover
+starts 1 … 11. Flash* keeps its frozen window at [0, 4). Next to each ratio goes its floor
+(`benchmarks/floors.py`): the ratio with zero overhead and every core busy, from unit costs measured in the same
+invocation (`unit_costs`), and how far the measured time is above it (⚠ past 10 %).
 
 `--architecture sd3_5_medium | flux_dev` times the paper's per-GPU work on a randomly initialised transformer of the
 real architecture (`benchmarks/real_arch.py`; random weights cost what trained ones do): N = 25 steps, one group of
@@ -22,7 +31,7 @@ From each run's metrics.jsonl the table gives:
 - rollout NFE: sequential model evaluations along one trajectory (mean over iterations; Flash varies with
   the window), and image evals: model evaluations × batch rows per iteration (the compute spent, which the
   shared pre-window prefix lowers);
-- steps trained per iteration (window steps that get a gradient);
+- steps trained per iteration: the window steps each row trains (DanceGRPO: each row its own 60 %);
 - median seconds per iteration, skipping the first `--warmup` iterations, and its ratio to dance_grpo next
   to the paper's target for that method;
 - reward gain: mean train reward of the last k iterations minus the first k (k = `--reward-k`);
@@ -48,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import publish  # noqa: E402 (needs the path above)
+from benchmarks.floors import UnitCosts, Work, above_floor, floor_seconds  # noqa: E402
 
 # (label, preset, extra overrides); the label is the table row
 VARIANTS = {
@@ -71,6 +81,10 @@ ARCH = {"iterations": 4, "batch_size": 12, "eval_prompts": 4, "reward_k": 1}
 ARCH_PROMPTS = ["a cat sitting on a red chair", "a lighthouse on a cliff at dusk", "two apples on a wooden table",
                 "an astronaut riding a horse", "a bowl of ramen with chopsticks", "a city street in the rain"]
 FULL = {"iterations": 20, "batch_size": 64, "eval_prompts": 192, "reward_k": 5}
+PAPER_SHAPE = {"iterations": 12, "batch_size": 96, "eval_prompts": 48, "reward_k": 3}
+# N = 25, G = 12; the progressive window moves one start per iteration (module docstring)
+PAPER_OVERRIDES = ["sampler.num_steps=25", "grpo.group_size=12", "window.shift_interval=1", "window.stride=1"]
+PAPER_METHODS = ["dance_grpo", "mixgrpo", "mixgrpo_flash", "mixgrpo_flash_star", "mixgrpo_flash_star async"]
 
 
 # ---------------------------------------------------------------------------------- pure helpers
@@ -96,7 +110,7 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
         "iterations": len(train),
         "nfe": _mean([float(r["nfe"]) for r in train]),
         "image_evals": _mean([float(r["image_evals"]) for r in train]),
-        "steps_trained": _mean([float(len(r["trained_steps"])) for r in train]),
+        "steps_trained": _mean([float(r.get("steps_per_row", len(r["trained_steps"]))) for r in train]),
         "median_s": statistics.median(float(r["iteration_seconds"]) for r in timed),
         "reward_first": _mean(rewards[:k]), "reward_last": _mean(rewards[-k:]),
         "reward_gain": _mean(rewards[-k:]) - _mean(rewards[:k]),
@@ -104,6 +118,11 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
         "eval_final": final if final is not None else float("nan"),
         "verifier_gain": final - base if base is not None and final is not None else float("nan"),
         "phases": {name: statistics.median(_phases(r)[name] for r in timed) for name in (*PHASE_KEYS, "rest")},
+        # the timed iterations' work and model compute, for the floors (NaN in records that lack them)
+        "work_image_evals": _mean([float(r["image_evals"]) for r in timed]),
+        "work_trained": _mean([float(r.get("trained_sample_steps", "nan")) for r in timed]),
+        "forward_s": _mean([float((r.get("rollout_timings") or {}).get("forward_s", "nan")) for r in timed]),
+        "forward_backward_s": _mean([float(r.get("forward_backward_s", "nan")) for r in timed]),
     }
 
 
@@ -154,23 +173,54 @@ def with_ratios(rows: dict[str, dict], baseline: str = BASELINE) -> dict[str, di
                    "target": TARGETS.get(name)} for name, row in rows.items()}
 
 
+def unit_costs(rows: dict[str, dict]) -> UnitCosts:
+    """c_eval and c_train in core-seconds, pooled over the synchronous rows (an overlapped phase shares its cores):
+    the rollout's model-forward seconds × its cores (workers × threads; the slowest worker's seconds, so an upper
+    estimate) over its image evaluations, and the learner's forward+backward seconds × its threads over its
+    trained sample-steps. Each row needs `overlap`, `rollout_cores` and `learner_cores` (from `run_variants`)."""
+    sync = [r for r in rows.values() if not r["overlap"]]
+    if not sync:
+        raise ValueError("unit costs need at least one synchronous method")
+    return UnitCosts(
+        eval_s=sum(r["forward_s"] * r["rollout_cores"] for r in sync) / sum(r["work_image_evals"] for r in sync),
+        train_s=sum(r["forward_backward_s"] * r["learner_cores"] for r in sync) / sum(r["work_trained"] for r in sync))
+
+
+def with_floors(rows: dict[str, dict], cores: float, baseline: str = BASELINE) -> dict[str, dict]:
+    """Adds "floor_s" (floors.py: the zero-overhead seconds per iteration on `cores`, async on the best split of
+    them), "floor_ratio" (÷ the baseline's floor) and "over_floor" (median s/iter ÷ floor − 1) to rows that
+    already have their ratios (`with_ratios`)."""
+    costs = unit_costs(rows)
+    floors = {name: floor_seconds(Work(r["work_image_evals"], r["work_trained"], overlap=r["overlap"]), costs, cores)
+              for name, r in rows.items()}
+    base = floors.get(baseline, float("nan"))
+    return {name: {**r, "floor_s": floors[name], "floor_ratio": floors[name] / base,
+                   "over_floor": r["median_s"] / floors[name] - 1} for name, r in rows.items()}
+
+
 def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None or v != v else format(v, fmt)  # v != v: NaN
 
 
 def markdown_table(rows: dict[str, dict]) -> str:
     """The comparison table (rows from `with_ratios`) and the per-phase medians behind the times."""
+    floors = all("floor_s" in r for r in rows.values())
     lines = ["| method | rollout NFE | image evals / iter | steps trained / iter | median s / iter | "
-             f"× {BASELINE} | goal | reward gain | held-out verifier gain (base → final) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"× {BASELINE} | {'floor × | over floor | ' if floors else ''}goal | reward gain | "
+             "held-out verifier gain (base → final) |",
+             f"|---|---:|---:|---:|---:|---:|{'---:|---:|' if floors else ''}---:|---:|---|"]
     for name, r in rows.items():
         goal = f"≤ {r['target']:.2f}" if r.get("target") else "–"
         if name in PAPER:
             goal += f" (paper {PAPER[name]:.2f})"
         met = "" if not r.get("target") or r["ratio"] != r["ratio"] else (" ✓" if r["ratio"] <= r["target"] else " ✗")
+        floor = ""
+        if floors:
+            flag = " ⚠" if above_floor(r["median_s"], r["floor_s"]) else ""
+            floor = f"{_f(r['floor_ratio'], '.2f')} | {_f(100 * r['over_floor'], '+.0f')} %{flag} | "
         lines.append(
             f"| {name} | {_f(r['nfe'], '.1f')} | {_f(r['image_evals'], '.0f')} | {_f(r['steps_trained'], '.1f')} | "
-            f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met} | {goal} | {_f(r['reward_gain'], '+.3f')} | "
+            f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met} | {floor}{goal} | {_f(r['reward_gain'], '+.3f')} | "
             f"{_f(r['verifier_gain'], '+.3f')} ({_f(r['eval_base'], '.3f')} → {_f(r['eval_final'], '.3f')}) |")
     lines += ["", "Median seconds per phase (same iterations). Async rows overlap the next rollout with the update, so "
               "their phases add up to more than the iteration and the rest goes negative.", "",
@@ -216,7 +266,8 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
     """Each variant through `run_loop`, sequentially, on one local Ray with one reward deployment.
 
     Returns label → {"dir": run directory, "wall_min": minutes including start-up and evaluations,
-    "load": 1-minute load average at start and end}.
+    "load": 1-minute load average at start and end, "overlap": async, "rollout_cores" / "learner_cores": the
+    threads each role runs (for the floors' unit costs)}.
     """
     from learner.driver.loop import run_loop
     from reward_servers.service import reward_service
@@ -233,7 +284,9 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
             print(f"== {label}: {cfg.run.iterations} iterations → {out}", flush=True)
             run_loop(cfg, out, f"bench-{label.replace(' ', '-')}-{int(time.time())}")
             runs[label] = {"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
-                           "load": (load0, os.getloadavg()[0])}
+                           "load": (load0, os.getloadavg()[0]), "overlap": cfg.run.async_rollout,
+                           "rollout_cores": cfg.rollout.num_workers * cfg.rollout.num_threads,
+                           "learner_cores": cfg.learner.num_workers * cfg.learner.num_threads}
     return runs
 
 
@@ -244,27 +297,39 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores{gpu}"
 
 
-def report(rows: dict[str, dict], settings: dict, seed: int, mode: str) -> str:
+def report(rows: dict[str, dict], settings: dict, seed: int, mode: str, cores: float | None = None) -> str:
+    """The table under a header of the settings and the machine's load; with `cores`, the floors beside the ratios."""
     rows = with_ratios(rows)
+    if cores:
+        rows = with_floors(rows, cores)
     loads = ", ".join(f"{n} {r['load'][0]:.1f}→{r['load'][1]:.1f}" for n, r in rows.items())
     head = [f"{mode}: {settings['iterations']} iterations per method, {settings['batch_size']} images per iteration, "
             f"run seed {seed}, {settings['eval_prompts']} held-out prompts; median s/iter skips iteration 1; reward "
             f"gain = mean of the last {settings['reward_k']} iterations − the first {settings['reward_k']}.",
             f"Machine: {machine()}; 1-min load average at start→end of each method: {loads}.", ""]
+    if cores:
+        c = unit_costs(rows)
+        head[-1:] = [f"Floors on {cores:g} cores from unit costs pooled over the synchronous runs: "
+                     f"c_eval = {1e3 * c.eval_s:.3f} ms, c_train = {1e3 * c.train_s:.3f} ms (core-seconds); "
+                     "async floors split the cores (benchmarks/floors.py).", ""]
     return "\n".join(head) + "\n" + markdown_table(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="4 iterations, 32 images/iteration, 48 held-out prompts")
-    p.add_argument("--methods", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="METHOD",
-                   help=f"variants to run, in order (default: all): {', '.join(VARIANTS)}")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's shape (N = 25, G = 12, 96 images/iteration, the window sweep) with floors")
+    p.add_argument("--methods", nargs="+", choices=list(VARIANTS), metavar="METHOD",
+                   help=f"variants to run, in order (default: all; --paper: {', '.join(PAPER_METHODS)}): "
+                        f"{', '.join(VARIANTS)}")
     p.add_argument("--iterations", type=int, help="override the mode's iterations per method")
     p.add_argument("--batch-size", type=int, help="override the mode's images per iteration")
     p.add_argument("--eval-prompts", type=int, help="override the mode's held-out prompts")
     p.add_argument("--reward-k", type=int, help="iterations averaged at each end for the reward gain")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "compare_methods.md")
+    p.add_argument("--out", type=Path, help="the table (default benchmarks/results/compare_methods.md; --paper: "
+                                             "compare_methods_paper.md)")
     p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-compare-<timestamp>)")
     p.add_argument("--architecture", choices=["sd3_5_medium", "flux_dev"],
                    help="time the paper's per-GPU work on random weights of this real architecture")
@@ -272,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch-layers", type=int, help="with --architecture: transformer blocks (smoke tests only)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. rollout.num_workers=1")
     args = p.parse_args(argv)
-    settings = dict(ARCH if args.architecture else QUICK if args.quick else FULL)
+    if args.paper and (args.quick or args.architecture):
+        p.error("--paper is its own shape: without --quick or --architecture (shrink it with --iterations …)")
+    settings = dict(ARCH if args.architecture else PAPER_SHAPE if args.paper else QUICK if args.quick else FULL)
     for key in ("iterations", "batch_size", "eval_prompts", "reward_k"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -280,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     from learner.outputs.report import load_records
 
     presets, extra, num_cpus, mode = (), [], 2, "quick" if args.quick else "full"
+    methods = args.methods or (PAPER_METHODS if args.paper else list(VARIANTS))
+    if args.paper:
+        last = min(settings["iterations"] - 1, 25 - 1 - 4)  # the progressive window's start in the last iteration
+        extra, mode = list(PAPER_OVERRIDES), f"paper shape (N = 25, G = 12, MixGRPO window starts 0 … {last}, τ = 1)"
     if args.architecture:
         from benchmarks.real_arch import build
 
@@ -293,13 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus = max(2, min(8, os.cpu_count() or 2))
         mode = f"{args.architecture} ({'random weights' if not args.arch_layers else f'{args.arch_layers} blocks'}, " \
                f"{args.device})"
-    runs = run_variants(args.methods, [*common_overrides(settings, args.seed), *extra, *args.overrides], workdir,
+    runs = run_variants(methods, [*common_overrides(settings, args.seed), *extra, *args.overrides], workdir,
                         presets, num_cpus)
     rows = {}
     for label, run in runs.items():
         rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}
-    text = report(rows, settings, args.seed, mode)
-    publish(text, args.out)
+    text = report(rows, settings, args.seed, mode, cores=num_cpus if args.paper else None)
+    publish(text, args.out or REPO_ROOT / "benchmarks" / "results" / f"compare_methods{'_paper' if args.paper else ''}.md")
     print(f"runs in {workdir}")
     return 0
 

@@ -16,11 +16,13 @@ XueZeyue/DanceGRPO), on purpose:
 4. The Flash schedule uses P = max(⌊(N − last)·r⌋, 1) post-window points (this reproduces the paper's
    reported 8 NFE for Flash*); the paper's closed form l + w + ⌈(N−w−l)·r⌉ differs from it by at most 1.
 5. The final step (to σ = 0) is never stochastic or trained, so windows end at step N−2 at the latest.
+   DanceGRPO's reference does the same in effect (its last SDE sample is discarded: the image is that step's
+   x̂0); Flow-GRPO's samples its last step with the SDE and decodes that noisy sample (untrained).
 6. The `random` window strategy derives its draw from (run seed, iteration) so every worker and a
    restarted run agree without communicating. Every seeded draw of a run goes through `seeding.py`.
 """
 
-from .advantages import combine_advantages, group_advantages
+from .advantages import combine_advantages, global_std_advantages, group_advantages
 from .dpm import dpmpp_2m_step
 from .family import batch_std_advantages, lagged_update
 from .loss import grpo_loss, kl_penalty
@@ -32,7 +34,7 @@ from .window import STRATEGIES, Window, window_at
 
 __all__ = [
     "STRATEGIES", "SdeStep", "Stream", "Trajectory", "Window", "batch_std_advantages", "combine_advantages", "dpmpp_2m_step",
-    "flash_schedule", "gaussian_log_prob", "group_advantages", "grpo_loss", "infer_shift", "kl_penalty", "lagged_update", "mix_seed", "ode_step",
+    "flash_schedule", "gaussian_log_prob", "global_std_advantages", "group_advantages", "grpo_loss", "infer_shift", "kl_penalty", "lagged_update", "mix_seed", "ode_step",
     "repeat_cond", "sample_mixed", "sample_ode", "sde_mean_std", "sde_step", "seeded_generator", "shift_sigma",
     "sigma_schedule", "transition_log_probs", "transition_step", "window_at",
 ]

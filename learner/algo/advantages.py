@@ -27,6 +27,23 @@ def group_advantages(rewards: Tensor, *, eps: float = 1e-8) -> Tensor:
     return (r - mean) / (std + eps)
 
 
+def global_std_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """Centred within each group, scaled by the whole batch: A = (R − mean_g R) / (std R + eps), population std
+    over all P·G rewards (Flow-GRPO's `PerPromptStatTracker(global_std=True)`, flow_grpo/stat_tracking.py).
+
+    Args:
+        rewards: (P, G) — P prompts, G samples each.
+    Returns:
+        (P, G) fp32.
+    """
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards must be shaped (P, G) with G >= 2, got {tuple(rewards.shape)}")
+    if not torch.isfinite(rewards).all():
+        raise ValueError("rewards contain NaN or inf")
+    r = rewards.to(torch.float32)
+    return (r - r.mean(dim=1, keepdim=True)) / (r.std(unbiased=False) + eps)
+
+
 def _normalised(weights: Mapping[str, float], names: set[str]) -> dict[str, float]:
     if set(weights) != names:
         raise ValueError(f"weights {sorted(weights)} do not match rewards {sorted(names)}")
@@ -38,21 +55,25 @@ def _normalised(weights: Mapping[str, float], names: set[str]) -> dict[str, floa
 
 def combine_advantages(
     per_reward: Mapping[str, Tensor], weights: Mapping[str, float], *,
-    aggregation: Literal["advantage", "reward"] = "advantage", eps: float = 1e-8,
+    aggregation: Literal["advantage", "reward"] = "advantage", std: Literal["group", "global"] = "group",
 ) -> Tensor:
     """Advantages from several rewards, weights normalised to sum 1.
 
     Args:
         per_reward: name → raw rewards (P, G).
         aggregation: "advantage" (paper default): Σ_k w_k·z(R_k); "reward": z(Σ_k w_k·R_k).
+        std: z's scale: "group" (`group_advantages`) or "global" (`global_std_advantages`, Flow-GRPO).
     Returns:
         (P, G) fp32 (unclipped; grpo_loss clips).
     """
     if not per_reward:
         raise ValueError("combine_advantages needs at least one reward")
+    if std not in ("group", "global"):
+        raise ValueError(f"unknown std {std!r}; expected 'group' or 'global'")
+    z = group_advantages if std == "group" else global_std_advantages
     w = _normalised(weights, set(per_reward))
     if aggregation == "advantage":
-        return sum(w[k] * group_advantages(r, eps=eps) for k, r in per_reward.items())
+        return sum(w[k] * z(r) for k, r in per_reward.items())
     if aggregation == "reward":
-        return group_advantages(sum(w[k] * r.to(torch.float32) for k, r in per_reward.items()), eps=eps)
+        return z(sum(w[k] * r.to(torch.float32) for k, r in per_reward.items()))
     raise ValueError(f"unknown aggregation {aggregation!r}; expected 'advantage' or 'reward'")

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .advantages import global_std_advantages
+
 # ------------------------------------------------------------------------------------------------ shared
 
 
@@ -141,8 +143,7 @@ def integrated_advantages(rewards: Tensor, *, reward_weights: Tensor | None = No
 def batch_std_advantages(rewards: Tensor, *, eps: float = 1e-4, clip: float = 5.0) -> Tensor:
     """AWM / NFT: A = (R − mean_group R) / (population std over the whole batch + eps), clipped to ±clip.
     rewards: (P, G) → (P, G)."""
-    r = _check_groups(rewards)
-    return ((r - r.mean(dim=1, keepdim=True)) / (r.std(unbiased=False) + eps)).clamp(-clip, clip)
+    return global_std_advantages(rewards, eps=eps).clamp(-clip, clip)
 
 
 def stratified_indices(num_points: int, draws: int, generator: torch.Generator) -> Tensor:

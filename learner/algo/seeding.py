@@ -29,6 +29,7 @@ class Stream(IntEnum):
     UPDATE_ORDER = 5  # (iteration, epoch): the learner's shuffle of a batch's rows into micro-batches
     AWM_TIMES = 6  # (iteration, epoch, micro-batch): AWM's stratified training times
     AWM_NOISE = 7  # (iteration, epoch, micro-batch): AWM's fresh ε per (row, time)
+    ROW_STEPS = 8  # (iteration, epoch, group id, member): a row's own subset of window steps (DanceGRPO per sample)
 
 
 def mix_seed(*key: int) -> int:

@@ -80,7 +80,7 @@ def build_learner(cfg: Config) -> Learner:
                               shift=cfg.sampler.shift, weighting=g.awm_weighting, beta=g.nft_beta,
                               decay_cap=g.nft_decay_cap if g.objective == "nft" else AWM_DECAY_CAP,
                               lagged_beta=g.awm_lagged_beta) if g.objective != "grpo" else None,
-        branching=cfg.sampler.branching,
+        branching=cfg.sampler.branching, train_selection=g.train_selection, advantage_std=g.advantage_std,
     )
 
 

@@ -7,6 +7,7 @@
 """
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .updates import Learner, trained_steps
+from .selection import trained_steps
+from .updates import Learner
 
 __all__ = ["CheckpointError", "Learner", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "trained_steps"]

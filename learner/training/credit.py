@@ -1,6 +1,7 @@
 """How each method turns a rollout batch's rewards into per-row credit: advantages, and TempFlow-GRPO's weights.
 
-- window rollouts (MixGRPO, Flow-GRPO, DanceGRPO): group-relative z-scores per reward, aggregated (advantages.py);
+- window rollouts (MixGRPO, Flow-GRPO, DanceGRPO): group-relative z-scores per reward, aggregated (advantages.py),
+  scaled by each group's std or (`advantage_std="global"`, Flow-GRPO) the whole batch's;
 - AWM / DiffusionNFT: the weighted reward centred per group and scaled by the batch's std (family.py);
 - TempFlow-GRPO: z-scores (population std + 1e-4) over the K children of each (main path, branch step), one process
   reward each, and each row's loss weighted by its branch step's SDE std over the mean std;
@@ -20,7 +21,8 @@ from services.types import RolloutBatch
 
 
 def batch_advantages(batch: RolloutBatch, reward_weights: Mapping[str, float], *, branching: str = "none",
-                     aggregation: str = "advantage", matching: bool = False, adv_clip_max: float = 5.0) -> torch.Tensor:
+                     aggregation: str = "advantage", advantage_std: str = "group", matching: bool = False,
+                     adv_clip_max: float = 5.0) -> torch.Tensor:
     """(B,) advantages of the batch's rows. Refuses a batch of the other rollout shape, naming the setting."""
     p, g = len(batch.prompts), batch.group_size
     if (branching != "none") != (batch.steps is not None):
@@ -41,7 +43,7 @@ def batch_advantages(batch: RolloutBatch, reward_weights: Mapping[str, float], *
     if matching:
         total = sum(reward_weights.values())
         return batch_std_advantages(sum(reward_weights[n] * r for n, r in per_reward.items()) / total).flatten()
-    return combine_advantages(per_reward, reward_weights, aggregation=aggregation).flatten()
+    return combine_advantages(per_reward, reward_weights, aggregation=aggregation, std=advantage_std).flatten()
 
 
 def noise_aware_row_weights(batch: RolloutBatch, *, eta: float, sde_kind: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ A plain class (a Ray actor via `learner/driver/actors.py`). Each `update` consum
 log-probs of the trained window steps are recomputed with gradients by the same function the
 rollout used, so with identical weights the first ratio is exactly 1. With `kl_beta` > 0 the loss adds
 β·KL(π_θ ‖ π_ref) of each trained transition, the reference being the starting model (`kl_penalty`).
+With `train_fraction` < 1 each row trains k of the w window steps, the same for every row or its own (selection.py).
 
 The batch arrives on the CPU in fp32 and moves to the policy's device here; weights leave as a CPU packet,
 in the rollout workers' dtype (`sync_dtype`) when the whole transformer trains.
@@ -33,15 +34,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup
 from .objectives import MatchingSpec, matching_micro_loss, matching_times
-
-
-def trained_steps(window_size: int, fraction: float, seed: int, iteration: int) -> list[int]:
-    """Window-step indices trained this iteration: all, or a seeded random subset (DanceGRPO)."""
-    if fraction >= 1.0:
-        return list(range(window_size))
-    k = max(1, round(fraction * window_size))
-    gen = seeded_generator(seed, Stream.TRAINED_STEPS, iteration)
-    return sorted(torch.randperm(window_size, generator=gen)[:k].tolist())
+from .selection import Selection, row_steps, steps_per_row, window_selection
 
 
 class Learner:
@@ -51,7 +44,8 @@ class Learner:
         reward_weights: Mapping[str, float], reward_aggregation: str, train_fraction: float, num_inner_epochs: int,
         eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
         sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0, objective: str = "grpo",
-        matching: MatchingSpec | None = None, branching: str = "none",
+        matching: MatchingSpec | None = None, branching: str = "none", train_selection: str = "per_iteration",
+        advantage_std: str = "group",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -83,6 +77,11 @@ class Learner:
             raise ValueError(f"branching {branching!r} with objective {objective!r}: expected none, or tempflow / "
                              "granular with grpo")
         self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
+        if train_selection not in ("per_iteration", "per_sample") or (
+                train_selection == "per_sample" and (objective != "grpo" or branching != "none")):
+            raise ValueError(f"train_selection {train_selection!r} with objective {objective!r}, branching "
+                             f"{branching!r}: expected per_iteration, or per_sample with grpo and no branching")
+        self.train_selection, self.advantage_std = train_selection, advantage_std  # (advantages.py checks the std)
         # the lagged policy φ: NFT's v_old, which the workers sample with; AWM's regularisation target (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
                        if matching is not None and matching.has_lagged else None)
@@ -93,7 +92,16 @@ class Learner:
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
         """(B,) advantages from every reward, as this learner's method forms them (credit.py)."""
         return batch_advantages(batch, self.reward_weights, branching=self.branching, aggregation=self.aggregation,
-                                matching=self.awm is not None, adv_clip_max=self.adv_clip_max)
+                                advantage_std=self.advantage_std, matching=self.awm is not None,
+                                adv_clip_max=self.adv_clip_max)
+
+    def selection(self, batch: RolloutBatch, epoch: int) -> Selection:
+        """What the rows train in `epoch`: window steps (selection.py), or the matching objectives' T time draws."""
+        if self.awm:
+            return list(range(self.awm.times))
+        return window_selection(batch.log_probs.shape[1], self.train_fraction, self.seed, batch.iteration, epoch,
+                                per_sample=self.train_selection == "per_sample", prompt_ids=batch.prompt_ids,
+                                group_size=batch.group_size)
 
     def update(self, batch: RolloutBatch) -> dict:
         """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
@@ -101,8 +109,8 @@ class Learner:
         adv = self.advantages(batch).to(self.device)
         weights = self.row_weights(batch)
         batch = batch.to(self.device)
-        steps = (list(range(self.awm.times)) if self.awm else  # AWM / NFT: the micro-batch's T time draws
-                 trained_steps(batch.log_probs.shape[1], self.train_fraction, self.seed, batch.iteration))
+        selections = [self.selection(batch, epoch) for epoch in range(self.epochs)]
+        width = steps_per_row(selections[0])
         b = batch.num_rows
         per_update = self.mb * self.accum
         if b % per_update:
@@ -110,10 +118,10 @@ class Learner:
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}  # (B, …)
         stats: dict[str, list] = {k: [] for k in ("loss", "ratio_mean", "ratio_min", "ratio_max", "clip_frac",
                                                   "approx_kl", "kl", "grad_norm", "first_ratio_dev")}
-        step_loss = torch.zeros(len(steps))
+        step_loss = torch.zeros(width)  # per trained step (per_sample: per position in each row's k steps)
         forward_backward_s = optimizer_s = 0.0  # model compute inside update_s (benchmarks/overhead.py)
         self.optimizer.zero_grad(set_to_none=True)
-        for epoch in range(self.epochs):
+        for epoch, steps in enumerate(selections):
             gen = seeded_generator(self.seed, Stream.UPDATE_ORDER, batch.iteration, epoch)
             order = torch.randperm(b, generator=gen)
             if self.branching == "granular":  # G²RPO's reference steps the optimizer once per SDE step k: rows by k
@@ -162,7 +170,8 @@ class Learner:
             "kl": float(np.mean(stats["kl"])),
             "grad_norm": float(np.mean(stats["grad_norm"])), "grad_norm_max": float(np.max(stats["grad_norm"])),
             "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
-            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, steps),
+            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, selections[-1]),
+            "steps_per_row": width, "trained_sample_steps": b * width * self.epochs,
             "objective": self.objective,
             "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0,
             "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
@@ -238,15 +247,16 @@ class Learner:
             self.params = self.policy.trainable_parameters()
             self.optimizer = torch.optim.AdamW(self.params, **self.optim_kwargs)
 
-    def _trained_steps(self, batch: RolloutBatch, steps: list[int]) -> list[int]:
-        """Trajectory steps that got a gradient: the window's; AWM's σ-grid draws of the first micro-batch."""
+    def _trained_steps(self, batch: RolloutBatch, steps: Selection) -> list[int]:
+        """Trajectory steps that got a gradient: the window's (per_sample: those of any row in the last epoch);
+        AWM's σ-grid draws of the first micro-batch."""
         if self.awm:
             return matching_times(self.awm, self.seed, (batch.iteration, 0, 0))[0].tolist()
         if batch.steps is not None:  # branched: each row's own branch step
             return sorted(set(batch.steps.tolist()))
-        return [batch.window[0] + s for s in steps]
+        return [batch.window[0] + s for s in (torch.unique(steps).tolist() if torch.is_tensor(steps) else steps)]
 
-    def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int],
+    def _forward_backward(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: Selection,
                           adv: torch.Tensor, key: tuple[int, ...] = (), weights: torch.Tensor | None = None,
                           ) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one micro-batch; gradients accumulate as those of (its mean loss) / accum.
@@ -255,7 +265,7 @@ class Learner:
         (what the references do with t = 1: one timestep per backward, a fraction of the activations);
         the gradient is the same sum. -> (the micro-batch's loss, its metrics merged over the chunks)
         """
-        k, t = len(steps), self.timesteps_per_backward or len(steps)
+        k, t = steps_per_row(steps), self.timesteps_per_backward or steps_per_row(steps)
         scale = self.group.world_size if self.sharding == "fsdp" else 1  # FSDP averages over ranks: undo
         if t >= k:
             loss, m = self._micro_step(batch, cond, rows, steps, adv, key, weights)
@@ -263,36 +273,37 @@ class Learner:
             return loss.detach(), m
         parts = []
         for lo in range(0, k, t):
-            sub = steps[lo:lo + t]
+            sub = steps[:, lo:lo + t] if torch.is_tensor(steps) else steps[lo:lo + t]
             loss, m = self._micro_step(batch, cond, rows, sub, adv, key, weights)
-            (loss * (scale * len(sub) / k) / self.accum).backward()
-            parts.append((len(sub) / k, loss.detach(), m))
+            (loss * (scale * steps_per_row(sub) / k) / self.accum).backward()
+            parts.append((steps_per_row(sub) / k, loss.detach(), m))
         merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
         merged |= {"ratio_min": min(m["ratio_min"] for _, _, m in parts),
                    "ratio_max": max(m["ratio_max"] for _, _, m in parts),
                    "loss_per_step": torch.cat([m["loss_per_step"] for _, _, m in parts])}
         return sum(w * loss for w, loss, _ in parts), merged
 
-    def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: list[int], adv: torch.Tensor,
-                    key: tuple[int, ...] = (), weights: torch.Tensor | None = None):
-        """The loss of `rows` × window `steps`: GRPO's clipped objective (each row times its weight, TempFlow), plus
-        β·KL to the reference (AWM: `steps` are the micro-batch's time draws, `key` seeds them; objectives.py)."""
+    def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: Selection,
+                    adv: torch.Tensor, key: tuple[int, ...] = (), weights: torch.Tensor | None = None):
+        """The loss of `rows` × window `steps` (a list for every row, or (B, k) each row its own): GRPO's clipped
+        objective (each row times its weight, TempFlow), plus β·KL to the reference (AWM: `steps` are the
+        micro-batch's time draws, `key` seeds them; objectives.py)."""
         if self.awm:
             return matching_micro_loss(self.policy, batch, cond, rows.to(self.device), steps, adv, spec=self.awm,
                                        seed=self.seed, key=key, kl_beta=self.kl_beta, lagged=self.lagged)
-        k = len(steps)
-        rows, idx = rows.to(self.device), torch.as_tensor(steps, device=self.device)
-        x = batch.latents[rows][:, idx].flatten(0, 1)  # (mb·k, C, H, W)
-        x_next = batch.next_latents[rows][:, idx].flatten(0, 1)
+        k = steps_per_row(steps)
+        rows, idx = rows.to(self.device), row_steps(steps, rows).to(self.device)  # idx: (mb, k)
+        r = rows[:, None]
+        x = batch.latents[r, idx].flatten(0, 1)  # (mb·k, C, H, W)
+        x_next = batch.next_latents[r, idx].flatten(0, 1)
         if batch.sigmas.ndim == 1:
-            sig = batch.sigmas[idx].repeat(len(rows))  # (mb·k,)
-            sig_next = batch.sigmas_next[idx].repeat(len(rows))
+            sig, sig_next = batch.sigmas[idx].flatten(), batch.sigmas_next[idx].flatten()  # (mb·k,)
         else:  # branched: each row its own step
-            sig, sig_next = batch.sigmas[rows][:, idx].flatten(), batch.sigmas_next[rows][:, idx].flatten()
+            sig, sig_next = batch.sigmas[r, idx].flatten(), batch.sigmas_next[r, idx].flatten()
         c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
         step = transition_step(self.policy.velocity, x, x_next, sig, sig_next, c, eta=self.eta,
                                sde_kind=self.sde_kind)
-        loss, m = grpo_loss(step.log_prob.view(len(rows), k), batch.log_probs[rows][:, idx], adv[rows],
+        loss, m = grpo_loss(step.log_prob.view(len(rows), k), batch.log_probs[r, idx], adv[rows],
                             clip_range=self.clip_range, adv_clip_max=self.adv_clip_max,
                             weights=None if weights is None else weights[rows])
         if self.kl_beta > 0:

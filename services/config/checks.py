@@ -136,6 +136,20 @@ def _check_objective(c: Config) -> str | None:
     return None
 
 
+def _check_credit(c: Config) -> str | None:
+    g, s = c.grpo, c.sampler
+    if g.train_selection == "per_sample":
+        if g.objective != "grpo" or s.branching != "none":
+            return ("grpo.train_selection=per_sample draws window steps per row: grpo.objective=grpo and "
+                    "sampler.branching=none")
+        if g.train_fraction >= 1.0:
+            return "grpo.train_selection=per_sample draws a subset of window steps: set grpo.train_fraction < 1"
+    if g.advantage_std == "global" and (g.objective != "grpo" or s.branching != "none"):
+        return (f"grpo.advantage_std=global scales the window rollouts' group advantages; grpo.objective="
+                f"{g.objective} with sampler.branching={s.branching} forms its own (set grpo.advantage_std=group)")
+    return None
+
+
 def _check_learner_group(c: Config) -> str | None:
     k, lc = c.learner.num_workers, c.learner
     if k > 1 and lc.gradient_accumulation_steps % k:
@@ -178,5 +192,5 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_branching, _check_objective, _check_learner_group, _check_devices,
-                 _check_eval)
+_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_branching, _check_objective, _check_credit,
+                 _check_learner_group, _check_devices, _check_eval)

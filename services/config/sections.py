@@ -102,6 +102,15 @@ class GrpoConfig(_Section):
     """Multi-reward: weighted sum of per-reward advantages (paper default) or z-score of the weighted reward sum."""
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)
     """Fraction of window steps trained per iteration, chosen at random (DanceGRPO: 0.6 of all steps)."""
+    train_selection: Literal["per_iteration", "per_sample"] = "per_iteration"
+    """How the train_fraction subset is drawn: per_iteration, one subset of window steps for every row; per_sample,
+    each row its own, redrawn every inner epoch (DanceGRPO's reference: a permutation per sample,
+    fastvideo/train_grpo_flux.py `train_one_step`). Either way each row trains the same number of steps."""
+    advantage_std: Literal["group", "global"] = "group"
+    """Scale of the group-relative advantage (R − mean_group R) / scale: group, the group's unbiased std + 1e-8
+    (MixGRPO, DanceGRPO); global, the population std of the whole batch + 1e-4 (Flow-GRPO's reference,
+    flow_grpo/stat_tracking.py with `global_std=True`, its SD3 configs' setting), so a group whose rewards barely
+    differ gets small advantages instead of unit ones."""
     kl_beta: float = Field(0.0, ge=0.0)
     """β of the KL penalty to the reference (starting) policy on each trained transition,
     β·mean_d (μ_θ − μ_ref)² / (2·std²): 0 in MixGRPO's FLUX reference, 0.01–0.04 in Flow-GRPO's SD3 configs.

@@ -6,15 +6,22 @@ import numpy as np
 import pytest
 
 from benchmarks.compare_methods import (
+    PAPER_METHODS,
+    PAPER_OVERRIDES,
+    PAPER_SHAPE,
     VARIANTS,
     architecture_overrides,
+    common_overrides,
     markdown_table,
     summarize,
+    unit_costs,
+    with_floors,
     with_ratios,
 )
 from benchmarks.overhead import compute_share, median_breakdown, phase_breakdown
 from benchmarks.reward_control import random_rewards, run_control
 from benchmarks.weight_sync import fits, gpus_per_actor, peak_bytes, tensor_sizes
+from learner.training.selection import trained_count
 
 
 def train_rec(i, seconds, reward, *, nfe=16, image_evals=512, trained=(0, 1, 2, 3), sample=2.0):
@@ -56,6 +63,57 @@ def test_ratios_to_dance_grpo_and_table():
     assert "| mixgrpo | 16.0 | 512 | 4.0 | 6.00 | 0.75 ✗ | ≤ 0.50 (paper 0.52) | +0.200 |" in table
     assert "| mixgrpo_flash_star | 16.0 | 512 | 4.0 | 2.00 | 0.25 ✓ | ≤ 0.29 (paper 0.29) |" in table
     assert all(math.isnan(r["ratio"]) for r in with_ratios({"mixgrpo": rows["mixgrpo"]}).values())
+
+
+def paper_rec(i, seconds, *, image_evals, trained, forward_s, forward_backward_s):
+    return {**train_rec(i, seconds, 0.5, image_evals=image_evals, trained=range(4)), "trained_sample_steps": trained,
+            "forward_backward_s": forward_backward_s,
+            "rollout_timings": {"sample_s": 2.0, "reward_wait_s": 0.3, "forward_s": forward_s}}
+
+
+def test_floors_beside_the_ratios_worked_example():
+    """floors.py's example measured: 2 workers × 1 thread and a 2-thread learner give c_eval = 2.4·2 / 2400 = 2 ms and
+    c_train = (6.72 + 1.92)·2 / (1344 + 384) = 10 ms; on 2 cores DanceGRPO's floor is 9.12 s, MixGRPO's 4.32 s."""
+    cores = {"rollout_cores": 2, "learner_cores": 2, "load": (1.0, 1.0)}
+    rows = {
+        "dance_grpo": summarize([paper_rec(i, 10.0, image_evals=2400, trained=1344, forward_s=2.4,
+                                           forward_backward_s=6.72) for i in range(3)], []) | cores | {"overlap": False},
+        "mixgrpo": summarize([paper_rec(i, 6.0, image_evals=2400, trained=384, forward_s=2.4,
+                                        forward_backward_s=1.92) for i in range(3)], []) | cores | {"overlap": False},
+        "mixgrpo_flash_star async": summarize([paper_rec(i, 2.5, image_evals=768, trained=384, forward_s=9.0,
+                                                         forward_backward_s=9.0) for i in range(3)], [])
+        | cores | {"overlap": True},  # contended async timings are left out of the unit costs
+    }
+    costs = unit_costs(rows)
+    assert (costs.eval_s, costs.train_s) == (pytest.approx(0.002), pytest.approx(0.010))
+    out = with_floors(with_ratios(rows), cores=2)
+    assert out["dance_grpo"]["floor_s"] == pytest.approx(9.12) and out["mixgrpo"]["floor_s"] == pytest.approx(4.32)
+    assert out["mixgrpo"]["floor_ratio"] == pytest.approx(4.32 / 9.12)
+    assert out["mixgrpo"]["over_floor"] == pytest.approx(6.0 / 4.32 - 1)  # +39 %: flagged
+    assert out["mixgrpo_flash_star async"]["floor_s"] == pytest.approx(2.688)  # shared cores: the sync floor
+    table = markdown_table(out)
+    assert "| × dance_grpo | floor × | over floor | goal |" in table
+    assert "| mixgrpo | 16.0 | 2400 | 4.0 | 6.00 | 0.60 ✗ | 0.47 | +39 % ⚠ | ≤ 0.50 (paper 0.52) |" in table
+    assert "| dance_grpo | 16.0 | 2400 | 4.0 | 10.00 | 1.00 | 1.00 | +10 % | – |" in table  # 9.6 %: not flagged
+    assert "| 0.25 ✗ | 0.29 | -7 % | ≤ 0.20 |" in table
+
+
+def test_paper_mode_is_the_papers_shape_and_sweeps_the_window():
+    from learner.algo import window_at
+    from services.config import load_config
+
+    starts, cfgs = {}, {}
+    for label in PAPER_METHODS:
+        preset, extra = VARIANTS[label]
+        cfgs[label] = cfg = load_config([preset], [*common_overrides(PAPER_SHAPE, 0), *PAPER_OVERRIDES, *extra])
+        assert (cfg.sampler.num_steps, cfg.grpo.group_size, cfg.rollout.batch_size, cfg.num_groups) == (25, 12, 96, 8)
+        w = cfg.window
+        starts[label] = [window_at(m, num_steps=25, size=w.size, shift_interval=w.shift_interval, stride=w.stride,
+                                   strategy=w.strategy, start=w.start).start for m in range(PAPER_SHAPE["iterations"])]
+    dance = cfgs["dance_grpo"]
+    assert dance.window.size == 24 and trained_count(24, dance.grpo.train_fraction) == 14  # 14 of 25 steps
+    assert starts["mixgrpo"] == starts["mixgrpo_flash"] == list(range(12))  # the reference's 300 iterations at τ = 25
+    assert starts["mixgrpo_flash_star"] == [0] * 12
 
 
 def overhead_rec(seconds=10.0):
