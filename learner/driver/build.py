@@ -81,6 +81,9 @@ def build_learner(cfg: Config) -> Learner:
                               decay_cap=g.nft_decay_cap if g.objective == "nft" else AWM_DECAY_CAP,
                               lagged_beta=g.awm_lagged_beta) if g.objective != "grpo" else None,
         branching=cfg.sampler.branching, train_selection=g.train_selection, advantage_std=g.advantage_std,
+        matching_aux=g.matching_aux,
+        aux=MatchingSpec(kind="awm", times=g.matching_times, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift,
+                         weighting=g.awm_weighting) if g.matching_aux > 0 else None,
     )
 
 
@@ -90,7 +93,7 @@ def build_worker(cfg: Config, rewards: RewardSink, worker_id: int = 0) -> Rollou
         policy_from_config(cfg.model, "rollout"), rewards, [r.name for r in cfg.reward.rewards], num_steps=s.num_steps,
         shift=s.shift, eta=s.eta, sde_kind=s.sde_kind, post_window=s.post_window, compress_ratio=s.compress_ratio,
         group_size=cfg.grpo.group_size, seed=cfg.run.seed, log_images=cfg.rollout.log_images,
-        num_threads=cfg.rollout.num_threads, worker_id=worker_id, keep_final=cfg.grpo.objective != "grpo",
+        num_threads=cfg.rollout.num_threads, worker_id=worker_id, keep_final=cfg.grpo.objective != "grpo" or cfg.grpo.matching_aux > 0,
         branching=s.branching, granularities=s.granularities,
     )
 

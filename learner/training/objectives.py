@@ -69,6 +69,26 @@ class MatchingSpec:
         return lagged_decay(iteration, rate=NFT_DECAY_RATE, cap=self.decay_cap)
 
 
+def check_options(objective: str, matching: MatchingSpec | None, branching: str, train_selection: str,
+                  matching_aux: float, aux: MatchingSpec | None) -> None:
+    """The Learner's combinations of objective, matching spec, branching, step selection and matching term that
+    exist (the config refuses the others earlier, naming the fields); ValueError otherwise."""
+    if objective not in ("grpo", "awm", "nft") or (objective != "grpo") != (matching is not None) or (
+            matching is not None and matching.kind != objective):
+        raise ValueError(f"objective {objective!r} with {matching!r}: expected grpo, or awm / nft with its spec")
+    if branching not in ("none", "tempflow", "granular") or (branching != "none" and objective != "grpo"):
+        raise ValueError(f"branching {branching!r} with objective {objective!r}: expected none, or tempflow / "
+                         "granular with grpo")
+    if train_selection not in ("per_iteration", "per_sample") or (
+            train_selection == "per_sample" and (objective != "grpo" or branching != "none")):
+        raise ValueError(f"train_selection {train_selection!r} with objective {objective!r}, branching "
+                         f"{branching!r}: expected per_iteration, or per_sample with grpo and no branching")
+    if (matching_aux > 0) != (aux is not None) or (aux is not None and (
+            aux.kind != "awm" or aux.has_lagged or objective != "grpo" or branching != "none")):
+        raise ValueError(f"matching_aux {matching_aux} with {aux!r}: expected 0 and None, or > 0 with a plain AWM "
+                         "spec under the grpo objective without branching")
+
+
 def matching_times(spec: MatchingSpec, seed: int, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ-grid indices (T,), σ values (T,)) of one micro-batch's stratified draws."""
     idx = stratified_indices(spec.num_steps, spec.times, seeded_generator(seed, Stream.AWM_TIMES, *key))

@@ -33,7 +33,7 @@ from services.types import RolloutBatch
 from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup
-from .objectives import MatchingSpec, matching_micro_loss, matching_times
+from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
 from .selection import Selection, row_steps, steps_per_row, window_selection
 
 
@@ -45,7 +45,7 @@ class Learner:
         eta: float, sde_kind: str, seed: int, num_threads: int | None = None, kl_beta: float = 0.0,
         sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0, objective: str = "grpo",
         matching: MatchingSpec | None = None, branching: str = "none", train_selection: str = "per_iteration",
-        advantage_std: str = "group",
+        advantage_std: str = "group", matching_aux: float = 0.0, aux: MatchingSpec | None = None,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -69,19 +69,11 @@ class Learner:
         self.reward_weights, self.aggregation = dict(reward_weights), reward_aggregation
         self.train_fraction, self.epochs, self.eta, self.sde_kind = train_fraction, num_inner_epochs, eta, sde_kind
         self.seed = seed
-        if objective not in ("grpo", "awm", "nft") or (objective != "grpo") != (matching is not None) or (
-                matching is not None and matching.kind != objective):
-            raise ValueError(f"objective {objective!r} with {matching!r}: expected grpo, or awm / nft with its spec")
+        check_options(objective, matching, branching, train_selection, matching_aux, aux)
         self.objective, self.awm = objective, matching  # self.awm: the matching objectives' spec (awm or nft)
-        if branching not in ("none", "tempflow", "granular") or (branching != "none" and objective != "grpo"):
-            raise ValueError(f"branching {branching!r} with objective {objective!r}: expected none, or tempflow / "
-                             "granular with grpo")
         self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
-        if train_selection not in ("per_iteration", "per_sample") or (
-                train_selection == "per_sample" and (objective != "grpo" or branching != "none")):
-            raise ValueError(f"train_selection {train_selection!r} with objective {objective!r}, branching "
-                             f"{branching!r}: expected per_iteration, or per_sample with grpo and no branching")
         self.train_selection, self.advantage_std = train_selection, advantage_std  # (advantages.py checks the std)
+        self.matching_aux, self.aux = matching_aux, aux  # MixGRPO + AWM's matching term (objectives.py)
         # the lagged policy φ: NFT's v_old, which the workers sample with; AWM's regularisation target (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
                        if matching is not None and matching.has_lagged else None)
@@ -314,6 +306,10 @@ class Learner:
             m["kl"] = kl.detach().mean()
         else:
             m["kl"] = torch.zeros(())
+        if self.aux is not None:  # the same rows' final images, AWM's time draws seeded by the micro-batch's key
+            aux_loss, _ = matching_micro_loss(self.policy, batch, cond, rows, list(range(self.aux.times)), adv,
+                                              spec=self.aux, seed=self.seed, key=key)
+            loss = loss + self.matching_aux * aux_loss
         return loss, m
 
     # ------------------------------------------------------------------------------ weights & state

@@ -144,6 +144,9 @@ def _check_credit(c: Config) -> str | None:
                     "sampler.branching=none")
         if g.train_fraction >= 1.0:
             return "grpo.train_selection=per_sample draws a subset of window steps: set grpo.train_fraction < 1"
+    if g.matching_aux > 0 and (g.objective != "grpo" or s.branching != "none"):
+        return (f"grpo.matching_aux adds AWM's matching loss to the window's clipped ratio: grpo.objective=grpo "
+                f"and sampler.branching=none (got {g.objective}, {s.branching}; grpo.objective=awm is AWM alone)")
     if g.advantage_std == "global" and (g.objective != "grpo" or s.branching != "none"):
         return (f"grpo.advantage_std=global scales the window rollouts' group advantages; grpo.objective="
                 f"{g.objective} with sampler.branching={s.branching} forms its own (set grpo.advantage_std=group)")

@@ -122,6 +122,11 @@ class GrpoConfig(_Section):
     matching (METHODS.md §3), the flow-matching loss on re-noised final images weighted by the advantage; nft:
     DiffusionNFT (§4), implicit positive / negative policies around a lagged old policy that the workers sample
     with. awm and nft use no log-probs; their advantages are centred per group and scaled by the batch's std."""
+    matching_aux: float = Field(0.0, ge=0.0)
+    """objective=grpo: weight of AWM's advantage-weighted matching loss on the rollout's final images (the same
+    advantages, `matching_times` stratified times, `awm_weighting`), added to the clipped ratio objective of the
+    window's transitions; 0: GRPO alone. The ratio term credits only the noise the window injected; this term
+    regresses the velocity at every noise level towards the group's better images and away from its worse ones."""
     awm_weighting: Literal["uniform", "ghuber"] = "ghuber"
     """AWM's weighting ψ: uniform (plain advantage-weighted flow matching) or the reference's default ghuber."""
     matching_times: int = Field(6, ge=1)

@@ -11,6 +11,7 @@ import torch
 
 from learner.algo import Stream, seeded_generator, sigma_schedule
 from learner.algo.family import stratified_indices
+from learner.driver.build import build_worker
 from learner.training.objectives import MatchingSpec
 from services.config import ConfigError, load_config
 from services.types import merge_batches
@@ -93,6 +94,35 @@ def test_one_backward_per_time_draw_gives_the_same_update(batch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+def test_mixgrpo_with_the_matching_term_adds_beta_times_the_written_out_awm_gradient(batch):
+    """grpo.matching_aux = β: the window's clipped-ratio gradient (a plain GRPO learner's) plus β × AWM's
+    advantage-weighted matching gradient written out, with GRPO's own advantages (group mean and unbiased std) in
+    AWM's loss (which clips them at ±5 and divides by 5) and AWM's seeded time draws per micro-batch."""
+    beta, spec = 0.5, MatchingSpec(kind="awm", weighting="uniform", times=3, num_steps=8, shift=3.0)
+    mixed = make_learner(small_policy(), micro_batch_size=8, matching_aux=beta, aux=spec)
+    grpo = make_learner(small_policy(), micro_batch_size=8).policy_gradient(batch)
+    r = batch.rewards["verifier"].view(4, 4)
+    adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)).clamp(-5, 5).flatten() / 5
+    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
+    total = 0.0
+    for u in range(2):
+        rows, t, eps = micro_batch_draws(u)
+        for j in range(3):
+            x0 = batch.final_latents[rows]
+            v = mixed.policy.velocity((1 - t[j]) * x0 + t[j] * eps[:, j], t[j].repeat(8),
+                                      {k: c[rows] for k, c in cond.items()})
+            total = total + (adv[rows] * ((v - (eps[:, j] - x0)) ** 2).flatten(1).mean(1)).sum() / (16 * 3)
+    total.backward()
+    awm = torch.cat([p.grad.flatten() for p in mixed.params])
+    mixed.optimizer.zero_grad(set_to_none=True)
+    torch.testing.assert_close(mixed.policy_gradient(batch), grpo + beta * awm, rtol=1e-4, atol=1e-7)
+    assert awm.abs().max() > 10 * (grpo.abs().max() * 1e-4)  # the term is not negligible next to the ratio's
+    cfg = load_config(["mixgrpo"], ["grpo.matching_aux=1"])
+    assert cfg.grpo.matching_aux == 1 and build_worker(cfg, None).keep_final  # the workers keep the final latents
+    with pytest.raises(ValueError, match="matching_aux"):
+        make_learner(small_policy(), matching_aux=0.5)  # no spec
+
+
 def test_an_awm_batch_without_final_latents_is_refused():
     plain = make_worker(small_policy()).rollout(0, (0, 2), PROMPTS, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="final latents"):
@@ -109,6 +139,9 @@ def test_an_awm_batch_without_final_latents_is_refused():
     (["grpo.awm_weighting=huber"], "grpo.awm_weighting"),
     (["grpo.awm_lagged_beta=1"], "grpo.objective=awm"),
     (["grpo.objective=nft", "grpo.awm_lagged_beta=1"], "grpo.objective=awm, not nft"),
+    (["grpo.objective=awm", "grpo.matching_aux=1"], "grpo.matching_aux"),
+    (["run.method=tempflow_grpo", "sampler.branching=tempflow", "grpo.matching_aux=1", "window.strategy=frozen"],
+     "grpo.matching_aux"),
 ])
 def test_config_refuses_what_awm_cannot_run(overrides, needle):
     with pytest.raises(ConfigError) as err:
