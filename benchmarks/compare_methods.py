@@ -73,8 +73,8 @@ VARIANTS = {
     "diffusion_nft": ("diffusion_nft", []),
 }
 BASELINE = "dance_grpo"
-# the issue's goals: time per iteration as a fraction of DanceGRPO's (paper: 0.52, 0.39, 0.29 on FLUX)
-TARGETS = {"mixgrpo": 0.50, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29, "mixgrpo_flash_star async": 0.20}
+# issue 18's goals: time per iteration as a fraction of DanceGRPO's (paper: 0.52, 0.39, 0.29 on FLUX)
+TARGETS = {"mixgrpo": 0.45, "mixgrpo_flash": 0.33, "mixgrpo_flash_star": 0.25, "mixgrpo_flash_star async": 0.18}
 PAPER = {"mixgrpo": 0.52, "mixgrpo_flash": 0.39, "mixgrpo_flash_star": 0.29}  # ALGORITHM.md §8, FLUX on 32 GPUs
 QUICK = {"iterations": 4, "batch_size": 32, "eval_prompts": 48, "reward_k": 1}
 ARCH = {"iterations": 4, "batch_size": 12, "eval_prompts": 4, "reward_k": 1}

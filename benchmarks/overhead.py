@@ -17,7 +17,8 @@ with the timings the roles record:
     driver / Ray overhead    iteration_seconds − rollout_s − update_s − broadcast_s: task dispatch, moving the
                              rollout batches to the learner, merging them, returning results, the driver itself
 
-Model compute = rollout forward + learner forward/backward + optimizer step. Rollout timings are the slowest
+Model compute = rollout forward + learner forward/backward + optimizer step. Below the table, each phase's CPU
+utilisation (`cpu_utilisation`): the CPU seconds its processes spent ÷ (its wall seconds × the node's cores). Rollout timings are the slowest
 worker's (the workers run in parallel); the reward replicas share the same CPUs, so on a small machine the
 "model" times include waiting for a core. Async iterations overlap phases and are reported but not split.
 """
@@ -95,6 +96,30 @@ def markdown(breakdown: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def cpu_utilisation(records: list[dict], cores: int, warmup: int = 1) -> dict[str, float]:
+    """Median share of the node's cores each phase kept busy: CPU seconds of the phase's processes (all their
+    threads: the workers' `rollout_timings.cpu_s` summed over workers, the learner's `update_cpu_s`) ÷ (the phase's
+    wall seconds × `cores`). 1.0: every core busy the whole phase; a one-thread learner on 2 cores reaches 0.5 at
+    most. The reward replicas' CPU (separate processes, overlapping the sampling) is not counted. Records without
+    the CPU fields (written before them) are skipped; {} when none has them."""
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    train = [r for r in records if r.get("kind", "train") == "train"]
+    timed = [r for r in (train[warmup:] or train) if "update_cpu_s" in r and "cpu_s" in r.get("rollout_timings", {})]
+    if not timed:
+        return {}
+    return {"rollout": statistics.median(r["rollout_timings"]["cpu_s"] / (r["rollout_timings"]["rollout_s"] * cores)
+                                         for r in timed),
+            "update": statistics.median(r["update_cpu_s"] / (r["update_s"] * cores) for r in timed)}
+
+
+def utilisation_markdown(util: dict[str, float], cores: int) -> str:
+    if not util:
+        return "CPU utilisation: the records carry no CPU times (a run from before they were recorded)."
+    return "\n".join([f"| phase | CPU utilisation of the {cores} cores (median) |", "|---|---:|",
+                      *(f"| {k} | {v:.0%} |" for k, v in util.items())])
+
+
 # ---------------------------------------------------------------------------------- running
 def build_policy(layers: int, head_dim: int, folder: Path) -> tuple[Path, int]:
     """A random-init tiny policy of the given depth/width (timing only: its rewards mean nothing)."""
@@ -140,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--workdir", type=Path, help="run outputs (default runs/bench-overhead-<timestamp>)")
     p.add_argument("--out", type=Path, help="also write the table here (Markdown)")
+    p.add_argument("--cores", type=int, help="cores of the node the run used (default: this machine's)")
     args = p.parse_args(argv)
     from learner.outputs.metrics import MetricsLog
 
@@ -150,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     records = [r for r in MetricsLog(run_dir / "metrics.jsonl").records() if r.get("kind") == "train"]
     if any(r.get("staleness", 0) > 0 for r in records):
         print("note: asynchronous iterations overlap rollout and update; the split below double-counts")
-    text = f"{desc}\n\n{markdown(median_breakdown(records, args.warmup))}\n"
+    import os
+
+    cores = args.cores or os.cpu_count() or 1
+    util = utilisation_markdown(cpu_utilisation(records, cores, args.warmup), cores)
+    text = f"{desc}\n\n{markdown(median_breakdown(records, args.warmup))}\n\n{util}\n"
     publish(text, args.out)
     return 0
 

@@ -40,7 +40,7 @@ def random_rewards(names: list[str], seed: int) -> LocalRewards:
 
 def run_control(overrides: list[str], reward_seed: int, save: Path | None) -> list[tuple[int, float, float]]:
     """The default loop on random rewards; returns (iterations done, in-run eval score, strict) rows."""
-    cfg = load_config([], overrides)
+    cfg = load_config(["tiny_cpu"], overrides)
     held = evaluation.run_prompts(cfg)  # the loop's in-run set
 
     def evaluate(learner, done: int) -> tuple[int, float, float]:
@@ -89,11 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.evaluate:
-        cfg = load_config([], args.overrides)
+        cfg = load_config(["tiny_cpu"], args.overrides)
         seeds = args.seeds or list(range(1, args.sets + 1))
         scores = {m: set_scores(cfg, m, seeds) for m in args.evaluate}
-        lines = ["| model | " + " / ".join(f"set {s}" for s in seeds) + " | mean |", "|---|---|---|"]
-        lines += [f"| {m} | " + " / ".join(f"{v:.3f}" for v in sc) + f" | {np.mean(sc):.3f} |" for m, sc in scores.items()]
+        # ± the standard error of the mean over sets (their sd / √k): the sets are independent draws
+        lines = ["| model | " + " / ".join(f"set {s}" for s in seeds) + " | mean ± se |", "|---|---|---|"]
+        lines += [f"| {m} | " + " / ".join(f"{v:.3f}" for v in sc) + f" | {np.mean(sc):.3f} ± "
+                  f"{np.std(sc, ddof=1) / np.sqrt(len(sc)) if len(sc) > 1 else float('nan'):.3f} |"
+                  for m, sc in scores.items()]
         publish("\n".join(lines) + "\n", args.out)
         return 0
     rows = run_control([f"run.seed={args.seed}", *args.overrides], args.reward_seed, args.save)

@@ -48,6 +48,8 @@ METHODS = {  # row label → (preset, random rewards?)
     "awm": ("awm", False),
     "diffusion_nft": ("diffusion_nft", False),
     "control": ("mixgrpo", True),
+    "default": ("tiny_cpu", False),  # the embedded default: MixGRPO + AWM's matching term (grpo.matching_aux)
+    "default_control": ("tiny_cpu", True),
 }
 DEFAULT_METHODS = ["mixgrpo", "mixgrpo_flash", "dance_grpo", "awm", "diffusion_nft", "control"]
 SET_SEED0 = 101  # fresh sets: 101, 102, …; the in-run set is 1234, the prompts of training come from the run seed

@@ -1,12 +1,14 @@
 """MixGRPO-Ray driver: config → cluster → loop → cleanup.
 
-    python learner/main.py                                   # the embedded default: tiny model, shapes world, CPU
+    python learner/main.py                                   # the embedded default (deploy/configs/tiny_cpu.yaml)
     python learner/main.py --config mixgrpo_flash window.size=6 run.iterations=100
     python learner/main.py --config flux_dev --config mixgrpo # real models from local folders, on a cluster
     python learner/main.py --resume runs/shapes-tiny-20261122-101500 [run.iterations=120]
     ray job submit --working-dir . -- python learner/main.py --config mixgrpo run.iterations=5
 
-Connects to the cluster in `cluster.address` or RAY_ADDRESS (set inside `ray job submit`), else
+Without --config the run is the embedded default, `tiny_cpu` (the tiny model in the shapes world on a CPU:
+MixGRPO with AWM's matching term, grpo.matching_aux = 1); with --config, the presets named, in order, on top of
+the built-in defaults. Connects to the cluster in `cluster.address` or RAY_ADDRESS (set inside `ray job submit`), else
 starts a local Ray. Writes <output_dir>/config.json, metrics.jsonl and checkpoints/.
 """
 
@@ -26,6 +28,7 @@ except ModuleNotFoundError as e:  # `python learner/main.py` puts learner/ on sy
              "(or put the root on PYTHONPATH; `ray job submit --working-dir .` does)")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+EMBEDDED_DEFAULT = "tiny_cpu"  # the preset a run without --config takes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,7 +49,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
         if args.config:
             raise ConfigError("--resume takes the run's own config.json; pass only dotted overrides")
         return load_config([out / "config.json"], args.overrides), out, True
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or [EMBEDDED_DEFAULT], args.overrides)
     out = Path(cfg.run.output_dir or REPO_ROOT / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ConfigError(f"run.output_dir {out} already holds checkpoints: use --resume {out} or another folder")
@@ -94,6 +97,14 @@ def ray_session(cluster: ClusterConfig):
         ray.shutdown()
 
 
+def node_cores() -> int:
+    """CPUs of the smallest alive node Ray reports (a local Ray: this machine's, or `cluster.num_cpus`)."""
+    import ray
+
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(1, min((c for c in cpus if c > 0), default=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     dump_config(cfg, out / "config.json")
     print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
           f"→ {out}", flush=True)
+    from learner.driver.build import auto_threads
     from learner.driver.loop import run_loop
     from learner.outputs.metrics import eval_change, eval_summary
     from learner.outputs.observers import default_observers
@@ -114,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
     with ray_session(cfg.cluster), reward_service(cfg.reward):
+        if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads):  # auto: from the cores of a node
+            cfg = auto_threads(cfg, node_cores())
+            dump_config(cfg, out / "config.json")  # the run records the counts it used
+            print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads} per learner "
+                  f"rank ({node_cores()} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
         observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
                                       config=cfg.model_dump(mode="json"))
         result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)

@@ -156,7 +156,7 @@ class RolloutWorker:
             raise ValueError("one group id per prompt is required")
         win = Window(*window)
         rows = self.rows_per_group(win)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # process_time: this worker's CPU, all threads
         conds, trajs, pending = [], [], []
         model = {"encode_s": 0.0, "forward_s": 0.0, "decode_s": 0.0}  # model compute inside sample_s
         velocity = _timed(self.policy.velocity, model, "forward_s")
@@ -189,7 +189,8 @@ class RolloutWorker:
             nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
             images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
             image_prompts=[p for p in prompts for _ in range(rows)][:: max(1, len(images) // max(k, 1))][:k],
-            timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model},
+            timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model,
+                     "cpu_s": time.process_time() - c0},
             final_latents=cat("final").float() if self.keep_final else None,
             branches=win.size if branched else 1, steps=cat("steps") if branched else None,
         ).to("cpu")

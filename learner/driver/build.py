@@ -65,6 +65,30 @@ def policy_from_config(model: ModelConfig, role: Role = "eval", device: torch.de
     return policy.to(device)
 
 
+def auto_threads(cfg: Config, cores: int) -> Config:
+    """`cfg` with its `num_threads` = 0 (auto) replaced for a node of `cores` CPUs, so that every core works in
+    every phase and none is oversubscribed:
+
+    - sync mode: the phases follow each other, so each takes the whole node: rollout workers C // W threads each,
+      learner ranks C // K each;
+    - async mode: the rollout of m+1 runs during the update of m, so they split the node: the workers share
+      C // 2 cores (at least one thread each), the learner ranks the rest.
+
+    E.g. 2 cores, 2 workers, 1 rank: sync 1 / 2 threads, async 1 / 1; 16 cores: sync 8 / 16, async 4 / 8.
+    Explicit counts (≥ 1) are kept."""
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}")
+    w, k = cfg.rollout.num_workers, cfg.learner.num_workers
+    rollout_cores = max(w, cores // 2) if cfg.run.async_rollout else cores
+    learner_cores = max(k, cores - rollout_cores) if cfg.run.async_rollout else cores
+    update = {}
+    if cfg.rollout.num_threads == 0:
+        update["rollout"] = cfg.rollout.model_copy(update={"num_threads": max(1, rollout_cores // w)})
+    if cfg.learner.num_threads == 0:
+        update["learner"] = cfg.learner.model_copy(update={"num_threads": max(1, learner_cores // k)})
+    return cfg.model_copy(update=update)
+
+
 def build_learner(cfg: Config) -> Learner:
     lc, g = cfg.learner, cfg.grpo
     return Learner(

@@ -5,7 +5,7 @@
     python -m learner.tools.eval --checkpoint DIR --config deploy/configs/tiny_cpu.yaml [dotted overrides]
     python -m learner.tools.eval --run runs/X --base                  # the starting model, for comparison
     python -m learner.tools.eval --run runs/X --hybrid-fraction 0.5   # trained for the first half of the steps
-    python -m learner.tools.eval --run runs/X --seed 1234 --per-category 48   # = the run's own in-run evaluation
+    python -m learner.tools.eval --run runs/X --seed 1234 --per-category 192  # = the run's own in-run evaluation
 
 The same evaluation the run does, in-process (no Ray; rewards scored by `reward_servers.scorers`): the
 tiny backend is scored by the shapes rule verifier (plus `run.eval_rewards`) on held-out prompts balanced
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['checkpoint'] or 'base model'}: {result['num_steps']}-step ODE, shift {result['shift']}, "
           f"seed {result['seed']}, hybrid fraction {result['hybrid_fraction']}\n")
     print(evaluation.markdown_table({"held-out": result}))
+    print("\noverall ± standard error: " + ", ".join(f"{c} {result['overall'][c]:.3f} ± {result['stderr'][c]:.3f}"
+                                                    for c in result["columns"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))

@@ -97,7 +97,7 @@ class Learner:
 
     def update(self, batch: RolloutBatch) -> dict:
         """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()  # wall, and this process's CPU over all its threads
         adv = self.advantages(batch).to(self.device)
         weights = self.row_weights(batch)
         batch = batch.to(self.device)
@@ -165,7 +165,7 @@ class Learner:
             "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, selections[-1]),
             "steps_per_row": width, "trained_sample_steps": b * width * self.epochs,
             "objective": self.objective,
-            "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0,
+            "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0, "update_cpu_s": time.process_time() - c0,
             "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
             "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
         }

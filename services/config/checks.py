@@ -120,12 +120,13 @@ def _check_objective(c: Config) -> str | None:
     g, expected = c.grpo, {"awm": "awm", "diffusion_nft": "nft"}.get(c.run.method)
     if expected and g.objective != expected:
         return f"run.method={c.run.method} needs grpo.objective={expected} (use the {c.run.method} preset)"
-    if g.objective == "grpo":
-        return "grpo.awm_lagged_beta regularises AWM towards its lagged copy: grpo.objective=awm" if (
-            g.awm_lagged_beta) else None
-    if g.matching_times > c.sampler.num_steps:
+    if g.objective == "grpo" and g.awm_lagged_beta:
+        return "grpo.awm_lagged_beta regularises AWM towards its lagged copy: grpo.objective=awm"
+    if (g.objective != "grpo" or g.matching_aux > 0) and g.matching_times > c.sampler.num_steps:
         return (f"grpo.matching_times ({g.matching_times}) draws at most one time per step of the σ grid: "
                 f"≤ sampler.num_steps ({c.sampler.num_steps})")
+    if g.objective == "grpo":
+        return None
     if g.train_fraction < 1.0:
         return (f"grpo.train_fraction subsets window steps; grpo.objective={g.objective} trains on re-noised final "
                 "images: set it to 1")

@@ -42,7 +42,41 @@ def test_defaults_are_the_tiny_job():
     cfg = Config()
     assert cfg.model.backend == "tiny" and cfg.model.path is None
     assert cfg.rollout.batch_size % cfg.grpo.group_size == 0
-    assert load_config(["tiny_cpu"]) == cfg
+    embedded = load_config(["tiny_cpu"])  # what `python learner/main.py` runs: the defaults + AWM's matching term
+    assert embedded.grpo.matching_aux == 1.0 and cfg.grpo.matching_aux == 0.0
+    assert embedded.learner.num_threads == embedded.rollout.num_threads == 0  # auto: from the node's cores
+    assert embedded.model_copy(update={"grpo": embedded.grpo.model_copy(update={"matching_aux": 0.0,
+                                                                                  "matching_times": 6}),
+                                       "learner": embedded.learner.model_copy(update={"num_threads": 1}),
+                                       "rollout": embedded.rollout.model_copy(update={"num_threads": 1})}) == cfg
+
+
+@pytest.mark.parametrize("cores, workers, ranks, mode, expected", [
+    (2, 2, 1, "sync", (1, 2)),     # the default job: each worker a core while sampling, the update both
+    (2, 2, 1, "async", (1, 1)),    # overlapped: one core samples (two workers share it), one updates
+    (16, 2, 1, "sync", (8, 16)),
+    (16, 2, 1, "async", (4, 8)),   # 8 cores for the workers, 8 for the learner
+    (16, 4, 2, "sync", (4, 8)),
+    (3, 4, 1, "sync", (1, 3)),     # more workers than cores: never 0 threads
+    (1, 2, 1, "async", (1, 1)),
+])
+def test_auto_threads_fill_every_core_without_oversubscribing(cores, workers, ranks, mode, expected):
+    from learner.driver.build import auto_threads
+
+    cfg = load_config(["tiny_cpu"], [f"rollout.num_workers={workers}", f"learner.num_workers={ranks}",
+                                     f"learner.gradient_accumulation_steps={ranks}",
+                                     f"run.async_rollout={str(mode == 'async').lower()}"])
+    got = auto_threads(cfg, cores)
+    assert (got.rollout.num_threads, got.learner.num_threads) == expected
+    sampling, updating = workers * got.rollout.num_threads, ranks * got.learner.num_threads
+    if mode == "sync":  # each phase alone on the node: no more threads than cores (one each at least)
+        assert sampling <= max(cores, workers) and updating == cores
+    else:  # overlapped: together no more than the cores (one thread per actor at least)
+        assert sampling + updating <= max(cores, workers + ranks)
+    fixed = load_config([], ["rollout.num_threads=3", "learner.num_threads=5"])
+    assert auto_threads(fixed, cores) == fixed  # explicit counts are kept
+    with pytest.raises(ValueError, match="cores"):
+        auto_threads(cfg, 0)
 
 
 def test_dotted_overrides():

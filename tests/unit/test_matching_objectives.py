@@ -140,6 +140,7 @@ def test_an_awm_batch_without_final_latents_is_refused():
     (["grpo.awm_lagged_beta=1"], "grpo.objective=awm"),
     (["grpo.objective=nft", "grpo.awm_lagged_beta=1"], "grpo.objective=awm, not nft"),
     (["grpo.objective=awm", "grpo.matching_aux=1"], "grpo.matching_aux"),
+    (["grpo.matching_aux=1", "sampler.num_steps=4", "window.size=2"], "grpo.matching_times"),
     (["run.method=tempflow_grpo", "sampler.branching=tempflow", "grpo.matching_aux=1", "window.strategy=frozen"],
      "grpo.matching_aux"),
 ])

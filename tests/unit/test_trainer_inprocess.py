@@ -67,6 +67,10 @@ def test_rollout_batch_is_fp32_and_sharding_does_not_change_it():
     parts = [worker.rollout(0, (2, 3), PROMPTS[2:], [2, 3]), worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1])]
     merged = merge_batches(parts)
     assert merged.prompts == PROMPTS
+    # the workers run side by side: the merged seconds are the slowest shard's, the CPU seconds their sum
+    assert merged.timings["rollout_s"] == max(b.timings["rollout_s"] for b in parts)
+    assert merged.timings["cpu_s"] == pytest.approx(sum(b.timings["cpu_s"] for b in parts)) and all(
+        b.timings["cpu_s"] > 0 for b in parts)
     torch.testing.assert_close(merged.next_latents, whole.next_latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged.rewards["verifier"], whole.rewards["verifier"])
     other_iter = worker.rollout(1, (2, 3), PROMPTS, [0, 1, 2, 3])
