@@ -97,14 +97,6 @@ def ray_session(cluster: ClusterConfig):
         ray.shutdown()
 
 
-def node_cores() -> int:
-    """CPUs of the smallest alive node Ray reports (a local Ray: this machine's, or `cluster.num_cpus`)."""
-    import ray
-
-    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    return max(1, min((c for c in cpus if c > 0), default=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -117,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     dump_config(cfg, out / "config.json")
     print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
           f"→ {out}", flush=True)
-    from learner.driver.build import auto_threads
     from learner.driver.loop import run_loop
     from learner.outputs.metrics import eval_change, eval_summary
     from learner.outputs.observers import default_observers
@@ -126,11 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
     with ray_session(cfg.cluster), reward_service(cfg.reward):
-        if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads):  # auto: from the cores of a node
-            cfg = auto_threads(cfg, node_cores())
-            dump_config(cfg, out / "config.json")  # the run records the counts it used
-            print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads} per learner "
-                  f"rank ({node_cores()} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
         observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
                                       config=cfg.model_dump(mode="json"))
         result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)

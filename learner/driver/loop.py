@@ -29,10 +29,11 @@ from learner.outputs.grids import save_grid
 from learner.outputs.metrics import MetricsLog, Progress
 from learner.outputs.observers import Observer
 from learner.training import latest_checkpoint
-from services.config import Config
+from services.config import Config, dump_config
 from services.prompts import PromptSource
 
 from .actors import LearnerActor, SchedulerActor, WorkerActor
+from .build import auto_threads
 from .recovery import all_ranks, learners_alive, recover_learner
 from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
@@ -122,7 +123,18 @@ def stop_actors(cl: Cluster) -> None:
     ray.kill(cl.scheduler, no_restart=True)
 
 
+def node_cores() -> int:
+    """CPUs of the smallest alive node Ray reports (a local Ray: this machine's, or `cluster.num_cpus`)."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return max(1, min((c for c in cpus if c > 0), default=1))
+
+
 def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
+    if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads):  # auto: from the cores of a node
+        cfg = auto_threads(cfg, node_cores())
+        dump_config(cfg, out / "config.json")  # the run records the counts it used
+        print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads} per learner rank "
+              f"({node_cores()} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
     cl = start_actors(cfg, run_id)
     try:
         return _iterate(cl, cfg, out, run_id, resume, list(observers))
