@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-TIMINGS = {"update_s", "forward_backward_s", "optimizer_s", "rollout_timings"}
+TIMINGS = {"update_s", "update_cpu_s", "forward_backward_s", "optimizer_s", "rollout_timings"}
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
