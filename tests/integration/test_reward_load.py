@@ -9,7 +9,7 @@ import pytest
 from benchmarks.reward_load import run_levels
 from tests.redis_server import free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~40 s of sustained load: the slow tier
 
 
 def test_overload_is_refused_with_429_and_every_accepted_request_is_right(ray_cluster):
