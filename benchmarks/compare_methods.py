@@ -283,6 +283,8 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
             load0, t0 = os.getloadavg()[0], time.perf_counter()
             print(f"== {label}: {cfg.run.iterations} iterations → {out}", flush=True)
             run_loop(cfg, out, f"bench-{label.replace(' ', '-')}-{int(time.time())}")
+            if (out / "config.json").is_file():  # the thread counts the run resolved (num_threads 0 = auto)
+                cfg = load_config([out / "config.json"])
             runs[label] = {"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
                            "load": (load0, os.getloadavg()[0]), "overlap": cfg.run.async_rollout,
                            "rollout_cores": cfg.rollout.num_workers * cfg.rollout.num_threads,
