@@ -51,12 +51,14 @@ def micro_batch_draws(u: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.arange(8 * u, 8 * u + 8), t, eps
 
 
-def written_out_gradient(learner, batch, per_row) -> torch.Tensor:
+def written_out_gradient(learner, batch, per_row, adv: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of Σ_rows,draws Ā·per_row(v, x_t, x0, ε, t) / (B·T), written out independently of the learner:
-    A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5; per micro-batch u of 8
-    rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded streams (seed 3, iteration 0)."""
-    r = batch.rewards["verifier"].view(4, 4)
-    adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
+    by default A = (R − mean_group) / (population std of the batch + 1e-4), clipped at ±5, then / 5 (else `adv`,
+    (B,)); per micro-batch u of 8 rows, T = 3 stratified times over σ_0…σ_7 and fresh ε from the run's seeded
+    streams (seed 3, iteration 0)."""
+    if adv is None:
+        r = batch.rewards["verifier"].view(4, 4)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).clamp(-5, 5).flatten() / 5
     cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
     total = 0.0
     for u in range(2):
@@ -103,17 +105,8 @@ def test_mixgrpo_with_the_matching_term_adds_beta_times_the_written_out_awm_grad
     grpo = make_learner(small_policy(), micro_batch_size=8).policy_gradient(batch)
     r = batch.rewards["verifier"].view(4, 4)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-8)).clamp(-5, 5).flatten() / 5
-    cond = {k: v.repeat_interleave(4, 0) for k, v in batch.cond.items()}
-    total = 0.0
-    for u in range(2):
-        rows, t, eps = micro_batch_draws(u)
-        for j in range(3):
-            x0 = batch.final_latents[rows]
-            v = mixed.policy.velocity((1 - t[j]) * x0 + t[j] * eps[:, j], t[j].repeat(8),
-                                      {k: c[rows] for k, c in cond.items()})
-            total = total + (adv[rows] * ((v - (eps[:, j] - x0)) ** 2).flatten(1).mean(1)).sum() / (16 * 3)
-    total.backward()
-    awm = torch.cat([p.grad.flatten() for p in mixed.params])
+    awm = written_out_gradient(mixed, batch, lambda v, x_t, x0, eps, t: ((v - (eps - x0)) ** 2).flatten(1).mean(1),
+                               adv=adv)
     mixed.optimizer.zero_grad(set_to_none=True)
     torch.testing.assert_close(mixed.policy_gradient(batch), grpo + beta * awm, rtol=1e-4, atol=1e-7)
     assert awm.abs().max() > 10 * (grpo.abs().max() * 1e-4)  # the term is not negligible next to the ratio's
