@@ -131,10 +131,11 @@ def node_cores() -> int:
 
 def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
     if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads):  # auto: from the cores of a node
-        cfg = auto_threads(cfg, node_cores())
+        cores = node_cores()
+        cfg = auto_threads(cfg, cores)
         dump_config(cfg, out / "config.json")  # the run records the counts it used
         print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads} per learner rank "
-              f"({node_cores()} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
+              f"({cores} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
     cl = start_actors(cfg, run_id)
     try:
         return _iterate(cl, cfg, out, run_id, resume, list(observers))
