@@ -120,7 +120,8 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
         "phases": {name: statistics.median(_phases(r)[name] for r in timed) for name in (*PHASE_KEYS, "rest")},
         # the timed iterations' work and model compute, for the floors (NaN in records that lack them)
         "work_image_evals": _mean([float(r["image_evals"]) for r in timed]),
-        "work_trained": _mean([float(r.get("trained_sample_steps", "nan")) for r in timed]),
+        # the rows the learner's forward computed (a group's shared first window step once), else the transitions
+        "work_trained": _mean([float(r.get("forward_rows", r.get("trained_sample_steps", "nan"))) for r in timed]),
         "forward_s": _mean([float((r.get("rollout_timings") or {}).get("forward_s", "nan")) for r in timed]),
         "forward_backward_s": _mean([float(r.get("forward_backward_s", "nan")) for r in timed]),
     }

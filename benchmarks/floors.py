@@ -6,8 +6,10 @@ measurement kept busy):
     c_eval   one image model-evaluation in the rollout (one velocity of one image, at the rollout's batch size)
     c_train  one trained sample-step in the learner (forward + backward of one row's transition)
 
-An iteration of a method spends E image evaluations (its metrics' `image_evals`: the shared pre-window prefix
-counts once per group) and T trained sample-steps (`trained_sample_steps`: rows × steps per row × epochs).
+An iteration of a method spends E image evaluations (its metrics' `image_evals`: the shared pre-window prefix and
+the window's first step count once per group) and T trained sample-steps (`forward_rows`: the rows the learner's
+forward computed, rows × steps per row × epochs less the first window steps a micro-batch's group members shared;
+`trained_sample_steps` without sharing).
 On C cores:
 
     rollout floor   R = E·c_eval / C                          the rollout alone, every core busy

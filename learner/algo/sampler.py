@@ -1,8 +1,9 @@
 """The mixed ODE-SDE sampler: ODE before the window, SDE inside it, Euler or DPM-Solver++ after.
 
 Group sampling: the G members of a group share their initial noise, so their trajectories are
-identical until the window starts. The prefix is computed once per group (batch P) and the batch
-branches to P·G at the first window step.
+identical until the window starts. The prefix, and the velocity of the window's first step (taken at the
+members' common x_l), are computed once per group (batch P); the batch branches to P·G with that step's SDE
+samples. The learner shares the same step's forward among the group members of a micro-batch (updates.py).
 
 `sample_branched` is the other rollout shape (TempFlow-GRPO, G²RPO; ../shared/docs/METHODS.md §1–2): one
 deterministic main path per group, and at each branch step k, K children that take their one SDE step there
@@ -100,7 +101,7 @@ def sample_mixed(
     """Sample P groups of G images through one mixed trajectory.
 
     Args:
-        velocity_fn: v_θ(x, σ, cond); called with batch P before the window and P·G from it on.
+        velocity_fn: v_θ(x, σ, cond); called with batch P up to the window's first step and P·G after it.
         noise: (P, C, H, W) the initial noise of each group (shared by its members).
         cond: batch-first conditioning tensors for the P prompts.
         sigmas: (N+1,) schedule from `sigma_schedule`.
@@ -114,7 +115,10 @@ def sample_mixed(
     x = noise.to(torch.float32)
     for i in range(window.start):  # shared ODE prefix, batch P
         x = ode_step(x, _velocity(velocity_fn, x, float(sigmas[i]), cond), float(sigmas[i]), float(sigmas[i + 1]))
-    x = x.repeat_interleave(g, dim=0)  # (P·G, C, H, W): branch at the window
+    # the members are still equal at the window's first step: its velocity is one per group too (batch P),
+    # and the batch branches to P·G with that step's SDE samples
+    v_first = _velocity(velocity_fn, x, float(sigmas[window.start]), cond).repeat_interleave(g, dim=0)
+    x = x.repeat_interleave(g, dim=0)  # (P·G, C, H, W)
     cond_g = repeat_cond(cond, g)
     if sde_noise is None:
         if generator is None:
@@ -125,8 +129,8 @@ def sample_mixed(
     latents, next_latents, log_probs = [], [], []
     for t, i in enumerate(window.steps):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
-        step = sde_step(x, _velocity(velocity_fn, x, s, cond_g), s, sn, eta=eta, kind=sde_kind,
-                        noise=sde_noise[:, t].to(x.device))
+        v = v_first if t == 0 else _velocity(velocity_fn, x, s, cond_g)
+        step = sde_step(x, v, s, sn, eta=eta, kind=sde_kind, noise=sde_noise[:, t].to(x.device))
         latents.append(x)
         next_latents.append(step.prev_sample)
         log_probs.append(step.log_prob)
@@ -136,7 +140,7 @@ def sample_mixed(
         final=x, latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
         log_probs=torch.stack(log_probs, 1), sigmas=sigmas[window.start:window.stop].float(),
         sigmas_next=sigmas[window.start + 1:window.stop + 1].float(),
-        nfe=window.start + w + post_nfe, image_evals=p * window.start + p * g * (w + post_nfe),
+        nfe=window.start + w + post_nfe, image_evals=p * (window.start + 1) + p * g * (w - 1 + post_nfe),
     )
 
 

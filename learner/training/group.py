@@ -50,6 +50,23 @@ class RankGroup:
         dist.all_reduce(out, op=ops[op])
         return out.cpu()
 
+    def reduce_stats(self, stats: dict, step_loss: torch.Tensor) -> None:
+        """Every rank's statistics of its micro-batches (the Learner's update) → the global ones, in place: means
+        over all micro-batches, min/max of the ratio, the summed loss per step and forward rows."""
+        keys = ("loss", "ratio_mean", "clip_frac", "approx_kl", "kl")
+        n = len(stats["loss"])
+        sums = self.reduce(torch.tensor([sum(stats[k]) for k in keys] + [n], dtype=torch.float64))
+        total = int(sums[-1])
+        for i, k in enumerate(keys):
+            stats[k] = [float(sums[i]) / total]
+        stats["ratio_min"] = [float(self.reduce(torch.tensor(min(stats["ratio_min"], default=1e30)), "min"))]
+        stats["ratio_max"] = [float(self.reduce(torch.tensor(max(stats["ratio_max"], default=-1e30)), "max"))]
+        first = stats["first_ratio_dev"][0] if stats["first_ratio_dev"] else 0.0  # rank 0 computes micro-batch 0
+        stats["first_ratio_dev"] = [float(self.reduce(torch.tensor(first), "max"))]
+        step_loss.copy_(self.reduce(step_loss) * 1.0)
+        stats["forward_rows"] = [int(self.reduce(torch.tensor(sum(stats["forward_rows"]), dtype=torch.int64)))]
+        stats["n_micro"] = [total]
+
     @property
     def device(self) -> torch.device:
         return torch.device("cuda") if self.backend == "nccl" else torch.device("cpu")

@@ -142,7 +142,7 @@ def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Ten
     one = torch.ones(())
     err = flow_matching_error(v.detach(), x0, eps)
     m = {"ratio_mean": one, "ratio_min": one, "ratio_max": one, "clip_frac": torch.zeros(()),
-         "approx_kl": torch.zeros(()), "loss_per_step": err.view(mb, k).mean(dim=0).cpu()}
+         "approx_kl": torch.zeros(()), "loss_per_step": err.view(mb, k).mean(dim=0).cpu(), "forward_rows": mb * k}
     if kl_beta > 0:
         kl = velocity_kl(v, policy.reference_velocity(x_t, t, c))
         loss = loss + kl_beta * kl

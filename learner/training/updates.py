@@ -35,6 +35,7 @@ from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup
 from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
 from .selection import Selection, row_steps, steps_per_row, window_selection
+from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
 
 
 class Learner:
@@ -46,6 +47,7 @@ class Learner:
         sync_dtype: torch.dtype | None = None, timesteps_per_backward: int = 0, objective: str = "grpo",
         matching: MatchingSpec | None = None, branching: str = "none", train_selection: str = "per_iteration",
         advantage_std: str = "group", matching_aux: float = 0.0, aux: MatchingSpec | None = None,
+        update_order: str = "shuffled",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -74,6 +76,9 @@ class Learner:
         self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
         self.train_selection, self.advantage_std = train_selection, advantage_std  # (advantages.py checks the std)
         self.matching_aux, self.aux = matching_aux, aux  # MixGRPO + AWM's matching term (objectives.py)
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"update_order must be one of {UPDATE_ORDERS}, got {update_order!r}")
+        self.update_order = update_order  # by_group: a group's rows together, its first window step computed once
         # the lagged policy φ: NFT's v_old, which the workers sample with; AWM's regularisation target (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
                        if matching is not None and matching.has_lagged else None)
@@ -109,13 +114,13 @@ class Learner:
             raise ValueError(f"{b} rows are not divisible by micro_batch × accumulation = {per_update}")
         cond = {k: v.repeat_interleave(batch.group_size, 0) for k, v in batch.cond.items()}  # (B, …)
         stats: dict[str, list] = {k: [] for k in ("loss", "ratio_mean", "ratio_min", "ratio_max", "clip_frac",
-                                                  "approx_kl", "kl", "grad_norm", "first_ratio_dev")}
+                                                  "approx_kl", "kl", "grad_norm", "first_ratio_dev", "forward_rows")}
         step_loss = torch.zeros(width)  # per trained step (per_sample: per position in each row's k steps)
         forward_backward_s = optimizer_s = 0.0  # model compute inside update_s (benchmarks/overhead.py)
         self.optimizer.zero_grad(set_to_none=True)
         for epoch, steps in enumerate(selections):
             gen = seeded_generator(self.seed, Stream.UPDATE_ORDER, batch.iteration, epoch)
-            order = torch.randperm(b, generator=gen)
+            order = update_order(b, batch.group_size, gen, self.update_order)
             if self.branching == "granular":  # G²RPO's reference steps the optimizer once per SDE step k: rows by k
                 order = order[torch.sort(batch.steps.cpu()[order], stable=True).indices]
             for u, lo in enumerate(range(0, b, self.mb)):
@@ -135,11 +140,12 @@ class Learner:
                 for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "kl"):
                     stats[k].append(float(m[k]))
                 stats["loss"].append(float(loss.detach()))
+                stats["forward_rows"].append(int(m["forward_rows"]))
                 step_loss += m["loss_per_step"].cpu()
                 if (u + 1) % self.accum == 0:
                     optimizer_s += self._optimizer_step(stats, batch.iteration)
         if self.group is not None:
-            self._reduce_stats(stats, step_loss)
+            self.group.reduce_stats(stats, step_loss)
         self.version += 1
         self.iteration = batch.iteration
         if self.lagged is not None:  # NFT, AWM: φ ← d·φ + (1−d)·θ after each iteration
@@ -164,6 +170,7 @@ class Learner:
             "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
             "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, selections[-1]),
             "steps_per_row": width, "trained_sample_steps": b * width * self.epochs,
+            "forward_rows": int(sum(stats["forward_rows"])),
             "objective": self.objective,
             "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0, "update_cpu_s": time.process_time() - c0,
             "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
@@ -206,21 +213,6 @@ class Learner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t_opt
-
-    def _reduce_stats(self, stats: dict, step_loss: torch.Tensor) -> None:
-        """Every rank's statistics of its micro-batches → the global ones, in place (means over all micro-batches)."""
-        keys = ("loss", "ratio_mean", "clip_frac", "approx_kl", "kl")
-        n = len(stats["loss"])
-        sums = self.group.reduce(torch.tensor([sum(stats[k]) for k in keys] + [n], dtype=torch.float64))
-        total = int(sums[-1])
-        for i, k in enumerate(keys):
-            stats[k] = [float(sums[i]) / total]
-        stats["ratio_min"] = [float(self.group.reduce(torch.tensor(min(stats["ratio_min"], default=1e30)), "min"))]
-        stats["ratio_max"] = [float(self.group.reduce(torch.tensor(max(stats["ratio_max"], default=-1e30)), "max"))]
-        first = stats["first_ratio_dev"][0] if stats["first_ratio_dev"] else 0.0  # rank 0 computes micro-batch 0
-        stats["first_ratio_dev"] = [float(self.group.reduce(torch.tensor(first), "max"))]
-        step_loss.copy_(self.group.reduce(step_loss) * 1.0)
-        stats["n_micro"] = [total]
 
     def join_group(self, init_method: str, rank: int, world_size: int, backend: str = "gloo",
                    sharding: str = "none") -> None:
@@ -272,7 +264,8 @@ class Learner:
         merged = {key: sum(w * m[key] for w, _, m in parts) for key in ("ratio_mean", "clip_frac", "approx_kl", "kl")}
         merged |= {"ratio_min": min(m["ratio_min"] for _, _, m in parts),
                    "ratio_max": max(m["ratio_max"] for _, _, m in parts),
-                   "loss_per_step": torch.cat([m["loss_per_step"] for _, _, m in parts])}
+                   "loss_per_step": torch.cat([m["loss_per_step"] for _, _, m in parts]),
+                   "forward_rows": sum(m["forward_rows"] for _, _, m in parts)}
         return sum(w * loss for w, loss, _ in parts), merged
 
     def _micro_step(self, batch: RolloutBatch, cond: dict, rows: torch.Tensor, steps: Selection,
@@ -293,19 +286,25 @@ class Learner:
         else:  # branched: each row its own step
             sig, sig_next = batch.sigmas[r, idx].flatten(), batch.sigmas_next[r, idx].flatten()
         c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
-        step = transition_step(self.policy.velocity, x, x_next, sig, sig_next, c, eta=self.eta,
-                               sde_kind=self.sde_kind)
+        # members of a group start the window's first step (a branched row: its branch step) from one x: one forward
+        first = torch.ones_like(idx, dtype=torch.bool) if batch.steps is not None else idx == 0
+        sharing = shared_inputs(x, sig, r.expand(-1, k).flatten() // batch.group_size, first.flatten())
+        step = transition_step(shared_velocity(self.policy.velocity, sharing), x, x_next, sig, sig_next, c,
+                               eta=self.eta, sde_kind=self.sde_kind)
         loss, m = grpo_loss(step.log_prob.view(len(rows), k), batch.log_probs[r, idx], adv[rows],
                             clip_range=self.clip_range, adv_clip_max=self.adv_clip_max,
                             weights=None if weights is None else weights[rows])
         if self.kl_beta > 0:
-            v_ref = self.policy.reference_velocity(x, sig, c).to(torch.float32)
+            v_ref = shared_velocity(self.policy.reference_velocity, sharing)(x, sig, c).to(torch.float32)
             ref_mean, _ = sde_mean_std(x, v_ref, sig, sig_next, eta=self.eta, kind=self.sde_kind)
             kl = kl_penalty(step.mean, ref_mean, step.std)  # (mb·k,)
             loss = loss + self.kl_beta * kl.mean()
             m["kl"] = kl.detach().mean()
         else:
             m["kl"] = torch.zeros(())
+        m["forward_rows"] = len(sharing.unique)  # rows the policy's forward computed (benchmarks' floors)
+        if self.aux is not None:
+            m["forward_rows"] += len(rows) * self.aux.times
         if self.aux is not None:  # the same rows' final images, AWM's time draws seeded by the micro-batch's key
             aux_loss, _ = matching_micro_loss(self.policy, batch, cond, rows, list(range(self.aux.times)), adv,
                                               spec=self.aux, seed=self.seed, key=key)

@@ -259,6 +259,10 @@ class LearnerConfig(_Section):
     """Micro-batches per optimizer step: an optimizer step (and its grad-norm clip) covers
     micro_batch_size × gradient_accumulation_steps samples (MixGRPO's FLUX reference: 96 = 32 ranks × 3;
     Flow-GRPO's SD3: 576), and an iteration takes rollout.batch_size / that many steps."""
+    update_order: Literal["shuffled", "by_group"] = "by_group"
+    """The order the update takes the batch's rows in: by_group keeps each group's rows together (groups shuffled), as
+    MixGRPO's reference steps through a group's members, so the members in a micro-batch compute their common first
+    window step once (learner/training/sharing.py); shuffled deals all rows in one random order."""
     timesteps_per_backward: int = Field(0, ge=0)
     """Window steps per forward/backward of a micro-batch; 0: the whole window at once (fast for small models).
     1 is what the references do (one backward per timestep): the activations of one step only, same gradient."""

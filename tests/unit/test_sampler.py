@@ -89,7 +89,7 @@ def test_trajectory_shapes_dtypes_and_nfe():
     torch.testing.assert_close(traj.sigmas, sigmas[6:10].float())
     torch.testing.assert_close(traj.sigmas_next, sigmas[7:11].float())
     assert traj.nfe == 25
-    assert traj.image_evals == P * 6 + P * G * 19  # the prefix is paid once per group
+    assert traj.image_evals == P * 7 + P * G * 18  # the prefix and the first window step: once per group
     flash_star = sample_mixed(velocity, noise, cond, sigmas, Window(0, 4), group_size=G, eta=0.7,
                               generator=g, post_window="dpm", compress_ratio=0.2)
     assert flash_star.nfe == 8
