@@ -32,7 +32,7 @@ from services.types import RolloutBatch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
-from .group import RankGroup
+from .group import RankGroup, adamw
 from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
 from .selection import Selection, row_steps, steps_per_row, window_selection
 from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
@@ -62,7 +62,7 @@ class Learner:
         if not params:
             raise ValueError("the policy has no trainable parameters")
         self.optim_kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas)}
-        self.optimizer = torch.optim.AdamW(params, **self.optim_kwargs)
+        self.optimizer = adamw(params, self.optim_kwargs)
         self.params = params
         self.group: RankGroup | None = None  # a K-rank learner (join_group), else one process
         self.sharding = "none"

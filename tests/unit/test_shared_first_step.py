@@ -14,7 +14,7 @@ from learner.algo.window import Window
 from learner.training import sharing
 from learner.training.sharing import shared_inputs, shared_velocity, update_order
 from services.config import load_config
-from tests.unit.test_trainer_inprocess import G, PROMPTS, make_learner, make_worker, small_policy
+from tests.unit.test_trainer_inprocess import PROMPTS, G, make_learner, make_worker, small_policy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -64,3 +64,24 @@ def test_one_backward_per_timestep_gives_the_same_update(batch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
     c = make_learner(small_policy(), timesteps_per_backward=2).update(batch)  # chunks of 2 and 1
     assert c["loss"] == pytest.approx(a["loss"], abs=1e-7) and c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_the_optimizer_is_fused_adamw_with_the_default_implementations_step():
+    """`adamw` builds torch's fused AdamW on the CPU; its steps are the per-tensor implementation's, to rounding."""
+    from learner.training.group import adamw
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    kwargs = {"lr": 1e-2, "weight_decay": 1e-4, "betas": (0.9, 0.999)}
+    fused, plain = adamw(list(a.parameters()), kwargs), torch.optim.AdamW(list(b.parameters()), **kwargs)
+    assert fused.defaults["fused"] is True and not plain.defaults.get("fused")
+    for _ in range(5):
+        x = torch.randn(16, 8)
+        for model, opt in ((a, fused), (b, plain)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    plain.load_state_dict(fused.state_dict())  # checkpoints move between the two
