@@ -68,3 +68,13 @@ def test_bad_inputs_are_refused():
         Work(-1, 10)
     with pytest.raises(ValueError, match="cores"):
         phase_floors(DANCE, COSTS, 0)
+
+
+@pytest.mark.parametrize("c_eval, c_train", [(0.001, 0.1), (0.002, 0.010), (0.006, 0.018), (0.1, 0.001)])
+def test_a_sync_floor_ratio_lies_between_the_work_ratios(c_eval, c_train):
+    """The docstring's bound at the paper's shape with the shared first window step: Flash* (E 680, T 300) against
+    DanceGRPO (E 2312, T 1300) stays in [0.231, 0.294] whatever the unit costs."""
+    dance, flash_star = Work(2312, 1300), Work(680, 300)
+    ratio = floor_ratio(flash_star, dance, UnitCosts(c_eval, c_train), 2)
+    assert 300 / 1300 <= ratio <= 680 / 2312
+    assert 300 / 1300 == pytest.approx(0.231, abs=5e-4) and 680 / 2312 == pytest.approx(0.294, abs=5e-4)
