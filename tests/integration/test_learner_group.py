@@ -54,6 +54,8 @@ def test_two_ranks_hold_what_one_learner_holds_after_two_updates(ray_cluster, sm
             for k in ("grad_norm", "ratio_min", "ratio_max", "first_ratio_dev"):
                 assert got[0][k] == pytest.approx(exp[k], rel=1e-4, abs=1e-7), k
             assert got[0]["grad_norm"] == got[1]["grad_norm"]  # every rank clipped the same global gradient
+            # the ranks' computed rows (the group's first window step shared in each micro-batch) add up to one's
+            assert got[0]["forward_rows"] == got[1]["forward_rows"] == exp["forward_rows"] < exp["trained_sample_steps"]
         packets = ray.get([r.get_weights.remote() for r in ranks])
     finally:
         for r in ranks:
