@@ -45,11 +45,10 @@ def test_defaults_are_the_tiny_job():
     embedded = load_config(["tiny_cpu"])  # what `python learner/main.py` runs: the defaults + AWM's matching term
     assert embedded.grpo.matching_aux == 1.0 and cfg.grpo.matching_aux == 0.0
     assert embedded.learner.num_threads == embedded.rollout.num_threads == 0  # auto: from the node's cores
-    assert embedded.learner.update_order == "shuffled"  # the order its README results were measured in
     assert embedded.model_copy(update={"grpo": embedded.grpo.model_copy(update={"matching_aux": 0.0,
                                                                                   "matching_times": 6}),
-                                       "learner": embedded.learner.model_copy(update={"num_threads": 1,
-                                                                                      "update_order": "by_group"}),
+                                       "learner": embedded.learner.model_copy(update={"num_threads": 1}),
+                                       "run": embedded.run.model_copy(update={"iterations": 60, "eval_every": 20}),
                                        "rollout": embedded.rollout.model_copy(update={"num_threads": 1})}) == cfg
 
 
