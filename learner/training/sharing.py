@@ -64,8 +64,9 @@ def shared_inputs(x: Tensor, sigma: Tensor, groups: Tensor, candidate: Tensor) -
     n = len(x)
     inverse = torch.arange(n)
     first: dict[tuple[int, float], int] = {}
+    keys = list(zip(groups.tolist(), sigma.tolist(), strict=True))  # one transfer, not one per input (GPU)
     for i in torch.nonzero(candidate.cpu()).flatten().tolist():
-        key = (int(groups[i]), float(sigma[i]))
+        key = keys[i]
         j = first.setdefault(key, i)
         if j != i and torch.equal(x[i], x[j]):
             inverse[i] = j
