@@ -112,6 +112,13 @@ def sample_mixed(
     if window.stop > n - 1:
         raise ValueError(f"window {tuple(window)} reaches past the last trainable step {n - 2}")
     p, g, w = noise.shape[0], group_size, window.size
+    shape = (p * g, w, *noise.shape[1:])  # the window's ξ, checked before any model evaluation
+    if sde_noise is None:
+        if generator is None:
+            raise ValueError("sample_mixed needs sde_noise or a generator")
+        sde_noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    if sde_noise.shape != shape:
+        raise ValueError(f"sde_noise must be shaped {shape}, got {tuple(sde_noise.shape)}")
     x = noise.to(torch.float32)
     for i in range(window.start):  # shared ODE prefix, batch P
         x = ode_step(x, _velocity(velocity_fn, x, float(sigmas[i]), cond), float(sigmas[i]), float(sigmas[i + 1]))
@@ -120,12 +127,6 @@ def sample_mixed(
     v_first = _velocity(velocity_fn, x, float(sigmas[window.start]), cond).repeat_interleave(g, dim=0)
     x = x.repeat_interleave(g, dim=0)  # (P·G, C, H, W)
     cond_g = repeat_cond(cond, g)
-    if sde_noise is None:
-        if generator is None:
-            raise ValueError("sample_mixed needs sde_noise or a generator")
-        sde_noise = torch.randn((p * g, w, *x.shape[1:]), generator=generator, dtype=torch.float32)
-    if sde_noise.shape != (p * g, w, *x.shape[1:]):
-        raise ValueError(f"sde_noise must be shaped {(p * g, w, *x.shape[1:])}, got {tuple(sde_noise.shape)}")
     latents, next_latents, log_probs = [], [], []
     for t, i in enumerate(window.steps):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])

@@ -70,10 +70,8 @@ def shared_inputs(x: Tensor, sigma: Tensor, groups: Tensor, candidate: Tensor) -
         j = first.setdefault(key, i)
         if j != i and torch.equal(x[i], x[j]):
             inverse[i] = j
-    unique = torch.unique(inverse)  # sorted: the positions each input maps to, renumbered below
-    slot = torch.full((n,), -1, dtype=torch.long)
-    slot[unique] = torch.arange(len(unique))
-    return Sharing(unique=unique.to(x.device), inverse=slot[inverse].to(x.device))
+    unique, slot = torch.unique(inverse, return_inverse=True)  # the computed positions; each input's among them
+    return Sharing(unique=unique.to(x.device), inverse=slot.to(x.device))
 
 
 VelocityFn = Callable[[Tensor, Tensor, Mapping[str, Tensor]], Tensor]

@@ -303,12 +303,11 @@ class Learner:
         else:
             m["kl"] = torch.zeros(())
         m["forward_rows"] = len(sharing.unique)  # rows the policy's forward computed (benchmarks' floors)
-        if self.aux is not None:
-            m["forward_rows"] += len(rows) * self.aux.times
         if self.aux is not None:  # the same rows' final images, AWM's time draws seeded by the micro-batch's key
-            aux_loss, _ = matching_micro_loss(self.policy, batch, cond, rows, list(range(self.aux.times)), adv,
-                                              spec=self.aux, seed=self.seed, key=key)
+            aux_loss, aux_m = matching_micro_loss(self.policy, batch, cond, rows, list(range(self.aux.times)), adv,
+                                                  spec=self.aux, seed=self.seed, key=key)
             loss = loss + self.matching_aux * aux_loss
+            m["forward_rows"] += aux_m["forward_rows"]
         return loss, m
 
     # ------------------------------------------------------------------------------ weights & state

@@ -116,6 +116,14 @@ def test_mixgrpo_with_the_matching_term_adds_beta_times_the_written_out_awm_grad
         make_learner(small_policy(), matching_aux=0.5)  # no spec
 
 
+def test_the_matching_term_counts_its_forward_rows(batch):
+    """forward_rows with grpo.matching_aux: the window's rows (16 × 2, each micro-batch one group of 4 sharing its
+    first step: 32 − 4 × 3 = 20) plus the term's 16 rows × 3 time draws."""
+    spec = MatchingSpec(kind="awm", weighting="uniform", times=3, num_steps=8, shift=3.0)
+    stats = make_learner(small_policy(), matching_aux=0.5, aux=spec, update_order="by_group").update(batch)
+    assert stats["trained_sample_steps"] == 32 and stats["forward_rows"] == 20 + 16 * 3
+
+
 def test_an_awm_batch_without_final_latents_is_refused():
     plain = make_worker(small_policy()).rollout(0, (0, 2), PROMPTS, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="final latents"):

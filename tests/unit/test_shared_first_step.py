@@ -158,3 +158,19 @@ def test_update_order_config_default_and_refusal():
         load_config([], ["learner.update_order=sorted"])
     with pytest.raises(ValueError, match="update_order"):
         make_learner(small_policy(), update_order="sorted")
+
+
+def test_bad_window_noise_is_refused_before_any_model_evaluation():
+    calls = []
+
+    def velocity(x, sigma, cond):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x)
+
+    sigmas, noise = sigma_schedule(8, 3.0).float(), torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"sde_noise must be shaped \(6, 3, 3, 4, 4\)"):
+        sample_mixed(velocity, noise, {}, sigmas, Window(2, 3), group_size=3, eta=0.7,
+                     sde_noise=torch.randn(6, 2, 3, 4, 4))
+    with pytest.raises(ValueError, match="needs sde_noise or a generator"):
+        sample_mixed(velocity, noise, {}, sigmas, Window(2, 3), group_size=3, eta=0.7)
+    assert calls == []  # neither the prefix nor the first window step was computed
