@@ -44,6 +44,7 @@ Timings on a shared two-core CPU are noisy; the ratios are only meaningful withi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import statistics
@@ -134,6 +135,40 @@ def _eval_score(rec: dict) -> float:
     return float(rec[f"eval_{rec['eval_columns'][0]}"])
 
 
+# a method's timings, pooled over rounds; its work, rewards and evaluations are the first round's (runs are deterministic)
+TIME_KEYS = ("median_s", "phases", "forward_s", "forward_backward_s")
+
+
+def summarize_rounds(rounds: list[tuple[list[dict], list[dict]]], *, warmup: int = 1, reward_k: int = 5) -> dict:
+    """One method's row from R rounds of the same run (each round's train and eval records).
+
+    The timed iterations of every round (each skipping its own `warmup`) are pooled: "median_s", the phases and the
+    unit-cost seconds are their medians / means. "round_median_s" keeps each round's own median, for the ratios
+    round by round (`with_ratios`). Work, rewards and evaluations are the first round's: the rounds repeat one
+    deterministic run, so they agree (`rounds_disagree` says where they do not).
+    """
+    if not rounds:
+        raise ValueError("no rounds")
+    per_round = [summarize(train, evals, warmup=warmup, reward_k=reward_k) for train, evals in rounds]
+    timed = [r for train, _ in rounds for r in (train[warmup:] or train)]
+    pooled = summarize(timed, [], warmup=0, reward_k=reward_k)
+    return {**per_round[0], **{k: pooled[k] for k in TIME_KEYS},
+            "round_median_s": [r["median_s"] for r in per_round], "rounds_disagree": rounds_disagree(per_round)}
+
+
+def rounds_disagree(per_round: list[dict], tol: float = 1e-9) -> list[str]:
+    """The work and reward fields on which the rounds of one method differ (empty when they repeat one run)."""
+    keys = ("iterations", "image_evals", "work_image_evals", "work_trained", "reward_gain", "verifier_gain")
+    return [k for k in keys if any(not math.isclose(r[k], per_round[0][k], rel_tol=tol, abs_tol=tol)
+                                   and not (r[k] != r[k] and per_round[0][k] != per_round[0][k]) for r in per_round)]
+
+
+def round_orders(labels: list[str], rounds: int) -> list[list[str]]:
+    """The methods' order in each round: forward, then backward, alternately (A B C, C B A, A B C …), so a drift of
+    the machine's speed over the invocation falls on every method alike."""
+    return [list(labels) if r % 2 == 0 else list(reversed(labels)) for r in range(rounds)]
+
+
 def architecture_overrides(architecture: str, folder: Path, prompts: Path, device: str) -> list[str]:
     """The per-GPU shape of the paper on `architecture`'s random-weight folder (module docstring)."""
     out = [f"model.path={folder}", f"rollout.prompts_file={prompts}", f"run.eval_prompts_file={prompts}",
@@ -168,10 +203,16 @@ def _phases(rec: dict) -> dict[str, float]:
 
 
 def with_ratios(rows: dict[str, dict], baseline: str = BASELINE) -> dict[str, dict]:
-    """Adds "ratio" (median s/iter ÷ the baseline's; NaN without a baseline) and "target" to each row."""
+    """Adds "ratio" (median s/iter ÷ the baseline's; NaN without a baseline) and "target" to each row; rows of
+    several rounds (`summarize_rounds`) also get "round_ratios", each round's median over that round's baseline's."""
     base = rows.get(baseline, {}).get("median_s")
-    return {name: {**row, "ratio": row["median_s"] / base if base else float("nan"),
-                   "target": TARGETS.get(name)} for name, row in rows.items()}
+    base_rounds = rows.get(baseline, {}).get("round_median_s")
+    out = {}
+    for name, row in rows.items():
+        out[name] = {**row, "ratio": row["median_s"] / base if base else float("nan"), "target": TARGETS.get(name)}
+        if base_rounds and row.get("round_median_s"):  # each round's median over the same round's baseline
+            out[name]["round_ratios"] = [m / b for m, b in zip(row["round_median_s"], base_rounds, strict=True)]
+    return out
 
 
 def unit_costs(rows: dict[str, dict]) -> UnitCosts:
@@ -203,6 +244,12 @@ def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None or v != v else format(v, fmt)  # v != v: NaN
 
 
+def _rounds(row: dict) -> str:
+    """" (0.44, 0.47)": the ratio of each round, when there were several."""
+    ratios = row.get("round_ratios") or []
+    return f" ({', '.join(format(x, '.2f') for x in ratios)})" if len(ratios) > 1 else ""
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
     """The comparison table (rows from `with_ratios`) and the per-phase medians behind the times."""
     floors = all("floor_s" in r for r in rows.values())
@@ -221,7 +268,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
             floor = f"{_f(r['floor_ratio'], '.2f')} | {_f(100 * r['over_floor'], '+.0f')} %{flag} | "
         lines.append(
             f"| {name} | {_f(r['nfe'], '.1f')} | {_f(r['image_evals'], '.0f')} | {_f(r['steps_trained'], '.1f')} | "
-            f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met} | {floor}{goal} | {_f(r['reward_gain'], '+.3f')} | "
+            f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met}{_rounds(r)} | {floor}{goal} | {_f(r['reward_gain'], '+.3f')} | "
             f"{_f(r['verifier_gain'], '+.3f')} ({_f(r['eval_base'], '.3f')} → {_f(r['eval_final'], '.3f')}) |")
     lines += ["", "Median seconds per phase (same iterations). Async rows overlap the next rollout with the update, so "
               "their phases add up to more than the iteration and the rest goes negative.", "",
@@ -263,33 +310,41 @@ def common_overrides(settings: dict, seed: int) -> list[str]:
 
 
 def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets: tuple[str, ...] = (),
-                 num_cpus: int = 2) -> dict[str, dict]:
-    """Each variant through `run_loop`, sequentially, on one local Ray with one reward deployment.
+                 num_cpus: int = 2, rounds: int = 1) -> dict[str, list[dict]]:
+    """Each variant through `run_loop`, sequentially, on one local Ray with one reward deployment; with `rounds`
+    R > 1 the whole list R times, in `round_orders` (forward, backward, …), each round in `workdir`/round<r>.
 
-    Returns label → {"dir": run directory, "wall_min": minutes including start-up and evaluations,
-    "load": 1-minute load average at start and end, "overlap": async, "rollout_cores" / "learner_cores": the
-    threads each role runs (for the floors' unit costs)}.
+    Returns label → one dict per round: {"dir": run directory, "wall_min": minutes including start-up and
+    evaluations, "load": 1-minute load average at start and end, "overlap": async, "rollout_cores" /
+    "learner_cores": the threads each role runs (for the floors' unit costs)}.
     """
     from learner.driver.loop import run_loop
     from reward_servers.service import reward_service
     from services.config import load_config
 
-    cfgs = {label: load_config([*presets, VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
-                                                     f"run.output_dir={workdir / label.replace(' ', '_')}"])
-            for label in labels}
-    runs = {}
+    def folder(label: str, r: int) -> Path:
+        return (workdir if rounds == 1 else workdir / f"round{r}") / label.replace(" ", "_")
+
+    def config(label: str, r: int):
+        return load_config([*presets, VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
+                                                           f"run.output_dir={folder(label, r)}"])
+
+    cfgs = {label: config(label, 0) for label in labels}  # every config checked before the first run
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
     with local_ray(num_cpus), reward_service(cfgs[labels[0]].reward):  # all variants share the reward config
-        for label in labels:
-            cfg, out = cfgs[label], Path(cfgs[label].run.output_dir)
-            load0, t0 = os.getloadavg()[0], time.perf_counter()
-            print(f"== {label}: {cfg.run.iterations} iterations → {out}", flush=True)
-            run_loop(cfg, out, f"bench-{label.replace(' ', '-')}-{int(time.time())}")
-            if (out / "config.json").is_file():  # the thread counts the run resolved (num_threads 0 = auto)
-                cfg = load_config([out / "config.json"])
-            runs[label] = {"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
-                           "load": (load0, os.getloadavg()[0]), "overlap": cfg.run.async_rollout,
-                           "rollout_cores": cfg.rollout.num_workers * cfg.rollout.num_threads,
-                           "learner_cores": cfg.learner.num_workers * cfg.learner.num_threads}
+        for r, order in enumerate(round_orders(labels, rounds)):
+            for label in order:
+                cfg, out = config(label, r), folder(label, r)
+                load0, t0 = os.getloadavg()[0], time.perf_counter()
+                print(f"== {label}{f' (round {r + 1} of {rounds})' if rounds > 1 else ''}: "
+                      f"{cfg.run.iterations} iterations → {out}", flush=True)
+                run_loop(cfg, out, f"bench-{label.replace(' ', '-')}-{int(time.time())}")
+                if (out / "config.json").is_file():  # the thread counts the run resolved (num_threads 0 = auto)
+                    cfg = load_config([out / "config.json"])
+                runs[label].append({"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
+                                    "load": (load0, os.getloadavg()[0]), "overlap": cfg.run.async_rollout,
+                                    "rollout_cores": cfg.rollout.num_workers * cfg.rollout.num_threads,
+                                    "learner_cores": cfg.learner.num_workers * cfg.learner.num_threads})
     return runs
 
 
@@ -300,8 +355,10 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores{gpu}"
 
 
-def report(rows: dict[str, dict], settings: dict, seed: int, mode: str, cores: float | None = None) -> str:
-    """The table under a header of the settings and the machine's load; with `cores`, the floors beside the ratios."""
+def report(rows: dict[str, dict], settings: dict, seed: int, mode: str, cores: float | None = None,
+           rounds: int = 1) -> str:
+    """The table under a header of the settings and the machine's load; with `cores`, the floors beside the ratios;
+    with `rounds` > 1, how the rounds were run and where they disagree."""
     rows = with_ratios(rows)
     if cores:
         rows = with_floors(rows, cores)
@@ -310,6 +367,12 @@ def report(rows: dict[str, dict], settings: dict, seed: int, mode: str, cores: f
             f"run seed {seed}, {settings['eval_prompts']} held-out prompts; median s/iter skips iteration 1; reward "
             f"gain = mean of the last {settings['reward_k']} iterations − the first {settings['reward_k']}.",
             f"Machine: {machine()}; 1-min load average at start→end of each method: {loads}.", ""]
+    if rounds > 1:
+        disagree = {n: r["rounds_disagree"] for n, r in rows.items() if r.get("rounds_disagree")}
+        head[-1:] = [f"{rounds} rounds, interleaved (the methods in order, then in reverse, …): s/iter is the median "
+                     f"of every round's timed iterations; × {BASELINE} in brackets is each round's own ratio. "
+                     + (f"The rounds differ in {disagree} (the table shows the first round's)." if disagree else
+                        "Work, rewards and held-out scores were the same in every round."), ""]
     if cores:
         c = unit_costs(rows)
         head[-1:] = [f"Floors on {cores:g} cores from unit costs pooled over the synchronous runs: "
@@ -330,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="override the mode's images per iteration")
     p.add_argument("--eval-prompts", type=int, help="override the mode's held-out prompts")
     p.add_argument("--reward-k", type=int, help="iterations averaged at each end for the reward gain")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the methods this many times, interleaved (forward, backward, …): times pooled, "
+                        "ratios also per round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="the table (default benchmarks/results/compare_methods.md; --paper: "
                                              "compare_methods_paper.md)")
@@ -367,12 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus = max(2, min(8, os.cpu_count() or 2))
         mode = f"{args.architecture} ({'random weights' if not args.arch_layers else f'{args.arch_layers} blocks'}, " \
                f"{args.device})"
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     runs = run_variants(methods, [*common_overrides(settings, args.seed), *extra, *args.overrides], workdir,
-                        presets, num_cpus)
+                        presets, num_cpus, rounds=args.rounds)
     rows = {}
-    for label, run in runs.items():
-        rows[label] = {**summarize(*load_records(run["dir"]), reward_k=settings["reward_k"]), **run}
-    text = report(rows, settings, args.seed, mode, cores=num_cpus if args.paper else None)
+    for label, per_round in runs.items():
+        rows[label] = {**summarize_rounds([load_records(run["dir"]) for run in per_round],
+                                          reward_k=settings["reward_k"]),
+                       **per_round[0], "load": (per_round[0]["load"][0], per_round[-1]["load"][1]),
+                       "wall_min": sum(run["wall_min"] for run in per_round)}
+    text = report(rows, settings, args.seed, mode, cores=num_cpus if args.paper else None, rounds=args.rounds)
     publish(text, args.out or REPO_ROOT / "benchmarks" / "results" / f"compare_methods{'_paper' if args.paper else ''}.md")
     print(f"runs in {workdir}")
     return 0

@@ -13,7 +13,10 @@ from benchmarks.compare_methods import (
     architecture_overrides,
     common_overrides,
     markdown_table,
+    report,
+    round_orders,
     summarize,
+    summarize_rounds,
     unit_costs,
     with_floors,
     with_ratios,
@@ -69,6 +72,37 @@ def test_ratios_to_dance_grpo_and_table():
     assert "| mixgrpo | 16.0 | 512 | 4.0 | 6.00 | 0.75 ✗ | ≤ 0.45 (paper 0.52) | +0.200 |" in table
     assert "| mixgrpo_flash_star | 16.0 | 512 | 4.0 | 2.00 | 0.25 ✓ | ≤ 0.25 (paper 0.29) |" in table
     assert all(math.isnan(r["ratio"]) for r in with_ratios({"mixgrpo": rows["mixgrpo"]}).values())
+
+
+def test_rounds_alternate_their_order():
+    assert round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    assert round_orders(["a"], 1) == [["a"]]
+
+
+def test_rounds_pool_their_timed_iterations_worked_example():
+    """Two rounds of 4 iterations: each skips its own warm-up, so the pooled median is over 3 + 3 iterations."""
+    def rounds(times_a, times_b, rewards=(0.1, 0.2, 0.3, 0.4)):
+        return [([train_rec(i, t, r) for i, (t, r) in enumerate(zip(times, rewards))], []) for times in (times_a, times_b)]
+
+    dance = summarize_rounds(rounds([20, 10, 10, 12], [30, 14, 14, 13]), reward_k=1)
+    mix = summarize_rounds(rounds([20, 5, 4, 6], [30, 6, 8, 7]), reward_k=1)
+    assert dance["median_s"] == 12.5  # median of 10, 10, 12, 14, 14, 13 (neither round's own: 10, 14)
+    assert dance["round_median_s"] == [10, 14] and mix["round_median_s"] == [5, 7]
+    assert mix["median_s"] == 6.0  # median of 5, 4, 6, 6, 8, 7
+    assert mix["reward_gain"] == pytest.approx(0.3) and mix["rounds_disagree"] == []
+    out = with_ratios({"dance_grpo": dance, "mixgrpo": mix})
+    assert out["mixgrpo"]["ratio"] == pytest.approx(6 / 12.5)
+    assert out["mixgrpo"]["round_ratios"] == pytest.approx([0.5, 0.5])
+    assert "| 6.00 | 0.48 ✗ (0.50, 0.50) | ≤ 0.45 (paper 0.52) |" in markdown_table(out)
+    # a round whose work or reward differs is named, not averaged away
+    first, second = rounds([20, 5, 4, 6], [30, 6, 8, 7])
+    second[0][3]["reward_mean"] = 0.9
+    assert summarize_rounds([first, second], reward_k=1)["rounds_disagree"] == ["reward_gain"]
+    meta = {"load": (1.0, 2.0), "overlap": False, "rollout_cores": 2, "learner_cores": 2}
+    text = report({"dance_grpo": dance | meta, "mixgrpo": mix | meta}, PAPER_SHAPE, 0, "paper", rounds=2)
+    assert "2 rounds, interleaved" in text and "the same in every round" in text
+    with pytest.raises(ValueError, match="no rounds"):
+        summarize_rounds([])
 
 
 def paper_rec(i, seconds, *, image_evals, trained, forward_s, forward_backward_s):
