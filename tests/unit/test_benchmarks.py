@@ -96,6 +96,8 @@ def test_rounds_pool_their_timed_iterations_worked_example():
     assert "| 6.00 | 0.48 ✗ (0.50, 0.50) | ≤ 0.45 (paper 0.52) |" in markdown_table(out)
     # a round whose work or reward differs is named, not averaged away
     first, second = rounds([20, 5, 4, 6], [30, 6, 8, 7])
+    second[0][3]["reward_mean"] = 0.4 + 1e-6  # float noise of threaded sums: the same run
+    assert summarize_rounds([first, second], reward_k=1)["rounds_disagree"] == []
     second[0][3]["reward_mean"] = 0.9
     assert summarize_rounds([first, second], reward_k=1)["rounds_disagree"] == ["reward_gain"]
     meta = {"load": (1.0, 2.0), "overlap": False, "rollout_cores": 2, "learner_cores": 2}
