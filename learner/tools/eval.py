@@ -6,6 +6,7 @@
     python -m learner.tools.eval --run runs/X --base                  # the starting model, for comparison
     python -m learner.tools.eval --run runs/X --hybrid-fraction 0.5   # trained for the first half of the steps
     python -m learner.tools.eval --run runs/X --seed 1234 --per-category 192  # = the run's own in-run evaluation
+    python -m learner.tools.eval --run runs/X --split train --seed 501 --per-category 48  # fresh train-split prompts
 
 The same evaluation the run does, in-process (no Ray; rewards scored by `reward_servers.scorers`): the
 tiny backend is scored by the shapes rule verifier (plus `run.eval_rewards`) on held-out prompts balanced
@@ -46,10 +47,16 @@ def load_models(cfg: Config, checkpoint: Path | None, need_base: bool):
     return trained, (evaluation.AdapterOff(trained) if cfg.model.lora_rank > 0 else policy_from_config(cfg.model))
 
 
-def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, seed: int) -> list[str]:
-    """Balanced held-out shapes prompts (tiny backend), else the lines of the prompts file."""
+def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, seed: int,
+                     split: str = "heldout") -> list[str]:
+    """Balanced shapes prompts of `split` (tiny backend: "heldout", or "train" to see whether a gain is the trained
+    prompts' only), else the lines of the prompts file."""
+    if split not in shapes_world.SPLITS:
+        raise ConfigError(f"--split must be one of {list(shapes_world.SPLITS)}, got {split!r}")
     if cfg.model.backend == "tiny" and not prompts_file:
-        return evaluation.heldout_prompts(per_category, seed)
+        return evaluation.shapes_prompts(split, per_category, seed)
+    if split != "heldout":
+        raise ConfigError(f"--split {split} chooses shapes-world prompts: the tiny backend without --prompts-file")
     prompts_file = prompts_file or cfg.run.eval_prompts_file
     if not prompts_file:
         raise ConfigError(f"--prompts-file (or run.eval_prompts_file) is required for backend {cfg.model.backend!r}")
@@ -58,7 +65,8 @@ def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, s
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction: float = 1.0,
                         num_steps: int | None = None, shift: float | None = None, seed: int = 0,
-                        per_category: int = 16, prompts_file: str | None = None, batch_size: int = 64) -> dict:
+                        per_category: int = 16, prompts_file: str | None = None, batch_size: int = 64,
+                        split: str = "heldout") -> dict:
     """The whole evaluation as a dict (JSON-able); `checkpoint` None evaluates the base model."""
     from reward_servers.scorers import build_scorer
 
@@ -66,7 +74,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction
     if checkpoint is None:
         hybrid_fraction = 1.0  # the "trained" model is the base itself
     trained, base = load_models(cfg, checkpoint, need_base=hybrid_fraction < 1.0)
-    prompts = eval_prompt_list(cfg, prompts_file, per_category, seed)
+    prompts = eval_prompt_list(cfg, prompts_file, per_category, seed, split)
     verifier = cfg.model.backend == "tiny"
     if verifier:
         for p in prompts:
@@ -75,7 +83,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction
     result = evaluation.evaluate(trained, prompts, num_steps=num_steps, shift=shift, seed=seed, verifier=verifier,
                                  rewards=rewards, base=base, fraction=hybrid_fraction, batch_size=batch_size)
     return {"checkpoint": None if checkpoint is None else str(checkpoint), "backend": cfg.model.backend,
-            "hybrid_trained_steps": round(hybrid_fraction * num_steps), **result}
+            "hybrid_trained_steps": round(hybrid_fraction * num_steps), "split": split if verifier else None, **result}
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
@@ -109,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--seed", type=int, default=0, help="prompt draw and initial noise (a fresh held-out set per seed)")
     p.add_argument("--per-category", type=int, default=16, help="held-out prompts per category (tiny)")
+    p.add_argument("--split", default="heldout", help="tiny: heldout (default) or train, the training split's "
+                                                      "colour-shape pairs (a fresh draw per --seed)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line (sd3 / flux: default run.eval_prompts_file)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for bitwise repeats)")
@@ -125,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ckpt = resolve(args)
         result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
                                      shift=args.shift, seed=args.seed, per_category=args.per_category,
-                                     prompts_file=args.prompts_file, batch_size=args.batch_size)
+                                     prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['checkpoint'] or 'base model'}: {result['num_steps']}-step ODE, shift {result['shift']}, "
           f"seed {result['seed']}, hybrid fraction {result['hybrid_fraction']}\n")
-    print(evaluation.markdown_table({"held-out": result}))
+    print(evaluation.markdown_table({"train split" if result.get("split") == "train" else "held-out": result}))
     print("\noverall ± standard error: " + ", ".join(f"{c} {result['overall'][c]:.3f} ± {result['stderr'][c]:.3f}"
                                                     for c in result["columns"]))
     if args.json:

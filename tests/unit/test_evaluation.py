@@ -29,6 +29,24 @@ def test_heldout_prompts_are_balanced_fixed_and_in_split():
     assert set(single) == set(shapes_world.all_prompts("heldout", ("single",)))
 
 
+def test_the_eval_tool_draws_train_split_prompts_on_request(tmp_path):
+    from learner.tools.eval import eval_prompt_list, parse_args
+
+    cfg = load_config([], ["model.backend=tiny"])
+    train = eval_prompt_list(cfg, None, 6, 501, "train")
+    assert train == evaluation.shapes_prompts("train", 6, 501) != eval_prompt_list(cfg, None, 6, 501)
+    assert set(train) <= set(shapes_world.all_prompts("train")) and not any(map(shapes_world.is_heldout, train))
+    assert [shapes_world.category(p) for p in train] == [c for c in shapes_world.CATEGORIES for _ in range(6)]
+    assert eval_prompt_list(cfg, None, 6, 501) == evaluation.heldout_prompts(6, 501)  # the default split
+    with pytest.raises(ConfigError, match="--split must be one of"):
+        eval_prompt_list(cfg, None, 6, 501, "test")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    with pytest.raises(ConfigError, match="tiny backend without --prompts-file"):
+        eval_prompt_list(cfg, str(prompts), 6, 501, "train")
+    assert parse_args(["--base", "--split", "train"]).split == "train"
+
+
 def test_run_prompts_per_backend(tmp_path):
     cfg = load_config([], ["run.eval_prompts=8", "run.eval_seed=5"])
     assert evaluation.run_prompts(cfg) == evaluation.heldout_prompts(2, 5)
