@@ -127,6 +127,8 @@ def summarize(train: list[dict], evals: list[dict], *, warmup: int = 1, reward_k
         # the rows the learner's forward computed (a group's shared first window step once), else the transitions
         "work_trained": _mean([float(r.get("forward_rows", r.get("trained_sample_steps", "nan"))) for r in timed]),
         "forward_s": _mean([float((r.get("rollout_timings") or {}).get("forward_s", "nan")) for r in timed]),
+        # all workers' forward seconds together (NaN in records from before the metric)
+        "forward_sum_s": _mean([float((r.get("rollout_timings") or {}).get("forward_sum_s", "nan")) for r in timed]),
         "forward_backward_s": _mean([float(r.get("forward_backward_s", "nan")) for r in timed]),
     }
 
@@ -139,7 +141,7 @@ def _eval_score(rec: dict) -> float:
 
 
 # a method's timings, pooled over rounds; its work, rewards and evaluations are the first round's (runs are deterministic)
-TIME_KEYS = ("median_s", "phases", "forward_s", "forward_backward_s")
+TIME_KEYS = ("median_s", "phases", "forward_s", "forward_sum_s", "forward_backward_s")
 
 
 def summarize_rounds(rounds: list[tuple[list[dict], list[dict]]], *, warmup: int = 1, reward_k: int = 5) -> dict:
@@ -220,16 +222,33 @@ def with_ratios(rows: dict[str, dict], baseline: str = BASELINE) -> dict[str, di
     return out
 
 
+def rollout_core_seconds(row: dict) -> float:
+    """The rollout's model-forward core-seconds per iteration: every worker's forward seconds × its threads where the
+    records have the sum ("forward_sum_s", `rollout_threads`), else the slowest worker's × all rollout cores (an
+    upper estimate: it counts the workers' imbalance as compute)."""
+    total, threads = row.get("forward_sum_s", float("nan")), row.get("rollout_threads")
+    if total == total and threads:  # not NaN
+        return total * threads
+    return row["forward_s"] * row["rollout_cores"]
+
+
+def worker_imbalance(row: dict) -> float:
+    """How much longer the slowest worker computed than the workers' mean: forward_s ÷ (forward_sum_s / workers) − 1
+    (NaN without the sum)."""
+    total, workers = row.get("forward_sum_s", float("nan")), row.get("rollout_workers")
+    return row["forward_s"] / (total / workers) - 1 if total == total and total > 0 and workers else float("nan")
+
+
 def unit_costs(rows: dict[str, dict]) -> UnitCosts:
     """c_eval and c_train in core-seconds, pooled over the synchronous rows (an overlapped phase shares its cores):
-    the rollout's model-forward seconds × its cores (workers × threads; the slowest worker's seconds, so an upper
-    estimate) over its image evaluations, and the learner's forward+backward seconds × its threads over its
-    trained sample-steps. Each row needs `overlap`, `rollout_cores` and `learner_cores` (from `run_variants`)."""
+    the rollout's model-forward core-seconds (`rollout_core_seconds`) over its image evaluations, and the learner's
+    forward+backward seconds × its threads over its trained sample-steps. Each row needs `overlap`, `rollout_cores`
+    and `learner_cores` (from `run_variants`; `rollout_threads` too for the exact rollout sum)."""
     sync = [r for r in rows.values() if not r["overlap"]]
     if not sync:
         raise ValueError("unit costs need at least one synchronous method")
     return UnitCosts(
-        eval_s=sum(r["forward_s"] * r["rollout_cores"] for r in sync) / sum(r["work_image_evals"] for r in sync),
+        eval_s=sum(rollout_core_seconds(r) for r in sync) / sum(r["work_image_evals"] for r in sync),
         train_s=sum(r["forward_backward_s"] * r["learner_cores"] for r in sync) / sum(r["work_trained"] for r in sync))
 
 
@@ -247,6 +266,10 @@ def with_floors(rows: dict[str, dict], cores: float, baseline: str = BASELINE) -
 
 def _f(v: float | None, fmt: str) -> str:
     return "–" if v is None or v != v else format(v, fmt)  # v != v: NaN
+
+
+def _pct(v: float) -> str:
+    return "–" if v != v else f"{100 * v:+.0f} %"
 
 
 def _rounds(row: dict) -> str:
@@ -277,12 +300,13 @@ def markdown_table(rows: dict[str, dict]) -> str:
             f"{_f(r['verifier_gain'], '+.3f')} ({_f(r['eval_base'], '.3f')} → {_f(r['eval_final'], '.3f')}) |")
     lines += ["", "Median seconds per phase (same iterations). Async rows overlap the next rollout with the update, so "
               "their phases add up to more than the iteration and the rest goes negative.", "",
-              "| method | rollout sampling | reward wait | learner update | broadcast | rest (driver, Ray, transfer) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| method | rollout sampling | reward wait | learner update | broadcast | rest (driver, Ray, transfer) | "
+              "slowest worker's forwards over the mean |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         ph = r["phases"]
         lines.append(f"| {name} | {ph['sample']:.2f} | {ph['reward wait']:.2f} | {ph['update']:.2f} | "
-                     f"{ph['broadcast']:.2f} | {ph['rest']:.2f} |")
+                     f"{ph['broadcast']:.2f} | {ph['rest']:.2f} | {_pct(worker_imbalance(r))} |")
     return "\n".join(lines)
 
 
@@ -349,6 +373,8 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
                 runs[label].append({"dir": out, "wall_min": (time.perf_counter() - t0) / 60,
                                     "load": (load0, os.getloadavg()[0]), "overlap": cfg.run.async_rollout,
                                     "rollout_cores": cfg.rollout.num_workers * cfg.rollout.num_threads,
+                                    "rollout_workers": cfg.rollout.num_workers,
+                                    "rollout_threads": cfg.rollout.num_threads,
                                     "learner_cores": cfg.learner.num_workers * cfg.learner.num_threads})
     return runs
 

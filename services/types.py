@@ -128,8 +128,12 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         nfe=first.nfe, image_evals=sum(b.image_evals for b in batches),
         images=np.concatenate(images) if images else None,
         image_prompts=[p for b in batches for p in b.image_prompts],
-        # the slowest shard's seconds (the workers run side by side); CPU seconds add up over the workers
-        timings={k: (sum if k == "cpu_s" else max)(b.timings.get(k, 0.0) for b in batches) for k in first.timings},
+        # the slowest shard's seconds (the workers run side by side); CPU seconds add up over the workers, and so do
+        # the model's forward seconds in "forward_sum_s" (beside the slowest worker's "forward_s": their gap is the
+        # workers' imbalance)
+        timings={**{k: (sum if k == "cpu_s" else max)(b.timings.get(k, 0.0) for b in batches) for k in first.timings},
+                 **({"forward_sum_s": sum(b.timings["forward_s"] for b in batches)} if "forward_s" in first.timings
+                    else {})},
         final_latents=None if first.final_latents is None else cat("final_latents"),
         branches=first.branches, steps=None if first.steps is None else cat("steps"),
     )

@@ -14,12 +14,14 @@ from benchmarks.compare_methods import (
     common_overrides,
     markdown_table,
     report,
+    rollout_core_seconds,
     round_orders,
     summarize,
     summarize_rounds,
     unit_costs,
     with_floors,
     with_ratios,
+    worker_imbalance,
 )
 from benchmarks.overhead import (
     compute_share,
@@ -138,6 +140,21 @@ def test_floors_beside_the_ratios_worked_example():
     assert "| mixgrpo | 16.0 | 2400 | 4.0 | 6.00 | 0.60 ✗ | 0.47 | +39 % ⚠ | ≤ 0.45 (paper 0.52) |" in table
     assert "| dance_grpo | 16.0 | 2400 | 4.0 | 10.00 | 1.00 | 1.00 | +10 % | – |" in table  # 9.6 %: not flagged
     assert "| 0.25 ✗ | 0.29 | -7 % | ≤ 0.18 |" in table
+
+
+def test_rollout_core_seconds_and_the_workers_imbalance_worked_example():
+    """Two 1-thread workers whose forwards took 1.8 s and 1.2 s: 3.0 core-seconds of compute, the slowest 20 % over
+    the mean (1.5 s). Records without the sum fall back to the slowest × all cores (3.6), an upper estimate."""
+    row = {"forward_s": 1.8, "forward_sum_s": 3.0, "rollout_cores": 2, "rollout_threads": 1, "rollout_workers": 2}
+    assert rollout_core_seconds(row) == pytest.approx(3.0)
+    assert worker_imbalance(row) == pytest.approx(0.2)
+    old = row | {"forward_sum_s": float("nan")}
+    assert rollout_core_seconds(old) == pytest.approx(3.6) and math.isnan(worker_imbalance(old))
+    rec = {**train_rec(1, 5.0, 0.5), "rollout_timings": {"sample_s": 2.0, "reward_wait_s": 0.3, "forward_s": 1.8,
+                                                           "forward_sum_s": 3.0}}
+    summary = summarize([train_rec(0, 9.0, 0.5), rec], []) | {k: v for k, v in row.items() if k.startswith("rollout")}
+    assert summary["forward_sum_s"] == pytest.approx(3.0)
+    assert "| 0.20 | 1.50 | +20 % |" in markdown_table(with_ratios({"mixgrpo": summary}))  # broadcast, rest, imbalance
 
 
 def test_paper_mode_is_the_papers_shape_and_sweeps_the_window():

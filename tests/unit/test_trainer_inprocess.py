@@ -71,6 +71,9 @@ def test_rollout_batch_is_fp32_and_sharding_does_not_change_it():
     assert merged.timings["rollout_s"] == max(b.timings["rollout_s"] for b in parts)
     assert merged.timings["cpu_s"] == pytest.approx(sum(b.timings["cpu_s"] for b in parts)) and all(
         b.timings["cpu_s"] > 0 for b in parts)
+    # the model's forward seconds: the slowest worker's, and their sum (the gap is the workers' imbalance)
+    assert merged.timings["forward_s"] == max(b.timings["forward_s"] for b in parts)
+    assert merged.timings["forward_sum_s"] == pytest.approx(sum(b.timings["forward_s"] for b in parts))
     torch.testing.assert_close(merged.next_latents, whole.next_latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged.rewards["verifier"], whole.rewards["verifier"])
     other_iter = worker.rollout(1, (2, 3), PROMPTS, [0, 1, 2, 3])
