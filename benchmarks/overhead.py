@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> tuple[Path, str]:
     workdir = args.workdir or REPO_ROOT / "runs" / f"bench-overhead-{time.strftime('%Y%m%d-%H%M%S')}"
     runs = run_variants([label], overrides, workdir)
     tmp.cleanup()
-    run = runs[label]
+    run = runs[label][0]  # one round
     desc = (f"{label}, {size}, {args.batch_size} images per iteration, {args.iterations} iterations (first skipped); "
             f"1-min load average {run['load'][0]:.1f}→{run['load'][1]:.1f}")
     return run["dir"], desc

@@ -12,10 +12,12 @@ from benchmarks.compare_methods import (
     VARIANTS,
     architecture_overrides,
     common_overrides,
-    markdown_table,
     report,
-    rollout_core_seconds,
     round_orders,
+)
+from benchmarks.compare_table import (
+    markdown_table,
+    rollout_core_seconds,
     summarize,
     summarize_rounds,
     unit_costs,
