@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch-layers", type=int, help="with --architecture: transformer blocks (smoke tests only)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every variant, e.g. rollout.num_workers=1")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.paper and (args.quick or args.architecture):
         p.error("--paper is its own shape: without --quick or --architecture (shrink it with --iterations …)")
     settings = dict(ARCH if args.architecture else PAPER_SHAPE if args.paper else QUICK if args.quick else FULL)
@@ -270,8 +272,6 @@ def main(argv: list[str] | None = None) -> int:
         num_cpus = max(2, min(8, os.cpu_count() or 2))
         mode = f"{args.architecture} ({'random weights' if not args.arch_layers else f'{args.arch_layers} blocks'}, " \
                f"{args.device})"
-    if args.rounds < 1:
-        p.error(f"--rounds must be >= 1, got {args.rounds}")
     runs = run_variants(methods, [*common_overrides(settings, args.seed), *extra, *args.overrides], workdir,
                         presets, num_cpus, rounds=args.rounds)
     rows = {}

@@ -12,6 +12,7 @@ from benchmarks.compare_methods import (
     VARIANTS,
     architecture_overrides,
     common_overrides,
+    main,
     report,
     round_orders,
 )
@@ -81,6 +82,12 @@ def test_ratios_to_dance_grpo_and_table():
 def test_rounds_alternate_their_order():
     assert round_orders(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
     assert round_orders(["a"], 1) == [["a"]]
+
+
+def test_rounds_below_one_are_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--paper", "--rounds", "0"])
+    assert e.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_rounds_pool_their_timed_iterations_worked_example():
