@@ -151,7 +151,8 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
 
     Returns label → one dict per round: {"dir": run directory, "wall_min": minutes including start-up and
     evaluations, "load": 1-minute load average at start and end, "overlap": async, "rollout_cores" /
-    "learner_cores": the threads each role runs (for the floors' unit costs)}.
+    "learner_cores": the threads each role runs, "rollout_workers" / "rollout_threads" (for the floors' unit costs
+    and the workers' imbalance)}.
     """
     from learner.driver.loop import run_loop
     from reward_servers.service import reward_service
@@ -160,16 +161,15 @@ def run_variants(labels: list[str], overrides: list[str], workdir: Path, presets
     def folder(label: str, r: int) -> Path:
         return (workdir if rounds == 1 else workdir / f"round{r}") / label.replace(" ", "_")
 
-    def config(label: str, r: int):
-        return load_config([*presets, VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
-                                                           f"run.output_dir={folder(label, r)}"])
-
-    cfgs = {label: config(label, 0) for label in labels}  # every config checked before the first run
+    # every (variant, round) config built and checked once, before the first run
+    cfgs = {(label, r): load_config([*presets, VARIANTS[label][0]], [*overrides, *VARIANTS[label][1],
+                                                                     f"run.output_dir={folder(label, r)}"])
+            for r in range(rounds) for label in labels}
     runs: dict[str, list[dict]] = {label: [] for label in labels}
-    with local_ray(num_cpus), reward_service(cfgs[labels[0]].reward):  # all variants share the reward config
+    with local_ray(num_cpus), reward_service(cfgs[labels[0], 0].reward):  # all variants share the reward config
         for r, order in enumerate(round_orders(labels, rounds)):
             for label in order:
-                cfg, out = config(label, r), folder(label, r)
+                cfg, out = cfgs[label, r], folder(label, r)
                 load0, t0 = os.getloadavg()[0], time.perf_counter()
                 print(f"== {label}{f' (round {r + 1} of {rounds})' if rounds > 1 else ''}: "
                       f"{cfg.run.iterations} iterations → {out}", flush=True)

@@ -193,7 +193,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
         floor = ""
         if floors:
             flag = " ⚠" if above_floor(r["median_s"], r["floor_s"]) else ""
-            floor = f"{_f(r['floor_ratio'], '.2f')} | {_f(100 * r['over_floor'], '+.0f')} %{flag} | "
+            floor = f"{_f(r['floor_ratio'], '.2f')} | {_pct(r['over_floor'])}{flag} | "
         lines.append(
             f"| {name} | {_f(r['nfe'], '.1f')} | {_f(r['image_evals'], '.0f')} | {_f(r['steps_trained'], '.1f')} | "
             f"{_f(r['median_s'], '.2f')} | {_f(r['ratio'], '.2f')}{met}{_rounds(r)} | {floor}{goal} | {_f(r['reward_gain'], '+.3f')} | "
