@@ -1,6 +1,7 @@
 """Pre-train the shapes-world models, and evaluate the base policy.
 
     python -m learner.tools.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
+    python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/more --lr 1e-3
     python -m learner.tools.pretrain reward --out reward_servers/assets/shapes_reward
     python -m learner.tools.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
 
@@ -150,7 +151,11 @@ def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, 
 def cmd_policy(args: argparse.Namespace) -> int:
     from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 
-    policy = TinyPolicy.from_config(TinyConfig.for_shapes_world(), seed=args.seed)
+    if args.init:  # continue from a saved policy: its architecture and weights, a fresh optimizer and schedule
+        policy = TinyPolicy.load(args.init)
+        print(f"starting from {args.init}", flush=True)
+    else:
+        policy = TinyPolicy.from_config(TinyConfig.for_shapes_world(), seed=args.seed)
     n = policy.num_parameters()
     print(f"tiny policy: {n['transformer']:,} transformer + {n['text_encoder']:,} text-encoder parameters "
           f"({n['trainable']:,} trainable); {args.steps} steps x {args.batch_size}, seed {args.seed}, "
@@ -247,6 +252,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pol.add_argument("--steps", type=int, default=9000)
     pol.add_argument("--batch-size", type=int, default=32)
     pol.add_argument("--seed", type=int, default=0)
+    pol.add_argument("--init", default=None,
+                     help="a saved policy folder to continue from (fresh optimizer and LR schedule); default: random")
     pol.add_argument("--lr", type=float, default=2e-3)
     pol.add_argument("--warmup", type=int, default=200)
     pol.add_argument("--minutes", type=float, default=None, help="wall-time cap; stops early when spent")

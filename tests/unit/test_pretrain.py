@@ -122,3 +122,23 @@ def test_policy_samples_are_labelled_by_the_verifier():
     assert all(sw.is_heldout(p) for p in data["prompts"])
     expected = [sw.verify(p, im).score for p, im in zip(data["prompts"], data["images"])]
     np.testing.assert_allclose(data["targets"], expected)
+
+
+def test_policy_command_continues_from_init(tmp_path, capsys):
+    """--init loads the saved architecture and weights; at lr 0 the saved result is those weights exactly."""
+    start = small_policy(seed=3)
+    start.save(tmp_path / "start")
+    threads = str(torch.get_num_threads())
+    assert pretrain.main(["policy", "--init", str(tmp_path / "start"), "--out", str(tmp_path / "out"), "--steps", "2",
+                          "--batch-size", "2", "--lr", "0", "--warmup", "1", "--log-every", "1",
+                          "--threads", threads]) == 0
+    assert f"starting from {tmp_path / 'start'}" in capsys.readouterr().out
+    out = TinyPolicy.load(tmp_path / "out")
+    assert out.config == start.config  # not the default architecture
+    before, after = start.trainable_state_dict(), out.trainable_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((tmp_path / "out" / "pretrain.json").read_text())
+    assert record["init"] == str(tmp_path / "start") and record["steps"] == 2
+    with pytest.raises(FileNotFoundError):
+        pretrain.main(["policy", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--steps", "1",
+                       "--threads", threads])
