@@ -38,7 +38,6 @@ from .build import auto_threads
 from .recovery import all_ranks, learners_alive, recover_learner
 from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
-
 # glibc's malloc hands large freed blocks back to the OS and maps them again on the next forward; a rollout worker's
 # ODE steps free every activation, so its evaluations paid page faults that DanceGRPO's (which keeps its latents) did
 # not: 4.89 against 3.92 CPU-ms per evaluation at the paper's shape, 4.03 with these (benchmarks/README.md).

@@ -28,9 +28,12 @@ from .scoring import (
     ScoreFn,
     eval_record,
     headline,
+    image_requirements,
     image_scores,
     macro_stderr,
     markdown_table,
+    requirement_rates,
+    requirements_table,
     score_images,
     summarize,
 )
@@ -66,12 +69,13 @@ def shards(n: int, k: int) -> list[tuple[int, int]]:
 
 def evaluate_shard(policy, prompts: Sequence[str], shard: tuple[int, int] | None = None, *, num_steps: int,
                    shift: float, seed: int, verifier: bool, rewards: Mapping[str, ScoreFn] | None = None, base=None,
-                   fraction: float = 1.0, grid: int = 0, batch_size: int = 64) -> dict:
+                   fraction: float = 1.0, grid: int = 0, batch_size: int = 64, breakdown: bool = False) -> dict:
     """Sample and score prompts[lo:hi] of an evaluation set, each with the noise its position gets in the whole
     set, so that the shards of k workers, `combine`d, are the single-process evaluation exactly.
 
     -> {"shard": [lo, hi], "scores": {column: [per image]}, "grid": {index: (H, W, 3) uint8} for the set's
-        `grid_indices(len(prompts), grid)` that fall in this shard}
+        `grid_indices(len(prompts), grid)` that fall in this shard}; with `breakdown` (verifier only) also
+        "requirements": `image_requirements` rows, what the verifier counted per image
     """
     lo, hi = shard or (0, len(prompts))
     if not 0 <= lo < hi <= len(prompts):
@@ -82,13 +86,18 @@ def evaluate_shard(policy, prompts: Sequence[str], shard: tuple[int, int] | None
                            fraction=fraction, batch_size=batch_size)
     scores = image_scores(part, images, verifier=verifier, rewards=rewards, batch_size=batch_size)
     cells = [i for i in (grid_indices(len(prompts), grid) if grid > 0 else []) if lo <= i < hi]
-    return {"shard": [lo, hi], "scores": {k: v.tolist() for k, v in scores.items()},
-            "grid": {i: np.ascontiguousarray(images[i - lo]) for i in cells}}
+    out = {"shard": [lo, hi], "scores": {k: v.tolist() for k, v in scores.items()},
+           "grid": {i: np.ascontiguousarray(images[i - lo]) for i in cells}}
+    if breakdown:
+        if not verifier:
+            raise ValueError("a requirement breakdown needs the shapes verifier (the tiny backend's prompts)")
+        out["requirements"] = image_requirements(part, images)
+    return out
 
 
 def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool, grid: int = 0, **settings) -> dict:
     """`evaluate_shard` results covering the whole set once (any order) → `evaluate`'s dict; `settings` (num_steps,
-    shift, seed, hybrid_fraction) are recorded in it."""
+    shift, seed, hybrid_fraction) are recorded in it; shards with "requirements" add `requirement_rates`."""
     parts = sorted(parts, key=lambda r: r["shard"][0])
     bounds = [tuple(r["shard"]) for r in parts]
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != len(prompts) or any(
@@ -97,6 +106,8 @@ def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool,
     columns = list(parts[0]["scores"])
     scores = {c: [v for r in parts for v in r["scores"][c]] for c in columns}
     result = summarize(prompts, scores, verifier=verifier) | settings
+    if all("requirements" in r for r in parts):
+        result["requirements"] = requirement_rates(prompts, [row for r in parts for row in r["requirements"]])
     if grid > 0:
         idx = grid_indices(len(prompts), grid)
         cells = {i: im for r in parts for i, im in r["grid"].items()}
@@ -108,22 +119,23 @@ def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool,
 
 def evaluate(policy, prompts: Sequence[str], *, num_steps: int, shift: float, seed: int, verifier: bool,
              rewards: Mapping[str, ScoreFn] | None = None, base=None, fraction: float = 1.0, grid: int = 0,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, breakdown: bool = False) -> dict:
     """Sample one image per prompt (`sample_images`) and score it: one shard of the whole set (`evaluate_shard`,
-    `combine`).
+    `combine`); `breakdown` adds "requirements", per category the verifier's requirement rates.
 
     Returns `summarize`'s dict (overall columns with their standard errors, per category, per image) plus
     "num_steps", "shift", "seed", "hybrid_fraction"; with `grid` = k > 0 also "grid": k evenly spaced samples
     {"images" (k, H, W, 3) uint8, "prompts", "scores" (headline column)}.
     """
     part = evaluate_shard(policy, prompts, None, num_steps=num_steps, shift=shift, seed=seed, verifier=verifier,
-                          rewards=rewards, base=base, fraction=fraction, grid=grid, batch_size=batch_size)
+                          rewards=rewards, base=base, fraction=fraction, grid=grid, batch_size=batch_size,
+                          breakdown=breakdown)
     return combine(prompts, [part], verifier=verifier, grid=grid, num_steps=num_steps, shift=shift, seed=seed,
                    hybrid_fraction=fraction)
 
 
 __all__ = [
     "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard", "file_prompts", "grid_indices",
-    "headline", "heldout_prompts", "image_scores", "initial_noise", "macro_stderr", "markdown_table", "reward_specs",
-    "run_prompts", "sample_images", "score_images", "settings", "shapes_prompts", "shards", "summarize",
+    "headline", "heldout_prompts", "image_requirements", "image_scores", "initial_noise", "macro_stderr",
+    "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts", "sample_images", "score_images", "settings", "shapes_prompts", "shards", "summarize",
 ]

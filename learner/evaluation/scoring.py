@@ -78,6 +78,47 @@ def summarize(prompts: Sequence[str], scores: Mapping[str, Sequence[float]], *, 
             "per_category": per_category, "prompts": prompts, "scores": {k: v.tolist() for k, v in scores.items()}}
 
 
+REQUIREMENTS = ("colour", "shape", "count", "relation", "extras", "objects")
+
+
+def image_requirements(prompts: Sequence[str], images: np.ndarray) -> list[list[int]]:
+    """Per image, what the verifier counted (`shapes_world.requirements`), as JSON-able rows [required objects,
+    colour present, shape present, exact count, relation (1 holds, 0 not, -1 none required), extras, found]."""
+    rows = []
+    for p, im in zip(prompts, images, strict=True):
+        r = shapes_world.requirements(p, im)
+        rows.append([r.objects, r.colour, r.shape, r.count, -1 if r.relation is None else int(r.relation),
+                     r.extras, r.found])
+    return rows
+
+
+def requirement_rates(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> dict[str, dict[str, float]]:
+    """`image_requirements` rows → per category (and "all"): the fraction of required objects whose colour, shape
+    and exact count were right, the fraction of relation prompts whose relation held (only where the category has
+    any), and the mean extras and detected objects per image. Where a category's score is lost, in short."""
+    rows = np.asarray(rows, np.float64).reshape(len(prompts), 7)
+    cats = [shapes_world.category(p) for p in prompts]
+    out = {}
+    for cat in [*(c for c in shapes_world.CATEGORIES if c in cats), "all"]:
+        r = rows[[i for i, c in enumerate(cats) if cat in (c, "all")]]
+        m = {"n": int(len(r)), **{k: float(r[:, j].sum() / r[:, 0].sum()) for k, j in
+                                  (("colour", 1), ("shape", 2), ("count", 3))}}
+        if (r[:, 4] >= 0).any():
+            m["relation"] = float(r[r[:, 4] >= 0, 4].mean())
+        out[cat] = m | {"extras": float(r[:, 5].mean()), "objects": float(r[:, 6].mean())}
+    return out
+
+
+def requirements_table(results: Mapping[str, Mapping]) -> str:
+    """{label: result with "requirements"} → one Markdown table, a row per (label, category)."""
+    lines = ["| set | category | n | " + " | ".join(REQUIREMENTS) + " |", "|---|---|---|" + "---|" * len(REQUIREMENTS)]
+    for label, r in results.items():
+        for cat, m in r["requirements"].items():
+            cells = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k in REQUIREMENTS)
+            lines.append(f"| {label} | {'**all**' if cat == 'all' else cat} | {m['n']} | {cells} |")
+    return "\n".join(lines)
+
+
 def headline(result: Mapping) -> str:
     """The column a result is judged by: the verifier score when there is one, else the first reward."""
     return "verifier_score" if "verifier_score" in result["columns"] else result["columns"][0]

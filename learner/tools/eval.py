@@ -7,12 +7,17 @@
     python -m learner.tools.eval --run runs/X --hybrid-fraction 0.5   # trained for the first half of the steps
     python -m learner.tools.eval --run runs/X --seed 1234 --per-category 192  # = the run's own in-run evaluation
     python -m learner.tools.eval --run runs/X --split train --seed 501 --per-category 48  # fresh train-split prompts
+    python -m learner.tools.eval --run runs/X --seed 101 --per-category 48 --breakdown  # which requirement fails
 
 The same evaluation the run does, in-process (no Ray; rewards scored by `reward_servers.scorers`): the
 tiny backend is scored by the shapes rule verifier (plus `run.eval_rewards`) on held-out prompts balanced
 over the categories (`--per-category`, `--seed`); sd3 / flux by the configured rewards (or
 `run.eval_rewards`) on `--prompts-file` (default `run.eval_prompts_file`). Fresh `--seed`s give fresh
 held-out sets: the in-run set is seed `run.eval_seed`.
+
+`--breakdown` (tiny) adds what the verifier counted, per category: the fraction of required objects drawn in the
+right colour, in the right shape and in exactly the right number, of relations that hold, and the extra and
+detected objects per image, so a score's change can be read as which requirement moved.
 
 Hybrid inference (MixGRPO paper, Sec. "hybrid inference"): the trained model integrates the first
 round(F·N) ODE steps, where the layout is decided, and the base model (the run's starting checkpoint)
@@ -66,22 +71,26 @@ def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, s
 def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction: float = 1.0,
                         num_steps: int | None = None, shift: float | None = None, seed: int = 0,
                         per_category: int = 16, prompts_file: str | None = None, batch_size: int = 64,
-                        split: str = "heldout") -> dict:
+                        split: str = "heldout", breakdown: bool = False) -> dict:
     """The whole evaluation as a dict (JSON-able); `checkpoint` None evaluates the base model."""
     from reward_servers.scorers import build_scorer
 
     num_steps, shift = num_steps or cfg.sampler.num_steps, shift or cfg.sampler.shift
     if checkpoint is None:
         hybrid_fraction = 1.0  # the "trained" model is the base itself
+    verifier = cfg.model.backend == "tiny"
+    if breakdown and not verifier:  # before loading a real model
+        raise ConfigError(f"--breakdown counts the shapes verifier's requirements: the tiny backend only, "
+                          f"not {cfg.model.backend!r}")
     trained, base = load_models(cfg, checkpoint, need_base=hybrid_fraction < 1.0)
     prompts = eval_prompt_list(cfg, prompts_file, per_category, seed, split)
-    verifier = cfg.model.backend == "tiny"
     if verifier:
         for p in prompts:
             shapes_world.parse(p)  # the verifier judges shapes-grammar prompts only: fail before sampling
     rewards = {s.name: build_scorer(s.name, s.model_path, **s.options).score for s in evaluation.reward_specs(cfg)}
     result = evaluation.evaluate(trained, prompts, num_steps=num_steps, shift=shift, seed=seed, verifier=verifier,
-                                 rewards=rewards, base=base, fraction=hybrid_fraction, batch_size=batch_size)
+                                 rewards=rewards, base=base, fraction=hybrid_fraction, batch_size=batch_size,
+                                 breakdown=breakdown)
     return {"checkpoint": None if checkpoint is None else str(checkpoint), "backend": cfg.model.backend,
             "hybrid_trained_steps": round(hybrid_fraction * num_steps), "split": split if verifier else None, **result}
 
@@ -122,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-file", default=None, help="one prompt per line (sd3 / flux: default run.eval_prompts_file)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for bitwise repeats)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="tiny: also the verifier's requirement rates per category (colour, shape, count, relation)")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.path=/models/x")
     return p.parse_args(argv)
@@ -135,13 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ckpt = resolve(args)
         result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
                                      shift=args.shift, seed=args.seed, per_category=args.per_category,
-                                     prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split)
+                                     prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split,
+                                     breakdown=args.breakdown)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['checkpoint'] or 'base model'}: {result['num_steps']}-step ODE, shift {result['shift']}, "
           f"seed {result['seed']}, hybrid fraction {result['hybrid_fraction']}\n")
-    print(evaluation.markdown_table({"train split" if result.get("split") == "train" else "held-out": result}))
+    label = "train split" if result.get("split") == "train" else "held-out"
+    print(evaluation.markdown_table({label: result}))
+    if "requirements" in result:
+        print("\nwhat the verifier counted (fractions of required objects; extras and objects per image):\n")
+        print(evaluation.requirements_table({label: result}))
     print("\noverall ± standard error: " + ", ".join(f"{c} {result['overall'][c]:.3f} ± {result['stderr'][c]:.3f}"
                                                     for c in result["columns"]))
     if args.json:

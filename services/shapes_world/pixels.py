@@ -32,6 +32,28 @@ class Verdict:
 
 
 @dataclass(frozen=True)
+class Requirements:
+    """What `verify` counted in one image, requirement by requirement (`requirements`): of the prompt's `objects`
+    required (colour, shape, count) entries, how many have their colour present, their shape present and exactly
+    their count of that colour and shape; whether the relation holds (None: the prompt has none); the detected
+    objects the prompt does not name (`extras`) and all detected objects (`found`)."""
+
+    objects: int
+    colour: int
+    shape: int
+    count: int
+    relation: bool | None
+    extras: int
+    found: int
+
+    @property
+    def verdict(self) -> Verdict:
+        points = self.colour + self.shape + self.count + bool(self.relation)
+        total = 3 * self.objects + (self.relation is not None)
+        return Verdict(score=points / (total + self.extras), strict=points == total and self.extras == 0)
+
+
+@dataclass(frozen=True)
 class Detection:
     """One object found in an image: `centroid` is (y, x) in px, `bbox` is (y0, x0, y1, x1), end exclusive."""
 
@@ -183,22 +205,28 @@ def verify(prompt: str, image: np.ndarray) -> Verdict:
     E.g. "two red circles" with one red circle: 2/3; "a red circle" with a red square: 1/(3 + 1) = 0.25;
     "a red circle" plus a green square: 3/4; a position prompt with only the relation wrong: 6/7.
     """
+    return requirements(prompt, image).verdict
+
+
+def requirements(prompt: str, image: np.ndarray) -> Requirements:
+    """`verify`'s counts for one (32, 32, 3) uint8 image, before they become a score: which requirement failed
+    (e.g. "two red circles" drawn as one red circle and one red square: colour 1, shape 1, count 0, one extra)."""
     spec = parse(prompt)
     found = detect(image)
-    points, total = 0, 0
-    for color, shape, count in spec.objects:
-        matches = sum((d.color, d.shape) == (color, shape) for d in found)
-        points += any(d.color == color for d in found) + any(d.shape == shape for d in found) + (matches == count)
-        total += 3
+    colour = shape = count = 0
+    for c, s, n in spec.objects:
+        colour += any(d.color == c for d in found)
+        shape += any(d.shape == s for d in found)
+        count += sum((d.color, d.shape) == (c, s) for d in found) == n
+    relation = None
     if spec.relation is not None:
         (c1, s1, _), (c2, s2, _) = spec.objects
         first = [d.centroid for d in found if (d.color, d.shape) == (c1, s1)]
         second = [d.centroid for d in found if (d.color, d.shape) == (c2, s2)]
-        points += any(_relation_holds(a, b, spec.relation, _VERIFY_MARGIN) for a in first for b in second)
-        total += 1
+        relation = any(_relation_holds(a, b, spec.relation, _VERIFY_MARGIN) for a in first for b in second)
     named = {(c, s) for c, s, _ in spec.objects}
     extras = sum((d.color, d.shape) not in named for d in found)
-    return Verdict(score=points / (total + extras), strict=points == total and extras == 0)
+    return Requirements(len(spec.objects), colour, shape, count, relation, extras, len(found))
 
 
 def _mirror(image: np.ndarray, comps: list[tuple[Detection, np.ndarray]], relation: str) -> np.ndarray:

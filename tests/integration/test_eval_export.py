@@ -17,7 +17,7 @@ from rollout_workers.policies.flux import FluxPolicy
 from rollout_workers.policies.sd3 import SD3Policy
 from rollout_workers.policies.tiny import TinyPolicy
 from services import shapes_world
-from services.config import dump_config, load_config
+from services.config import ConfigError, dump_config, load_config
 from tests.integration.test_policies_diffusers import PROMPTS, SIZE, TEXT_LEN, flux_dir, inputs, sd3_dir  # noqa: F401
 from tests.integration.test_trainer_ray import small_checkpoint  # noqa: F401
 
@@ -91,7 +91,17 @@ def test_eval_cli_writes_json(small_checkpoint, tmp_path, capsys):  # noqa: F811
     assert evaluation.main(["--run", str(tmp_path), "--per-category", "1", "--num-steps", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["checkpoint"].endswith("iter_000000") and result["num_steps"] == 4
-    assert "| **overall** |" in capsys.readouterr().out
+    assert "| **overall** |" in capsys.readouterr().out and "requirements" not in result
+    assert evaluation.main(["--run", str(tmp_path), "--per-category", "1", "--num-steps", "4", "--breakdown",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["requirements"]) == {*shapes_world.CATEGORIES, "all"}
+    assert result["requirements"]["position"]["relation"] in (0.0, 1.0)  # one position prompt
+    assert "| held-out | **all** | 4 |" in capsys.readouterr().out
+    sd3 = load_config([], ["model.backend=sd3", "model.path=/nonexistent",
+                           f"run.eval_prompts_file={tmp_path / 'eval_prompts.txt'}"])
+    with pytest.raises(ConfigError, match="tiny backend only"):  # named before any model is loaded
+        evaluation.evaluate_checkpoint(sd3, None, breakdown=True)
     assert evaluation.main(["--run", str(tmp_path / "nowhere")]) == 2
 
 

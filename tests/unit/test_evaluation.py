@@ -233,3 +233,44 @@ def test_evaluate_shipped_policy_is_bounded_deterministic_and_beats_noise(shippe
     # Pure noise scores ~0.17 (random palette-coloured blobs earn colour and shape points); the shipped policy
     # ~0.4 on this set (0.50 on the README's 32 per category with 25 steps).
     assert a["overall"]["verifier_score"] > chance["overall"]["verifier_score"] + 0.1
+
+
+def test_requirement_rates_worked_example():
+    """Rows [objects, colour, shape, count, relation, extras, found] → per category: colour / shape / count over
+    required objects, relation over the prompts that have one, extras and objects per image; "all" pools them."""
+    prompts = ["a red circle", "a blue square", "a red circle left of a blue square"]
+    rows = [[1, 1, 0, 0, -1, 1, 1], [1, 1, 1, 1, -1, 0, 1], [2, 2, 1, 0, 0, 2, 3]]
+    r = evaluation.requirement_rates(prompts, rows)
+    assert list(r) == ["single", "position", "all"]
+    assert r["single"] == pytest.approx({"n": 2, "colour": 1.0, "shape": 0.5, "count": 0.5, "extras": 0.5,
+                                         "objects": 1.0})  # no relation key: no single prompt has one
+    assert r["position"] == pytest.approx({"n": 1, "colour": 1.0, "shape": 0.5, "count": 0.0, "relation": 0.0,
+                                           "extras": 2.0, "objects": 3.0})
+    assert r["all"] == pytest.approx({"n": 3, "colour": 4 / 4, "shape": 2 / 4, "count": 1 / 4, "relation": 0.0,
+                                      "extras": 1.0, "objects": 5 / 3})
+    table = evaluation.requirements_table({"held-out": {"requirements": r}})
+    assert "| held-out | single | 2 | 1.000 | 0.500 | 0.500 | – | 0.500 | 1.000 |" in table
+
+
+def test_the_breakdown_survives_sharding_and_matches_the_images():
+    """The requirement rates of a sharded evaluation are those of one process, and they are the verifier's counts
+    on the very images the scores came from (recomputed here from the sampled images)."""
+    policy = small_policy(seed=0)
+    prompts = evaluation.heldout_prompts(3, 5)  # 12 prompts
+    kw = dict(num_steps=4, shift=3.0, seed=9, verifier=True)
+    whole = evaluation.evaluate(policy, prompts, breakdown=True, **kw)
+    parts = [evaluation.evaluate_shard(policy, prompts, b, breakdown=True, **kw) for b in evaluation.shards(12, 3)]
+    merged = evaluation.combine(prompts, parts, verifier=True, num_steps=4, shift=3.0, seed=9, hybrid_fraction=1.0)
+    assert merged["requirements"] == whole["requirements"] and set(whole["requirements"]) == {*shapes_world.CATEGORIES,
+                                                                                             "all"}
+    noise = evaluation.initial_noise(policy.latent_shape, len(prompts), 9)
+    images = evaluation.sample_images(policy, prompts, num_steps=4, shift=3.0, noise=noise)
+    reqs = [shapes_world.requirements(p, im) for p, im in zip(prompts, images)]
+    assert [r.verdict.score for r in reqs] == whole["scores"]["verifier_score"]
+    objects = sum(r.objects for r in reqs)
+    assert whole["requirements"]["all"]["shape"] == pytest.approx(sum(r.shape for r in reqs) / objects)
+    assert whole["requirements"]["all"]["objects"] == pytest.approx(np.mean([r.found for r in reqs]))
+    assert "requirements" not in evaluation.evaluate(policy, prompts, **kw)  # only on request
+    with pytest.raises(ValueError, match="shapes verifier"):
+        evaluation.evaluate_shard(policy, prompts, (0, 4), num_steps=4, shift=3.0, seed=9, verifier=False,
+                                  rewards={"const": lambda ims, ps: np.ones(len(ims))}, breakdown=True)

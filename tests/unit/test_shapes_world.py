@@ -214,3 +214,50 @@ def test_vocabulary_covers_every_prompt_word():
     assert words <= set(sw.VOCABULARY)
     assert list(sw.VOCABULARY) == sorted(set(sw.VOCABULARY))
     assert set(sw.VOCABULARY) - words == {"one"}  # only reachable through the parser's "one <colour> <shape>"
+
+
+def test_requirements_count_what_the_score_is_made_of():
+    """`requirements` is `verify` before the arithmetic: the worked examples above, requirement by requirement."""
+    rng = np.random.default_rng(5)
+    R = sw.Requirements
+    # "two red circles" drawn as one red circle and one red square: colour, shape, no count, one extra → 2 / 4.
+    r = sw.requirements("two red circles", sw.render("a red circle and a red square", rng))
+    assert r == R(objects=1, colour=1, shape=1, count=0, relation=None, extras=1, found=2)
+    assert r.verdict == sw.verify("two red circles", sw.render("a red circle and a red square",
+                                                              np.random.default_rng(5))) == sw.Verdict(0.5, False)
+    # A red square for "a red circle": colour only, and the square is an extra.
+    assert sw.requirements("a red circle", sw.render("a red square", rng)) == R(1, 1, 0, 0, None, 1, 1)
+    # Only the relation wrong: 6 of 7 points, no extras.
+    img = sw.render("a red circle left of a blue square", rng)
+    r = sw.requirements("a red circle right of a blue square", img)
+    assert r == R(2, 2, 2, 2, False, 0, 2) and r.verdict.score == pytest.approx(6 / 7)
+    assert sw.requirements("a red circle left of a blue square", img).relation is True
+    # Nothing drawn; a perfect count.
+    assert sw.requirements("three green triangles", np.zeros((32, 32, 3), np.uint8)) == R(1, 0, 0, 0, None, 0, 0)
+    assert sw.requirements("three green triangles", sw.render("three green triangles", rng)) == R(1, 1, 1, 1, None,
+                                                                                                  0, 3)
+
+
+def test_requirements_against_an_independent_count_on_corrupted_renders():
+    """The counts recomputed from the detections another way (a Counter of (colour, shape) pairs), on renders broken
+    in each way; the verdict is GenEval's arithmetic on them."""
+    from collections import Counter
+
+    rng = np.random.default_rng(11)
+    for prompt in sw.sample_prompts(40, rng, split="train"):
+        spec = sw.parse(prompt)
+        for kind in ("recolor", "remove", "reshape", "add"):
+            img = sw.corrupt(prompt, sw.render(prompt, rng), rng, kind)
+            found = sw.detect(img)
+            pairs, colours, shapes = Counter((d.color, d.shape) for d in found), {d.color for d in found}, \
+                {d.shape for d in found}
+            r = sw.requirements(prompt, img)
+            assert (r.objects, r.found) == (len(spec.objects), len(found))
+            assert r.colour == sum(c in colours for c, _, _ in spec.objects)
+            assert r.shape == sum(s in shapes for _, s, _ in spec.objects)
+            assert r.count == sum(pairs[(c, s)] == n for c, s, n in spec.objects)
+            assert r.extras == sum(k for (c, s), k in pairs.items() if (c, s) not in {o[:2] for o in spec.objects})
+            assert (r.relation is None) == (spec.relation is None)
+            points = r.colour + r.shape + r.count + bool(r.relation)
+            total = 3 * r.objects + (spec.relation is not None)
+            assert r.verdict.score == pytest.approx(points / (total + r.extras)) == sw.verify(prompt, img).score
