@@ -35,6 +35,7 @@ from .scoring import (
     requirement_rates,
     requirements_table,
     score_images,
+    shape_confusion,
     summarize,
 )
 
@@ -97,7 +98,8 @@ def evaluate_shard(policy, prompts: Sequence[str], shard: tuple[int, int] | None
 
 def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool, grid: int = 0, **settings) -> dict:
     """`evaluate_shard` results covering the whole set once (any order) → `evaluate`'s dict; `settings` (num_steps,
-    shift, seed, hybrid_fraction) are recorded in it; shards with "requirements" add `requirement_rates`."""
+    shift, seed, hybrid_fraction) are recorded in it; shards with "requirements" add `requirement_rates` and
+    `shape_confusion`."""
     parts = sorted(parts, key=lambda r: r["shard"][0])
     bounds = [tuple(r["shard"]) for r in parts]
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != len(prompts) or any(
@@ -107,7 +109,8 @@ def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool,
     scores = {c: [v for r in parts for v in r["scores"][c]] for c in columns}
     result = summarize(prompts, scores, verifier=verifier) | settings
     if all("requirements" in r for r in parts):
-        result["requirements"] = requirement_rates(prompts, [row for r in parts for row in r["requirements"]])
+        rows = [row for r in parts for row in r["requirements"]]
+        result["requirements"], result["shape_confusion"] = requirement_rates(prompts, rows), shape_confusion(rows)
     if grid > 0:
         idx = grid_indices(len(prompts), grid)
         cells = {i: im for r in parts for i, im in r["grid"].items()}
@@ -121,7 +124,8 @@ def evaluate(policy, prompts: Sequence[str], *, num_steps: int, shift: float, se
              rewards: Mapping[str, ScoreFn] | None = None, base=None, fraction: float = 1.0, grid: int = 0,
              batch_size: int = 64, breakdown: bool = False) -> dict:
     """Sample one image per prompt (`sample_images`) and score it: one shard of the whole set (`evaluate_shard`,
-    `combine`); `breakdown` adds "requirements", per category the verifier's requirement rates.
+    `combine`); `breakdown` adds "requirements", per category the verifier's requirement rates, and
+    "shape_confusion", the shape drawn for each shape asked in the single-object prompts.
 
     Returns `summarize`'s dict (overall columns with their standard errors, per category, per image) plus
     "num_steps", "shift", "seed", "hybrid_fraction"; with `grid` = k > 0 also "grid": k evenly spaced samples
@@ -137,5 +141,6 @@ def evaluate(policy, prompts: Sequence[str], *, num_steps: int, shift: float, se
 __all__ = [
     "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard", "file_prompts", "grid_indices",
     "headline", "heldout_prompts", "image_requirements", "image_scores", "initial_noise", "macro_stderr",
-    "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts", "sample_images", "score_images", "settings", "shapes_prompts", "shards", "summarize",
+    "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts", "sample_images", "score_images", "settings", "shape_confusion", "shapes_prompts", "shards",
+    "summarize",
 ]

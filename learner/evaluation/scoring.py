@@ -79,16 +79,25 @@ def summarize(prompts: Sequence[str], scores: Mapping[str, Sequence[float]], *, 
 
 
 REQUIREMENTS = ("colour", "shape", "count", "relation", "extras", "objects")
+_NONE, _SEVERAL = len(shapes_world.SHAPES), len(shapes_world.SHAPES) + 1  # shape_confusion's columns past the shapes
 
 
 def image_requirements(prompts: Sequence[str], images: np.ndarray) -> list[list[int]]:
     """Per image, what the verifier counted (`shapes_world.requirements`), as JSON-able rows [required objects,
-    colour present, shape present, exact count, relation (1 holds, 0 not, -1 none required), extras, found]."""
+    colour present, shape present, exact count, relation (1 holds, 0 not, -1 none required), extras, found,
+    required shape, drawn shape]. The last two are for single-object prompts (else -1): the index in SHAPES of the
+    shape asked for and of the one object drawn in the asked colour (len(SHAPES): none, + 1: several)."""
     rows = []
     for p, im in zip(prompts, images, strict=True):
-        r = shapes_world.requirements(p, im)
+        r, spec = shapes_world.requirements(p, im), shapes_world.parse(p)
+        asked = drawn = -1
+        if spec.category == "single":
+            colour, shape, _ = spec.objects[0]
+            mine = [d.shape for d in shapes_world.detect(im) if d.color == colour]
+            asked = shapes_world.SHAPES.index(shape)
+            drawn = shapes_world.SHAPES.index(mine[0]) if len(mine) == 1 else _NONE if not mine else _SEVERAL
         rows.append([r.objects, r.colour, r.shape, r.count, -1 if r.relation is None else int(r.relation),
-                     r.extras, r.found])
+                     r.extras, r.found, asked, drawn])
     return rows
 
 
@@ -96,7 +105,7 @@ def requirement_rates(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> 
     """`image_requirements` rows → per category (and "all"): the fraction of required objects whose colour, shape
     and exact count were right, the fraction of relation prompts whose relation held (only where the category has
     any), and the mean extras and detected objects per image. Where a category's score is lost, in short."""
-    rows = np.asarray(rows, np.float64).reshape(len(prompts), 7)
+    rows = np.asarray(rows, np.float64).reshape(len(prompts), 9)
     cats = [shapes_world.category(p) for p in prompts]
     out = {}
     for cat in [*(c for c in shapes_world.CATEGORIES if c in cats), "all"]:
@@ -109,13 +118,33 @@ def requirement_rates(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> 
     return out
 
 
+def shape_confusion(rows: Sequence[Sequence[int]]) -> dict[str, dict[str, int]]:
+    """`image_requirements` rows → for the single-object prompts, {shape asked: {shape drawn in the asked colour, or
+    "none" / "several": images}}: whether the model can draw each shape as the verifier reads it."""
+    names = [*shapes_world.SHAPES, "none", "several"]
+    out = {s: dict.fromkeys(names, 0) for s in shapes_world.SHAPES}
+    for row in rows:
+        if row[7] >= 0:
+            out[names[row[7]]][names[row[8]]] += 1
+    return out
+
+
 def requirements_table(results: Mapping[str, Mapping]) -> str:
-    """{label: result with "requirements"} → one Markdown table, a row per (label, category)."""
+    """{label: result with "requirements"} → one Markdown table, a row per (label, category); and where the result
+    has "shape_confusion", a second table of it."""
     lines = ["| set | category | n | " + " | ".join(REQUIREMENTS) + " |", "|---|---|---|" + "---|" * len(REQUIREMENTS)]
     for label, r in results.items():
         for cat, m in r["requirements"].items():
             cells = " | ".join(f"{m[k]:.3f}" if k in m else "–" for k in REQUIREMENTS)
             lines.append(f"| {label} | {'**all**' if cat == 'all' else cat} | {m['n']} | {cells} |")
+    confusions = {label: r["shape_confusion"] for label, r in results.items() if "shape_confusion" in r}
+    if confusions:
+        names = [*shapes_world.SHAPES, "none", "several"]
+        lines += ["", "| set | single prompt asks for | " + " | ".join(f"drawn: {n}" for n in names) + " |",
+                  "|---|---|" + "---:|" * len(names)]
+        for label, conf in confusions.items():
+            lines += [f"| {label} | {asked} | " + " | ".join(str(row[n]) for n in names) + " |"
+                      for asked, row in conf.items()]
     return "\n".join(lines)
 
 

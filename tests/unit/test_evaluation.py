@@ -236,10 +236,13 @@ def test_evaluate_shipped_policy_is_bounded_deterministic_and_beats_noise(shippe
 
 
 def test_requirement_rates_worked_example():
-    """Rows [objects, colour, shape, count, relation, extras, found] → per category: colour / shape / count over
-    required objects, relation over the prompts that have one, extras and objects per image; "all" pools them."""
+    """Rows [objects, colour, shape, count, relation, extras, found, asked, drawn] → per category: colour / shape /
+    count over required objects, relation over the prompts that have one, extras and objects per image; "all" pools
+    them. The confusion counts the single prompts' (asked, drawn) shapes."""
     prompts = ["a red circle", "a blue square", "a red circle left of a blue square"]
-    rows = [[1, 1, 0, 0, -1, 1, 1], [1, 1, 1, 1, -1, 0, 1], [2, 2, 1, 0, 0, 2, 3]]
+    circle, square, triangle = (shapes_world.SHAPES.index(s) for s in ("circle", "square", "triangle"))
+    rows = [[1, 1, 0, 0, -1, 1, 1, circle, triangle], [1, 1, 1, 1, -1, 0, 1, square, square],
+            [2, 2, 1, 0, 0, 2, 3, -1, -1]]
     r = evaluation.requirement_rates(prompts, rows)
     assert list(r) == ["single", "position", "all"]
     assert r["single"] == pytest.approx({"n": 2, "colour": 1.0, "shape": 0.5, "count": 0.5, "extras": 0.5,
@@ -248,8 +251,12 @@ def test_requirement_rates_worked_example():
                                            "extras": 2.0, "objects": 3.0})
     assert r["all"] == pytest.approx({"n": 3, "colour": 4 / 4, "shape": 2 / 4, "count": 1 / 4, "relation": 0.0,
                                       "extras": 1.0, "objects": 5 / 3})
-    table = evaluation.requirements_table({"held-out": {"requirements": r}})
+    conf = evaluation.shape_confusion(rows + [[1, 0, 0, 0, -1, 0, 0, circle, len(shapes_world.SHAPES)]])
+    assert conf["circle"] == {"circle": 0, "square": 0, "triangle": 1, "none": 1, "several": 0}
+    assert conf["square"]["square"] == 1 and sum(conf["triangle"].values()) == 0
+    table = evaluation.requirements_table({"held-out": {"requirements": r, "shape_confusion": conf}})
     assert "| held-out | single | 2 | 1.000 | 0.500 | 0.500 | – | 0.500 | 1.000 |" in table
+    assert "| held-out | circle | 0 | 0 | 1 | 1 | 0 |" in table
 
 
 def test_the_breakdown_survives_sharding_and_matches_the_images():
@@ -270,6 +277,14 @@ def test_the_breakdown_survives_sharding_and_matches_the_images():
     objects = sum(r.objects for r in reqs)
     assert whole["requirements"]["all"]["shape"] == pytest.approx(sum(r.shape for r in reqs) / objects)
     assert whole["requirements"]["all"]["objects"] == pytest.approx(np.mean([r.found for r in reqs]))
+    drawn = {}  # the confusion recomputed: the shape of the one object in the asked colour, per single prompt
+    for p, im in zip(prompts, images):
+        spec = shapes_world.parse(p)
+        if spec.category == "single":
+            mine = [d.shape for d in shapes_world.detect(im) if d.color == spec.objects[0][0]]
+            key = (spec.objects[0][1], mine[0] if len(mine) == 1 else "none" if not mine else "several")
+            drawn[key] = drawn.get(key, 0) + 1
+    assert {(a, d): k for a, row in whole["shape_confusion"].items() for d, k in row.items() if k} == drawn
     assert "requirements" not in evaluation.evaluate(policy, prompts, **kw)  # only on request
     with pytest.raises(ValueError, match="shapes verifier"):
         evaluation.evaluate_shard(policy, prompts, (0, 4), num_steps=4, shift=3.0, seed=9, verifier=False,
