@@ -52,3 +52,41 @@ def test_a_learnable_reward_has_more_gradient_signal_than_an_image_blind_one():
     assert abs(by["blind"]["cosine"]) < 2 * by["blind"]["cosine_std"]  # within the pair-to-pair noise of 0
     assert by["brightness"]["cosine"] > by["blind"]["cosine"] + 0.04
     assert by["brightness"]["iterations_for_snr3"] < by["blind"]["iterations_for_snr3"]
+
+
+def test_shape_tally_worked_example():
+    """Rendered images: a group counts as hit when any of its images holds the asked shape in the asked colour;
+    an object of the right shape in another colour is no hit; other categories are skipped."""
+    from learner.tools.diagnose import shape_tally
+    from services import shapes_world as sw
+
+    rng = np.random.default_rng(0)
+    rows = [("a red square", "a red square", "g1"), ("a red square", "a red circle", "g1"),  # group 1: one hit
+            ("a red square", "a blue square", "g2"), ("a red square", "a red circle", "g2"),  # group 2: none
+            ("a green triangle", "a green triangle", "g3"),
+            ("two red squares", "two red squares", "g4")]  # counting: skipped
+    prompts = [p for p, _, _ in rows]
+    images = np.stack([sw.render(drawn, rng) for _, drawn, _ in rows])
+    tally = shape_tally(prompts, images, [g for _, _, g in rows])
+    assert tally == {"circle": {"images": 0, "hits": 0, "groups": 0, "groups_hit": 0},
+                     "square": {"images": 4, "hits": 1, "groups": 2, "groups_hit": 1},
+                     "triangle": {"images": 1, "hits": 1, "groups": 1, "groups_hit": 1}}
+
+
+def test_rollout_shape_hits_counts_every_group_once(capsys):
+    from learner.tools.diagnose import main, rollout_shape_hits
+    from services import shapes_world as sw
+
+    torch.set_num_threads(1)
+    cfg = load_config([], ["sampler.num_steps=4", "window.size=2", "grpo.group_size=2", "rollout.batch_size=16"])
+    tally = rollout_shape_hits(cfg, window_starts=(0, 1))
+    singles = [sw.parse(p).objects[0][1] for p in sw.all_prompts("train", ("single",))]
+    for shape, t in tally.items():  # every train single prompt: one group of 2 per window start
+        assert t["groups"] == 2 * singles.count(shape) and t["images"] == 2 * t["groups"]
+        assert 0 <= t["groups_hit"] <= t["groups"] and t["groups_hit"] <= t["hits"] <= t["images"]
+    assert rollout_shape_hits(cfg, window_starts=(0, 1)) == tally  # same weights, prompts and noise
+    assert main(["--shapes", "sampler.num_steps=4", "window.size=2", "grpo.group_size=2",
+                 "rollout.batch_size=16"]) == 0
+    assert "| square |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="outside 0..1"):
+        rollout_shape_hits(cfg, window_starts=(2,))
