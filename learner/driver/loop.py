@@ -38,17 +38,19 @@ from .build import auto_threads
 from .recovery import all_ranks, learners_alive, recover_learner
 from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
-# glibc's malloc hands large freed blocks back to the OS and maps them again on the next forward; a rollout worker's
-# ODE steps free every activation, so its evaluations paid page faults that DanceGRPO's (which keeps its latents) did
-# not: 4.89 against 3.92 CPU-ms per evaluation at the paper's shape, 4.03 with these (benchmarks/README.md).
-ROLLOUT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
+# glibc's malloc hands large freed blocks back to the OS and maps them again on the next use. A rollout worker's ODE
+# steps free every activation, so its evaluations paid page faults that DanceGRPO's (which keeps its latents) did
+# not (4.89 against 3.92 CPU-ms per evaluation at the paper's shape, 4.03 with these); the learner, idle while the
+# workers sample, maps its activations again at the start of every update (MixGRPO's update 1.77 -> 1.50 s, DanceGRPO's
+# 7.19 -> 6.74 s): benchmarks/README.md.
+ACTOR_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
 
-def rollout_runtime_env(environ: dict[str, str] | None = None) -> dict:
-    """The rollout actors' runtime_env: keep freed memory in the process (ROLLOUT_MALLOC_ENV), unless the driver's
-    environment sets these variables itself, in which case its values win."""
+def malloc_runtime_env(environ: dict[str, str] | None = None) -> dict:
+    """The rollout and learner actors' runtime_env: keep freed memory in the process (ACTOR_MALLOC_ENV), unless the
+    driver's environment sets these variables itself, in which case its values win."""
     environ = os.environ if environ is None else environ
-    return {"env_vars": {k: environ.get(k, v) for k, v in ROLLOUT_MALLOC_ENV.items()}}
+    return {"env_vars": {k: environ.get(k, v) for k, v in ACTOR_MALLOC_ENV.items()}}
 
 
 def start_actors(cfg: Config, run_id: str) -> Cluster:
@@ -69,7 +71,7 @@ def start_actors(cfg: Config, run_id: str) -> Cluster:
     tag = uuid.uuid4().hex[:6]
     workers = [WorkerActor.options(name=f"{run_id}-rollout-{i}-{tag}", num_cpus=cfg.rollout.num_cpus,
                                    num_gpus=cfg.rollout.num_gpus, max_restarts=restarts,
-                                   runtime_env=rollout_runtime_env()).remote(cfg_json, i)
+                                   runtime_env=malloc_runtime_env()).remote(cfg_json, i)
                for i in range(cfg.rollout.num_workers)]
     return Cluster(scheduler, learners, workers, sharded=cfg.learner.sharding == "fsdp", placement_group=pg)
 
@@ -82,7 +84,8 @@ def start_learners(cfg: Config, cfg_json: str) -> tuple[list, object | None]:
     """
     lc = cfg.learner
     if lc.num_workers == 1:
-        return [LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus).remote(cfg_json)], None
+        return [LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus,
+                                     runtime_env=malloc_runtime_env()).remote(cfg_json)], None
     from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -95,8 +98,9 @@ def start_learners(cfg: Config, cfg_json: str) -> tuple[list, object | None]:
         raise RuntimeError(f"the learner's {lc.num_workers} ranks ({bundle} each) could not be placed within "
                            f"{cfg.cluster.placement_timeout_s:.0f} s (cluster.placement_timeout_s): the cluster lacks "
                            "the resources; lower learner.num_workers, learner.num_cpus or learner.num_gpus") from None
-    ranks = [LearnerActor.options(num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, scheduling_strategy=(
-        PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r))).remote(cfg_json, r)
+    ranks = [LearnerActor.options(
+        num_cpus=lc.num_cpus, num_gpus=lc.num_gpus, runtime_env=malloc_runtime_env(),
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r)).remote(cfg_json, r)
         for r in range(lc.num_workers)]
     address = ray.get(ranks[0].channel_address.remote())
     ray.get([rank.join_group.remote(address, lc.num_workers) for rank in ranks])

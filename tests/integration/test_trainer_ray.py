@@ -129,25 +129,25 @@ def test_resume_after_a_crash_past_the_last_checkpoint_with_a_persistent_window_
     assert_same_training(recs, *reference_run(cfg), part / "checkpoints" / "iter_000002")
 
 
-def test_rollout_workers_keep_freed_memory(ray_cluster, small_checkpoint, tmp_path, monkeypatch):
-    """The rollout actors start with glibc's trim/mmap thresholds raised (the per-evaluation page faults of
+def test_actors_keep_freed_memory(ray_cluster, small_checkpoint, tmp_path, monkeypatch):
+    """The rollout and learner actors start with glibc's trim/mmap thresholds raised (the page faults of
     benchmarks/README.md); a value set in the driver's environment wins over the default."""
     import os
 
     import ray
 
-    from learner.driver.loop import ROLLOUT_MALLOC_ENV, rollout_runtime_env, start_actors, stop_actors
+    from learner.driver.loop import ACTOR_MALLOC_ENV, malloc_runtime_env, start_actors, stop_actors
 
-    assert rollout_runtime_env({}) == {"env_vars": ROLLOUT_MALLOC_ENV}
-    assert rollout_runtime_env({"MALLOC_TRIM_THRESHOLD_": "7"})["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "7"
+    assert malloc_runtime_env({}) == {"env_vars": ACTOR_MALLOC_ENV}
+    assert malloc_runtime_env({"MALLOC_TRIM_THRESHOLD_": "7"})["env_vars"]["MALLOC_TRIM_THRESHOLD_"] == "7"
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
     cfg = small_cfg(small_checkpoint, tmp_path / "run")
     with shared_reward_service(cfg.reward):
         cl = start_actors(cfg, "malloc-env")
         try:
-            seen = ray.get([w.__ray_call__.remote(
+            seen = ray.get([a.__ray_call__.remote(
                 lambda self: (os.environ.get("MALLOC_MMAP_THRESHOLD_"), os.environ.get("MALLOC_TRIM_THRESHOLD_")))
-                for w in cl.workers])
+                for a in [*cl.workers, *cl.learners]])
         finally:
             stop_actors(cl)
-    assert seen == [("1048576", ROLLOUT_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"])] * cfg.rollout.num_workers
+    assert seen == [("1048576", ACTOR_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"])] * (cfg.rollout.num_workers + 1)
