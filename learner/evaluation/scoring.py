@@ -89,11 +89,12 @@ def image_requirements(prompts: Sequence[str], images: np.ndarray) -> list[list[
     shape asked for and of the one object drawn in the asked colour (len(SHAPES): none, + 1: several)."""
     rows = []
     for p, im in zip(prompts, images, strict=True):
-        r, spec = shapes_world.requirements(p, im), shapes_world.parse(p)
+        found, spec = shapes_world.detect(im), shapes_world.parse(p)
+        r = shapes_world.requirements(p, im, found)
         asked = drawn = -1
         if spec.category == "single":
             colour, shape, _ = spec.objects[0]
-            mine = [d.shape for d in shapes_world.detect(im) if d.color == colour]
+            mine = [d.shape for d in found if d.color == colour]
             asked = shapes_world.SHAPES.index(shape)
             drawn = shapes_world.SHAPES.index(mine[0]) if len(mine) == 1 else _NONE if not mine else _SEVERAL
         rows.append([r.objects, r.colour, r.shape, r.count, -1 if r.relation is None else int(r.relation),

@@ -63,6 +63,13 @@ def iterations_for_snr(cosine: float, k: float = 3.0) -> float:
     return k * k / s2 if s2 > 0 else float("inf")
 
 
+def check_window_start(cfg, start: int, size: int) -> None:
+    """A window of `size` SDE steps may start at 0 … N − 1 − size (the last step is never trained)."""
+    last = cfg.sampler.num_steps - 1 - size
+    if not 0 <= start <= last:
+        raise ValueError(f"window start {start} is outside 0..{last}")
+
+
 def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
                  window_starts: Sequence[int] = (0,), iteration: int = 0) -> list[dict]:
     """Mean pairwise gradient cosine per (window start, reward) on the config's policy and batch shape.
@@ -88,8 +95,7 @@ def gradient_snr(cfg, rewards: Mapping[str, RewardFn], *, num_batches: int = 4,
     size = min(cfg.window.size, cfg.sampler.num_steps)
     rows = []
     for start in window_starts:
-        if not 0 <= start <= cfg.sampler.num_steps - size:
-            raise ValueError(f"window start {start} is outside 0..{cfg.sampler.num_steps - size}")
+        check_window_start(cfg, start, size)
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         stats: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
         for b in range(num_batches):
@@ -158,8 +164,7 @@ def rollout_shape_hits(cfg, window_starts: Sequence[int] = (0,), iteration: int 
     prompts = shapes_world.all_prompts("train", ("single",))
     keys: list[object] = []
     for start in window_starts:
-        if not 0 <= start <= cfg.sampler.num_steps - 1 - size:  # the last step is never trained
-            raise ValueError(f"window start {start} is outside 0..{cfg.sampler.num_steps - 1 - size}")
+        check_window_start(cfg, start, size)
         before = len(seen)
         for lo in range(0, len(prompts), cfg.num_groups):
             chunk = prompts[lo:lo + cfg.num_groups]

@@ -208,11 +208,12 @@ def verify(prompt: str, image: np.ndarray) -> Verdict:
     return requirements(prompt, image).verdict
 
 
-def requirements(prompt: str, image: np.ndarray) -> Requirements:
+def requirements(prompt: str, image: np.ndarray, found: list[Detection] | None = None) -> Requirements:
     """`verify`'s counts for one (32, 32, 3) uint8 image, before they become a score: which requirement failed
-    (e.g. "two red circles" drawn as one red circle and one red square: colour 1, shape 1, count 0, one extra)."""
+    (e.g. "two red circles" drawn as one red circle and one red square: colour 1, shape 1, count 0, one extra).
+    `found`: the image's `detect` result when the caller already has it (detection is the costly part)."""
     spec = parse(prompt)
-    found = detect(image)
+    found = detect(image) if found is None else found
     colour = shape = count = 0
     for c, s, n in spec.objects:
         colour += any(d.color == c for d in found)
