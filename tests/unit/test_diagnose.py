@@ -90,3 +90,46 @@ def test_rollout_shape_hits_counts_every_group_once(capsys):
     assert "| square |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="outside 0..1"):
         rollout_shape_hits(cfg, window_starts=(2,))
+
+
+def test_recover_with_the_true_velocity_returns_the_clean_images():
+    """The straight path x_σ = (1 − σ)·x0 + σ·ε has velocity ε − x0 at every σ, so Euler from any step lands on
+    x0 exactly; from step 0 (σ = 1) `recover` is plain sampling from the noise."""
+    from learner.algo.sampler import sample_ode
+    from learner.algo.schedule import sigma_schedule
+    from learner.tools.diagnose import recover, shape_tally
+    from learner.tools.pretrain import render_batch
+    from rollout_workers.policies.base import to_uint8_images
+
+    prompts = ["a red square", "a green triangle", "a blue circle", "a white square"]
+    x0 = render_batch(prompts, np.random.default_rng(3))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+    sigmas = sigma_schedule(8, 3.0)
+    true_velocity = lambda x, s, c: noise - x0  # noqa: E731
+    for step in (0, 3, 7):
+        out = recover(true_velocity, x0, noise, {}, sigmas, step)
+        assert torch.allclose(out, x0, atol=1e-5)
+    tally = shape_tally(prompts, to_uint8_images(recover(true_velocity, x0, noise, {}, sigmas, 5)), range(4))
+    assert {s: (t["hits"], t["images"]) for s, t in tally.items()} == {"circle": (1, 1), "square": (2, 2),
+                                                                        "triangle": (1, 1)}
+    pull = lambda x, s, c: x  # noqa: E731  a velocity that ignores x0: from σ = 1 it is sampling, not recovery
+    assert torch.equal(recover(pull, x0, noise, {}, sigmas, 0), sample_ode(pull, noise, {}, sigmas))
+
+
+def test_shape_recovery_bookkeeping_and_cli(capsys):
+    from learner.tools.diagnose import main, shape_recovery
+    from services import shapes_world as sw
+
+    torch.set_num_threads(1)
+    cfg = load_config([], ["sampler.num_steps=4", "window.size=2"])
+    rows = shape_recovery(cfg, steps=(0, 3), per_prompt=1)
+    singles = [sw.parse(p).objects[0][1] for p in sw.all_prompts("train", ("single",))]
+    assert [r["step"] for r in rows] == [0, 3] and rows[0]["sigma"] == 1.0 and 0 < rows[1]["sigma"] < 1
+    for r in rows:
+        for shape in sw.SHAPES:
+            assert r[shape]["images"] == singles.count(shape) and 0 <= r[shape]["hits"] <= r[shape]["images"]
+    assert shape_recovery(cfg, steps=(3,), per_prompt=1) == rows[1:]  # the same renders and noise
+    assert main(["sampler.num_steps=4", "window.size=2", "--recovery", "3"]) == 0
+    assert "| 3 | 0.50 |" in capsys.readouterr().out
+    assert main(["sampler.num_steps=4", "window.size=2", "--recovery", "4"]) == 2
+    assert "outside 0..3" in capsys.readouterr().err
