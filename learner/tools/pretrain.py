@@ -2,6 +2,7 @@
 
     python -m learner.tools.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
     python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/more --lr 1e-3
+    python -m learner.tools.pretrain policy --out /tmp/p2 --patch-size 2 --threads 1   # another architecture
     python -m learner.tools.pretrain reward --out reward_servers/assets/shapes_reward
     python -m learner.tools.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
 
@@ -41,7 +42,8 @@ from learner.evaluation import evaluate, markdown_table, sample_images, shapes_p
 from services import shapes_world
 
 TRAIN_SHIFT = 3.0  # σ sampling for training; see the module docstring
-EVAL_STEPS, EVAL_SHIFT = 25, 3.0  # `eval`: the paper's reference schedule, N = 25, shift 3
+EVAL_STEPS, EVAL_SHIFT = 25, 3.0
+ARCHITECTURE_FLAGS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")  # TinyConfig fields  # `eval`: the paper's reference schedule, N = 25, shift 3
 
 # ---------------------------------------------------------------------- flow-matching pieces (pure)
 
@@ -151,11 +153,21 @@ def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, 
 def cmd_policy(args: argparse.Namespace) -> int:
     from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 
+    sizes = {k: v for k, v in vars(args).items() if k in ARCHITECTURE_FLAGS and v is not None}
     if args.init:  # continue from a saved policy: its architecture and weights, a fresh optimizer and schedule
+        if sizes:
+            raise SystemExit(f"error: --init continues the saved architecture; drop "
+                             f"{', '.join('--' + k.replace('_', '-') for k in sizes)}")
         policy = TinyPolicy.load(args.init)
         print(f"starting from {args.init}", flush=True)
     else:
-        policy = TinyPolicy.from_config(TinyConfig.for_shapes_world(), seed=args.seed)
+        try:
+            config = TinyConfig.for_shapes_world(**sizes)
+        except ValueError as e:
+            raise SystemExit(f"error: bad architecture: {e}") from None
+        policy = TinyPolicy.from_config(config, seed=args.seed)
+        print(f"architecture: patch {config.patch_size}, {config.num_layers} layers, width "
+              f"{config.num_attention_heads * config.attention_head_dim}", flush=True)
     n = policy.num_parameters()
     print(f"tiny policy: {n['transformer']:,} transformer + {n['text_encoder']:,} text-encoder parameters "
           f"({n['trainable']:,} trainable); {args.steps} steps x {args.batch_size}, seed {args.seed}, "
@@ -258,6 +270,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pol.add_argument("--warmup", type=int, default=200)
     pol.add_argument("--minutes", type=float, default=None, help="wall-time cap; stops early when spent")
     pol.add_argument("--log-every", type=int, default=50)
+    arch = pol.add_argument_group("architecture of a fresh model (default: the shipped one's, TinyConfig)")
+    for flag in ARCHITECTURE_FLAGS:
+        arch.add_argument("--" + flag.replace("_", "-"), type=int, default=None)
     pol.set_defaults(func=cmd_policy)
     rew = sub.add_parser("reward", parents=[common], help="train the learned shapes reward model")
     rew.add_argument("--out", required=True)

@@ -142,3 +142,25 @@ def test_policy_command_continues_from_init(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         pretrain.main(["policy", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x"), "--steps", "1",
                        "--threads", threads])
+
+
+def test_policy_command_builds_the_architecture_asked_for(tmp_path, capsys):
+    """--patch-size & co. size a fresh model (saved in its config.json, loaded back the same); with --init or an
+    impossible size the command refuses by name before training."""
+    threads = str(torch.get_num_threads())
+    assert pretrain.main(["policy", "--out", str(tmp_path / "p2"), "--steps", "1", "--batch-size", "2",
+                          "--patch-size", "2", "--num-layers", "1", "--attention-head-dim", "8", "--warmup", "1",
+                          "--threads", threads]) == 0
+    assert "architecture: patch 2, 1 layers, width 32" in capsys.readouterr().out
+    out = TinyPolicy.load(tmp_path / "p2")
+    assert (out.config.patch_size, out.config.num_layers, out.config.attention_head_dim) == (2, 1, 8)
+    assert out.transformer.config.patch_size == 2 and len(out.transformer.transformer_blocks) == 1
+    record = json.loads((tmp_path / "p2" / "pretrain.json").read_text())
+    assert record["patch_size"] == 2 and record["num_attention_heads"] is None
+    small_policy().save(tmp_path / "start")
+    with pytest.raises(SystemExit, match="--init continues the saved architecture; drop --patch-size"):
+        pretrain.main(["policy", "--init", str(tmp_path / "start"), "--out", str(tmp_path / "x"), "--steps", "1",
+                       "--patch-size", "2", "--threads", threads])
+    with pytest.raises(SystemExit, match="bad architecture: sample_size must be a multiple of patch_size"):
+        pretrain.main(["policy", "--out", str(tmp_path / "x"), "--steps", "1", "--patch-size", "5",
+                       "--threads", threads])
