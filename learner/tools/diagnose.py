@@ -24,10 +24,10 @@ it. On the shipped base at windows 0, 4 and 8: squares in 2 of 144 images (2 of 
 (15 of 18), circles 78 of 120 (15 of 15): README, "Where the gain comes from".
 
 `--recovery STEP …` asks where along the trajectory a shape is decided: rendered single-object images (4 per
-train-split prompt) are noised to σ_STEP and finished by the policy's ODE. On the shipped base at 16 steps, shift 3,
-squares are kept from step 12 (σ 0.50: 21 of 24) and 10 (σ 0.64: 12 of 24), hardly from step 8 (σ 0.75: 4 of 24)
-or earlier; triangles likewise (24, 19, 15 of 24). The shape is decided at σ ≈ 0.75 → 0.5, steps 8–12, which the
-default job's window (steps 0–6 over 30 iterations) never reaches.
+train-split prompt) are noised to σ_STEP and finished by the policy's ODE. On the shipped base at 16 steps,
+shift 3, squares are kept from step 12 (σ 0.50: 21 of 24) and 10 (σ 0.64: 12 of 24), hardly from step 8
+(σ 0.75: 4 of 24) or earlier; triangles likewise (24, 19, 15 of 24). The shape is decided at σ ≈ 0.75 → 0.5,
+steps 8–12, which the default job's window (steps 0–6 over 30 iterations) never reaches.
 
 Runs in-process (no Ray); rewards are scored by the same scorers the Serve deployments wrap.
 """
@@ -180,9 +180,11 @@ def rollout_shape_hits(cfg, window_starts: Sequence[int] = (0,), iteration: int 
     return shape_tally([p for p, _ in seen], np.stack([im for _, im in seen]), keys)
 
 
-def recover(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, cond, sigmas: torch.Tensor, step: int) -> torch.Tensor:
+def recover(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, cond, sigmas: torch.Tensor,
+            step: int) -> torch.Tensor:
     """Noise x0 (B, C, H, W) to σ_step, x = (1 − σ)·x0 + σ·ε, and integrate the ODE from step `step` to the
-    end of `sigmas` (N+1,) -> (B, C, H, W): what the model makes of a clean image's noisy version at σ_step."""
+    end of `sigmas` (N+1,) -> (B, C, H, W): what the model makes of a clean image's noisy version at
+    σ_step."""
     from learner.algo.sampler import sample_ode
 
     s = float(sigmas[step])
@@ -191,9 +193,9 @@ def recover(velocity_fn, x0: torch.Tensor, noise: torch.Tensor, cond, sigmas: to
 
 def shape_recovery(cfg, steps: Sequence[int], per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """Where along the trajectory does the policy decide a shape? Every train-split single-object prompt is
-    rendered `per_prompt` times, noised to σ_k of the run's schedule for each k in `steps`, and finished by the
-    ODE (`recover`): the rows {"step", "sigma", shape: {"images", "hits", ...}} (`shape_tally`). A shape kept
-    from σ_k but lost from earlier steps is decided between them; k = 0 is plain sampling (pure noise).
+    rendered `per_prompt` times, noised to σ_k of the run's schedule for each k in `steps`, and finished by
+    the ODE (`recover`): the rows {"step", "sigma", shape: {"images", "hits", ...}} (`shape_tally`). A shape
+    kept from σ_k but lost from earlier steps is decided between them; k = 0 is plain sampling (pure noise).
     """
     from learner.algo.schedule import sigma_schedule
     from learner.driver.build import policy_from_config
@@ -214,7 +216,8 @@ def shape_recovery(cfg, steps: Sequence[int], per_prompt: int = 4, seed: int = 0
     rows = []
     for k in steps:
         images = policy.decode(recover(policy.velocity, x0, noise, cond, sigmas, k))
-        rows.append({"step": k, "sigma": float(sigmas[k]), **shape_tally(prompts, images, range(len(prompts)))})
+        tally = shape_tally(prompts, images, range(len(prompts)))
+        rows.append({"step": k, "sigma": float(sigmas[k]), **tally})
     return rows
 
 
@@ -243,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", action="store_true",
                    help="instead: how often the rollouts draw each shape asked for (tiny backend)")
     p.add_argument("--recovery", type=int, nargs="+", default=None, metavar="STEP",
-                   help="instead: noise rendered shapes to these steps' σ and finish them by the ODE (tiny backend)")
+                   help="instead: noise rendered shapes to these steps' σ, finish them by the ODE (tiny)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. rollout.batch_size=128")
@@ -267,10 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print("| from step | σ | " + " | ".join(f"{s}s kept" for s in ("circle", "square", "triangle")) + " |")
+        shapes = ("circle", "square", "triangle")
+        print("| from step | σ | " + " | ".join(f"{s}s kept" for s in shapes) + " |")
         print("|---|---|---|---|---|")
         for r in rows:
-            cells = " | ".join(f"{r[s]['hits']} of {r[s]['images']}" for s in ("circle", "square", "triangle"))
+            cells = " | ".join(f"{r[s]['hits']} of {r[s]['images']}" for s in shapes)
             print(f"| {r['step']} | {r['sigma']:.2f} | {cells} |")
         if args.json:
             with open(args.json, "w") as f:

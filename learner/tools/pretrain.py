@@ -42,8 +42,8 @@ from learner.evaluation import evaluate, markdown_table, sample_images, shapes_p
 from services import shapes_world
 
 TRAIN_SHIFT = 3.0  # σ sampling for training; see the module docstring
-EVAL_STEPS, EVAL_SHIFT = 25, 3.0
-ARCHITECTURE_FLAGS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")  # TinyConfig fields  # `eval`: the paper's reference schedule, N = 25, shift 3
+EVAL_STEPS, EVAL_SHIFT = 25, 3.0  # `eval`: the paper's reference schedule, N = 25, shift 3
+ARCHITECTURE_FLAGS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")  # TinyConfig
 
 # ---------------------------------------------------------------------- flow-matching pieces (pure)
 

@@ -93,8 +93,8 @@ def test_rollout_shape_hits_counts_every_group_once(capsys):
 
 
 def test_recover_with_the_true_velocity_returns_the_clean_images():
-    """The straight path x_σ = (1 − σ)·x0 + σ·ε has velocity ε − x0 at every σ, so Euler from any step lands on
-    x0 exactly; from step 0 (σ = 1) `recover` is plain sampling from the noise."""
+    """The straight path x_σ = (1 − σ)·x0 + σ·ε has velocity ε − x0 at every σ, so Euler from any step lands
+    on x0 exactly; from step 0 (σ = 1) `recover` is plain sampling from the noise."""
     from learner.algo.sampler import sample_ode
     from learner.algo.schedule import sigma_schedule
     from learner.tools.diagnose import recover, shape_tally
@@ -112,7 +112,7 @@ def test_recover_with_the_true_velocity_returns_the_clean_images():
     tally = shape_tally(prompts, to_uint8_images(recover(true_velocity, x0, noise, {}, sigmas, 5)), range(4))
     assert {s: (t["hits"], t["images"]) for s, t in tally.items()} == {"circle": (1, 1), "square": (2, 2),
                                                                         "triangle": (1, 1)}
-    pull = lambda x, s, c: x  # noqa: E731  a velocity that ignores x0: from σ = 1 it is sampling, not recovery
+    pull = lambda x, s, c: x  # noqa: E731  ignores x0: from σ = 1 it is sampling, not recovery
     assert torch.equal(recover(pull, x0, noise, {}, sigmas, 0), sample_ode(pull, noise, {}, sigmas))
 
 

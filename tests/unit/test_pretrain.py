@@ -145,12 +145,12 @@ def test_policy_command_continues_from_init(tmp_path, capsys):
 
 
 def test_policy_command_builds_the_architecture_asked_for(tmp_path, capsys):
-    """--patch-size & co. size a fresh model (saved in its config.json, loaded back the same); with --init or an
-    impossible size the command refuses by name before training."""
+    """--patch-size & co. size a fresh model (saved in its config.json, loaded back the same); with --init or
+    an impossible size the command refuses by name before training."""
     threads = str(torch.get_num_threads())
     assert pretrain.main(["policy", "--out", str(tmp_path / "p2"), "--steps", "1", "--batch-size", "2",
-                          "--patch-size", "2", "--num-layers", "1", "--attention-head-dim", "8", "--warmup", "1",
-                          "--threads", threads]) == 0
+                          "--patch-size", "2", "--num-layers", "1", "--attention-head-dim", "8",
+                          "--warmup", "1", "--threads", threads]) == 0
     assert "architecture: patch 2, 1 layers, width 32" in capsys.readouterr().out
     out = TinyPolicy.load(tmp_path / "p2")
     assert (out.config.patch_size, out.config.num_layers, out.config.attention_head_dim) == (2, 1, 8)
@@ -159,8 +159,8 @@ def test_policy_command_builds_the_architecture_asked_for(tmp_path, capsys):
     assert record["patch_size"] == 2 and record["num_attention_heads"] is None
     small_policy().save(tmp_path / "start")
     with pytest.raises(SystemExit, match="--init continues the saved architecture; drop --patch-size"):
-        pretrain.main(["policy", "--init", str(tmp_path / "start"), "--out", str(tmp_path / "x"), "--steps", "1",
-                       "--patch-size", "2", "--threads", threads])
+        pretrain.main(["policy", "--init", str(tmp_path / "start"), "--out", str(tmp_path / "x"),
+                       "--steps", "1", "--patch-size", "2", "--threads", threads])
     with pytest.raises(SystemExit, match="bad architecture: sample_size must be a multiple of patch_size"):
         pretrain.main(["policy", "--out", str(tmp_path / "x"), "--steps", "1", "--patch-size", "5",
                        "--threads", threads])
