@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 from torch import Tensor
 
+from services.wire import reduce_dataclass
+
 
 def weights_checksum(state: Mapping[str, Tensor]) -> str:
     """blake2b over names, dtypes, shapes and bytes, in name order."""
@@ -23,7 +25,7 @@ def weights_checksum(state: Mapping[str, Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, hashed in place (0-d included)
     return h.hexdigest()
 
 
@@ -33,6 +35,9 @@ class WeightPacket:
     checksum: str
     state: dict[str, Tensor] = field(repr=False)
     num_bytes: int = 0
+
+    def __reduce__(self):  # the weights as raw bytes through the object store (services/wire.py)
+        return reduce_dataclass(self)
 
     @classmethod
     def build(cls, version: int, state: Mapping[str, Tensor]) -> WeightPacket:

@@ -1,7 +1,8 @@
 """Data that crosses process boundaries between rollout workers, the driver and the learner.
 
 Latents and log-probs are fp32 (bf16 storage breaks ratio = 1 at the first update). Inside Ray these
-travel through the object store; over HTTP only JSON is used (see reward_servers).
+travel through the object store, their tensors as raw bytes (services/wire.py); over HTTP only JSON is used
+(see reward_servers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+
+from services.wire import reduce_dataclass
 
 
 @dataclass
@@ -47,6 +50,9 @@ class RolloutBatch:
     final_latents: Tensor | None = None  # (B, C, H, W) fp32, each row's x_0: AWM's targets (None unless asked for)
     branches: int = 1  # advantage groups per prompt (branched rollouts: the branch steps)
     steps: Tensor | None = None  # (B,) long, each row's trajectory step (branched rollouts)
+
+    def __reduce__(self):  # tensors as raw bytes through the object store (services/wire.py)
+        return reduce_dataclass(self)
 
     def __post_init__(self) -> None:
         b, w = self.log_probs.shape
