@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-category", type=int, default=24, help="prompts per category in each set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "sample_efficiency.md")
-    p.add_argument("--plot", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "sample_efficiency.png")
+    p.add_argument("--plot", type=Path, default=None, help="default: beside --out, with the suffix .png")
     p.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. rollout.batch_size=32")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         curves[method] = {s: run_one(preset, random, s, args, args.overrides, args.iterations * batch)
                           for s in args.seeds}
     rows = gain_rows(curves)
+    args.plot = args.plot or args.out.with_suffix(".png")
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     plot(curves, args.plot)
     import os
