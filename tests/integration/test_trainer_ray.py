@@ -151,3 +151,29 @@ def test_actors_keep_freed_memory(ray_cluster, small_checkpoint, tmp_path, monke
         finally:
             stop_actors(cl)
     assert seen == [("1048576", ACTOR_MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"])] * (cfg.rollout.num_workers + 1)
+
+
+def test_batches_and_weights_cross_an_actor_boundary_whole_and_writable(ray_cluster):
+    """Through a real actor and Ray's own serializer (which calls the `__reduce__` of services/wire.py; the unit
+    tests show the bytes go out of band): a rollout batch and a weight packet arrive bit for bit, as tensors the
+    receiver owns and may write to, and come back the same way."""
+    import ray
+
+    from services.broadcast import WeightPacket, verify_loaded
+    from tests.unit.test_wire import make_batch, same_bits
+
+    @ray.remote(num_cpus=0.1)
+    class Echo:
+        def touch(self, batch, packet):
+            batch.log_probs.add_(1.0)  # writable on the receiving side
+            packet.state["w"].mul_(2.0)
+            return batch, packet
+
+    batch = make_batch(True)
+    packet = WeightPacket.build(3, {"w": torch.randn(32, 32), "b": torch.randn(8).bfloat16()})
+    echo = Echo.remote()
+    back, moved = ray.get(echo.touch.remote(ray.put(batch), ray.put(packet)))
+    assert same_bits(back.log_probs, batch.log_probs + 1.0) and same_bits(back.latents, batch.latents)
+    assert same_bits(moved.state["w"], packet.state["w"] * 2.0) and same_bits(moved.state["b"], packet.state["b"])
+    verify_loaded(packet, {**moved.state, "w": moved.state["w"] / 2.0}, 3)
+    ray.kill(echo)
