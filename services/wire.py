@@ -54,26 +54,26 @@ def from_wire(w: WireTensor) -> Tensor:
     return t if w.device == "cpu" else t.to(w.device)
 
 
+def _map_leaves(value: Any, leaf: type, fn) -> Any:
+    """`fn` applied to every `leaf`, also inside dicts, lists and tuples; containers without one and every other
+    value returned as they are."""
+    if isinstance(value, leaf):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (leaf, dict, list, tuple)) for v in value):
+        return type(value)(_map_leaves(v, leaf, fn) for v in value)
+    return value
+
+
 def encode(value: Any) -> Any:
     """Tensors, also inside dicts, lists and tuples, as `WireTensor`s; everything else unchanged."""
-    if isinstance(value, Tensor):
-        return to_wire(value)
-    if isinstance(value, dict):
-        return {k: encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (Tensor, dict, list, tuple)) for v in value):
-        return type(value)(encode(v) for v in value)
-    return value
+    return _map_leaves(value, Tensor, to_wire)
 
 
 def decode(value: Any) -> Any:
     """The inverse of `encode`."""
-    if isinstance(value, WireTensor):
-        return from_wire(value)
-    if isinstance(value, dict):
-        return {k: decode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (WireTensor, dict, list, tuple)) for v in value):
-        return type(value)(decode(v) for v in value)
-    return value
+    return _map_leaves(value, WireTensor, from_wire)
 
 
 def rebuild_dataclass(cls: type, fields: dict[str, Any]) -> Any:
