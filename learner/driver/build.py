@@ -55,8 +55,9 @@ def policy_from_config(model: ModelConfig, role: Role = "eval", device: torch.de
                      "weights_dtype": inference_dtype(model, device)}
     if model.lora_alpha:
         options["lora_alpha"] = model.lora_alpha
+    options["guidance_scale"] = model.guidance_scale
     if model.backend != "tiny":
-        options.update(height=model.height, width=model.width, guidance_scale=model.guidance_scale)
+        options.update(height=model.height, width=model.width)
     policy = load_policy(model.backend, path, **options)
     if role == "learner":
         policy.release_inference_parts()

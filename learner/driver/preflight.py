@@ -173,7 +173,7 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
     m, lc = cfg.model, cfg.learner
     on_gpu = {role: m.device == "cuda" or (m.device == "auto" and n > 0)
               for role, n in (("rollout", cfg.rollout.num_gpus), ("learner", lc.num_gpus))}
-    cfg_rows = 2 if (m.backend == "sd3" and m.guidance_scale > 1.0) else 1
+    cfg_rows = 2 if (m.backend in ("sd3", "tiny") and m.guidance_scale > 1.0) else 1
     transformer = arch.params["transformer"]
     frozen_parts = {k: v for k, v in arch.params.items() if k != "transformer"}
 

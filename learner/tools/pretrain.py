@@ -84,11 +84,15 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
 
 
 def make_batch(policy, batch_size: int, rng: np.random.Generator, generator: torch.Generator,
-               split: str = "train") -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-    """One training batch: (x0 (B, 3, 32, 32), noise (B, 3, 32, 32), sigma (B,), cond) of all categories."""
+               split: str = "train", p_uncond: float = 0.0) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """One training batch: (x0 (B, 3, 32, 32), noise (B, 3, 32, 32), sigma (B,), cond) of all categories.
+    With `p_uncond` > 0 each prompt is replaced by the empty one with that probability (prompt dropout), so the
+    model also learns the unconditional velocity that classifier-free guidance (`guidance_scale`) needs."""
     prompts = shapes_world.sample_prompts(batch_size, rng, split=split)
     x0 = render_batch(prompts, rng)
     noise = torch.randn(x0.shape, generator=generator)
+    if p_uncond > 0.0:
+        prompts = ["" if drop else p for p, drop in zip(prompts, rng.random(batch_size) < p_uncond, strict=True)]
     return x0, noise, sample_sigma(batch_size, generator), policy.encode_prompts(prompts)
 
 
@@ -97,17 +101,20 @@ def make_batch(policy, batch_size: int, rng: np.random.Generator, generator: tor
 
 def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 2e-3,
                     weight_decay: float = 0.01, warmup: int = 100, grad_clip: float = 1.0,
-                    minutes: float | None = None, log_every: int = 50,
+                    minutes: float | None = None, log_every: int = 50, p_uncond: float = 0.0,
                     log: Callable[[str], None] = print) -> dict:
     """Train `policy`'s trainable parameters by flow matching, in place.
 
     Every `log_every` steps logs the mean training loss since the last log and the loss on a fixed
     held-aside batch (same renders, noise and σ each time, so its curve is not sampling noise).
     `minutes` caps the wall time: the loop stops early (and says so) rather than overrun a budget.
+    `p_uncond`: prompt dropout (`make_batch`); the fixed batch keeps its prompts.
     Returns {"steps", "train_loss", "fixed_loss", "seconds", "stopped_early", "history"}.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    if not 0.0 <= p_uncond < 1.0:
+        raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     fixed = make_batch(policy, batch_size, np.random.default_rng(seed + 1),
@@ -118,7 +125,7 @@ def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, 
     policy.train(True)
     history, window, t0, stopped_early, step = [], [], time.perf_counter(), False, 0
     for step in range(1, steps + 1):
-        x0, noise, sigma, cond = make_batch(policy, batch_size, rng, generator)
+        x0, noise, sigma, cond = make_batch(policy, batch_size, rng, generator, p_uncond=p_uncond)
         loss = flow_matching_loss(policy, x0, noise, sigma, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -174,6 +181,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     result = pretrain_policy(policy, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, log_every=args.log_every,
+                             p_uncond=args.p_uncond,
                              log=lambda s: print(s, flush=True))
     policy.save(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "command")}
@@ -270,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pol.add_argument("--warmup", type=int, default=200)
     pol.add_argument("--minutes", type=float, default=None, help="wall-time cap; stops early when spent")
     pol.add_argument("--log-every", type=int, default=50)
+    pol.add_argument("--p-uncond", type=float, default=0.0,
+                     help="prompt dropout: the empty prompt with this probability, for classifier-free guidance "
+                          "(model.guidance_scale > 1); 0.1 in the README's guidance measurement")
     arch = pol.add_argument_group("architecture of a fresh model (default: the shipped one's, TinyConfig)")
     for flag in ARCHITECTURE_FLAGS:
         arch.add_argument("--" + flag.replace("_", "-"), type=int, default=None)

@@ -120,6 +120,25 @@ def check_velocity_inputs(x: Tensor, sigma: Tensor, cond: Cond, latent_shape: tu
             raise ValueError(f"cond[{k!r}] has batch {v.shape[0]}, x has {x.shape[0]}")
 
 
+# ----------------------------------------------------------------------------- classifier-free guidance
+def cfg_inputs(hidden: Tensor, timestep: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One transformer batch of 2B for classifier-free guidance, [negative; positive]: hidden (B, ...) and
+    timestep (B,) repeated, the prompt states after their negative ones -> (hidden, timestep, context, pooled)."""
+    context = torch.cat([cond["negative_encoder_hidden_states"], cond["encoder_hidden_states"]])
+    pooled = torch.cat([cond["negative_pooled_projections"], cond["pooled_projections"]])
+    return hidden.repeat(2, *([1] * (hidden.ndim - 1))), timestep.repeat(2), context, pooled
+
+
+def cfg_combine(v: Tensor, scale: float) -> Tensor:
+    """The 2B velocities of `cfg_inputs` -> v_neg + scale·(v_pos − v_neg), (B, ...).
+
+    As Flow-GRPO's SD3 trainer does (scripts/train_sd3.py, compute_log_prob): the negative branch is a constant
+    of the update. With gradients on both, scale 4.5 would add −3.5·∂v_neg/∂θ."""
+    v_neg, v_pos = v.chunk(2)
+    v_neg = v_neg.detach()
+    return v_neg + scale * (v_pos - v_neg)
+
+
 # ----------------------------------------------------------------------------- images
 def to_uint8_images(images: Tensor) -> np.ndarray:
     """images (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3); values outside are clamped."""

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from .base import (
     DEFAULT_LORA_TARGETS,
     Cond,
+    cfg_combine,
+    cfg_inputs,
     check_velocity_inputs,
     cond_to,
     load_diffusers_policy,
@@ -160,9 +162,7 @@ class SD3Policy(TransformerPolicy):
         context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
         timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
         if self.cfg:  # one batch of 2B: [negative; positive]
-            hidden, timestep = hidden.repeat(2, 1, 1, 1), timestep.repeat(2)
-            context = torch.cat([cond["negative_encoder_hidden_states"], context])
-            pooled = torch.cat([cond["negative_pooled_projections"], pooled])
+            hidden, timestep, context, pooled = cfg_inputs(hidden, timestep, cond)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             v = transformer(
                 hidden_states=hidden,
@@ -171,13 +171,7 @@ class SD3Policy(TransformerPolicy):
                 timestep=timestep,
                 return_dict=False,
             )[0].float()
-        if self.cfg:
-            v_neg, v_pos = v.chunk(2)
-            # As Flow-GRPO's SD3 trainer does (scripts/train_sd3.py, compute_log_prob): the unconditional
-            # branch is a constant of the update. With gradients on both, s = 4.5 would add −3.5·∂v_neg/∂θ.
-            v_neg = v_neg.detach()
-            v = v_neg + self.guidance_scale * (v_pos - v_neg)
-        return v
+        return cfg_combine(v, self.guidance_scale) if self.cfg else v
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, C, h, w) latents -> uint8 (B, H, W, 3)."""

@@ -9,8 +9,10 @@ Pieces: an offline word-level tokenizer (`tokenizers`, lower-cased, [BOS] words 
 length; unknown words and over-long prompts are errors, the world is closed), a small `CLIPTextModel`
 (last hidden state -> joint attention, EOS-pooled output -> pooled projection) and an
 `SD3Transformer2DModel` with patch 4 over x in [-1, 1]. The transformer is conditioned on
-timestep = 1000 * sigma, the diffusers FlowMatch convention. The text encoder is always frozen; the
-transformer trains fully (lora_rank 0) or through a LoRA adapter on its attention projections.
+timestep = 1000 * sigma, the diffusers FlowMatch convention. With guidance_scale > 1 the velocity is
+classifier-free guided as SD3's is, v = v_neg + s (v_pos - v_neg), the negative prompt the empty one ("",
+[BOS][EOS]): a base pre-trained with prompt dropout (`pretrain policy --p-uncond`) has learned it. The
+text encoder is always frozen; the transformer trains fully (lora_rank 0) or through a LoRA adapter on its attention projections.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from .base import (
     DEFAULT_LORA_TARGETS,
     DTYPES,
     Cond,
+    cfg_combine,
+    cfg_inputs,
     check_state_dict,
     check_velocity_inputs,
     cond_to,
@@ -144,7 +148,11 @@ class TinyPolicy(TransformerPolicy):
         lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS,
         autocast_bf16: bool = False,
         gradient_checkpointing: bool = False,
+        guidance_scale: float = 1.0,
     ):
+        if guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
+        self.guidance_scale = float(guidance_scale)
         self.config = config
         self.latent_shape = (3, config.sample_size, config.sample_size)
         self.tokenizer = build_tokenizer(config.vocab, config.max_length)
@@ -250,29 +258,41 @@ class TinyPolicy(TransformerPolicy):
                 )
         return torch.tensor([enc.ids for enc in encodings], dtype=torch.long)
 
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        """-> {"encoder_hidden_states": (B, L, D_text), "pooled_projections": (B, D_text)}, fp32."""
+        """-> {"encoder_hidden_states": (B, L, D_text), "pooled_projections": (B, D_text)}, fp32; with guidance
+        also "negative_encoder_hidden_states", "negative_pooled_projections": the empty prompt's, (B, ...)."""
         out = self.text_encoder(input_ids=self.tokenize(prompts).to(self.device))
-        return {
-            "encoder_hidden_states": out.last_hidden_state.float(),
-            "pooled_projections": out.pooler_output.float(),
-        }
+        cond = {"encoder_hidden_states": out.last_hidden_state.float(), "pooled_projections": out.pooler_output.float()}
+        if self.cfg:
+            empty = self.text_encoder(input_ids=self.tokenize([""]).to(self.device))
+            b = len(cond["pooled_projections"])
+            cond |= {"negative_encoder_hidden_states": empty.last_hidden_state.float().expand(b, -1, -1).clone(),
+                     "negative_pooled_projections": empty.pooler_output.float().expand(b, -1).clone()}
+        return cond
 
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32; timestep = 1000 * sigma."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
         cond = cond_to(cond, self.device, transformer.dtype)
+        hidden = x.to(self.device, transformer.dtype)  # (B, 3, H, W)
+        context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
         timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
+        if self.cfg:  # one batch of 2B: [negative; positive]
+            hidden, timestep, context, pooled = cfg_inputs(hidden, timestep, cond)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
             v = transformer(
-                hidden_states=x.to(self.device, transformer.dtype),
-                encoder_hidden_states=cond["encoder_hidden_states"],
-                pooled_projections=cond["pooled_projections"],
+                hidden_states=hidden,
+                encoder_hidden_states=context,
+                pooled_projections=pooled,
                 timestep=timestep,
                 return_dict=False,
-            )[0]
-        return v.float()
+            )[0].float()
+        return cfg_combine(v, self.guidance_scale) if self.cfg else v
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
@@ -338,10 +358,8 @@ def _load_weights(path: Path, transformer: nn.Module, text_encoder: nn.Module) -
 
 
 def _check_options(config: TinyConfig, options: dict) -> None:
-    """The run config passes the same options to every backend; the tiny one fixes size and guidance."""
+    """The run config passes the same options to every backend; the tiny one fixes the image size."""
     size = config.sample_size
     for key in ("height", "width"):
         if options.pop(key, size) != size:
             raise ValueError(f"the tiny policy generates {size}x{size} images; {key} must be {size}")
-    if options.pop("guidance_scale", 1.0) != 1.0:
-        raise ValueError("the tiny policy has no guidance; guidance_scale must be 1.0")

@@ -40,7 +40,8 @@ class ModelConfig(_Section):
     """Image height in pixels (the tiny model is fixed at 32)."""
     width: int = Field(32, ge=8, le=4096)
     guidance_scale: float = Field(1.0, ge=0.0, le=50.0)
-    """FLUX: the distilled guidance embedding value. SD3: classifier-free guidance scale (1 = off)."""
+    """FLUX: the distilled guidance embedding value. SD3 and tiny: classifier-free guidance scale (1 = off; the tiny
+    policy's negative prompt is the empty one, which a base pre-trained with `--p-uncond` has learned)."""
 
 
 class SamplerConfig(_Section):

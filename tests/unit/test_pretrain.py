@@ -74,6 +74,23 @@ def test_few_steps_reduce_the_loss_on_a_fixed_batch():
     assert after < 0.75 * before, (before, after)
 
 
+def test_prompt_dropout_replaces_prompts_with_the_empty_one():
+    """p_uncond: the same renders, noise and σ as without it; a prompt's cond is the empty prompt's where it
+    was dropped, its own elsewhere, and about p_uncond of them are dropped."""
+    policy = small_policy()
+    args = lambda: (np.random.default_rng(5), torch.Generator().manual_seed(5))  # noqa: E731
+    x0, noise, sigma, cond = pretrain.make_batch(policy, 400, *args())
+    x0d, noised, sigmad, condd = pretrain.make_batch(policy, 400, *args(), p_uncond=0.25)
+    assert torch.equal(x0, x0d) and torch.equal(noise, noised) and torch.equal(sigma, sigmad)
+    empty = policy.encode_prompts([""])["pooled_projections"][0]
+    dropped = torch.all(condd["pooled_projections"] == empty, dim=1)  # (400,)
+    kept = ~dropped
+    assert 0.18 < float(dropped.float().mean()) < 0.32
+    assert torch.equal(condd["pooled_projections"][kept], cond["pooled_projections"][kept])
+    with pytest.raises(ValueError, match="p_uncond"):
+        pretrain.pretrain_policy(policy, steps=1, p_uncond=1.0, log=lambda s: None)
+
+
 def test_pretraining_is_deterministic_given_the_seed():
     runs = []
     for _ in range(2):
