@@ -76,6 +76,8 @@ VARIANTS = {
     "mixgrpo_flash": ("mixgrpo_flash", []),
     "mixgrpo_flash_star": ("mixgrpo_flash_star", []),
     "mixgrpo_flash_star async": ("mixgrpo_flash_star", ["run.async_rollout=true"]),
+    # the learner keeps its half of the cores after the overlapping rollout is done (before learner.overlap_threads)
+    "mixgrpo_flash_star async fixed": ("mixgrpo_flash_star", ["run.async_rollout=true", "learner.overlap_threads=0"]),
     "mixgrpo async": ("mixgrpo", ["run.async_rollout=true"]),
     "flow_grpo_fast": ("flow_grpo_fast", []),
     "awm": ("awm", []),

@@ -16,6 +16,7 @@ import ray
 
 from learner import evaluation
 from learner.training import Learner
+from learner.training.threads import ThreadBoost
 from rollout_workers.worker import RolloutWorker
 from services.config import Config, WindowConfig
 from services.scheduler import WindowScheduler
@@ -34,6 +35,11 @@ from .build import build_learner, build_worker
 
 class WorkerOutOfSync(RuntimeError):
     """A rollout was sent to a worker that does not hold the rollout's weights (it was restarted)."""
+
+
+def _all_done(refs: list[ray.ObjectRef]) -> bool:
+    """Whether every task behind `refs` has finished (without fetching their values)."""
+    return len(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) == len(refs)
 
 
 # Named and restartable: a restarted scheduler reads its state back from the store in __init__.
@@ -75,10 +81,19 @@ class LearnerActor:
         backend = "nccl" if self.inner.device.type == "cuda" else "gloo"
         self.inner.join_group(init_method, self.rank, world_size, backend, self.cfg.learner.sharding)
 
-    def update(self, *batches: RolloutBatch, num_groups: int | None = None) -> dict:
-        """Merge the shards (each group id exactly once, all of 0…num_groups-1) and update on them."""
+    def update(self, *batches: RolloutBatch, num_groups: int | None = None,
+               overlap: tuple[list[ray.ObjectRef], int] | None = None) -> dict:
+        """Merge the shards (each group id exactly once, all of 0…num_groups-1) and update on them.
+
+        `overlap` (async mode): (the next rollout's shard refs, extra threads): once every shard is done, the rest of
+        the update runs with that many more torch threads (learner/training/threads.py)."""
         batch = merge_batches(list(batches), num_groups=num_groups)
-        stats = self.inner.update(batch)
+        refs, extra = overlap if overlap else ([], 0)
+        boost = ThreadBoost(lambda: _all_done(refs), extra if refs else 0)
+        try:
+            stats = {**self.inner.update(batch, between=boost), **boost.stats()}
+        finally:
+            boost.restore()
         if self.rank == 0:
             self.telemetry.record(learner_updates(stats, batch.num_rows))
         return {**stats, "num_groups": len(batch.prompt_ids)}

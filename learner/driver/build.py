@@ -75,8 +75,11 @@ def auto_threads(cfg: Config, cores: int) -> Config:
     - async mode: the rollout of m+1 runs during the update of m, so they split the node: the workers share
       C // 2 cores (at least one thread each), the learner ranks the rest.
 
-    E.g. 2 cores, 2 workers, 1 rank: sync 1 / 2 threads, async 1 / 1; 16 cores: sync 8 / 16, async 4 / 8.
-    Explicit counts (≥ 1) are kept."""
+    - async mode, once the overlapping rollout is done: the learner ranks take the rest of the node too
+      (`learner.overlap_threads`, -1 → (C − K × learner threads) // K when the learner's count is auto, else 0).
+
+    E.g. 2 cores, 2 workers, 1 rank: sync 1 / 2 threads, async 1 / 1 (+ 1 once the rollout is done); 16 cores:
+    sync 8 / 16, async 4 / 8 (+ 8). Explicit counts (≥ 0 for overlap_threads) are kept."""
     if cores < 1:
         raise ValueError(f"cores must be >= 1, got {cores}")
     w, k = cfg.rollout.num_workers, cfg.learner.num_workers
@@ -85,8 +88,14 @@ def auto_threads(cfg: Config, cores: int) -> Config:
     update = {}
     if cfg.rollout.num_threads == 0:
         update["rollout"] = cfg.rollout.model_copy(update={"num_threads": max(1, rollout_cores // w)})
+    learner = {}
     if cfg.learner.num_threads == 0:
-        update["learner"] = cfg.learner.model_copy(update={"num_threads": max(1, learner_cores // k)})
+        learner["num_threads"] = max(1, learner_cores // k)
+    if cfg.learner.overlap_threads == -1:  # the cores the ranks leave to the rollout, theirs once it is done
+        auto = cfg.run.async_rollout and cfg.learner.num_threads == 0
+        learner["overlap_threads"] = max(0, cores - k * learner["num_threads"]) // k if auto else 0
+    if learner:
+        update["learner"] = cfg.learner.model_copy(update=learner)
     return cfg.model_copy(update=update)
 
 

@@ -148,12 +148,14 @@ def node_cores() -> int:
 
 
 def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
-    if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads):  # auto: from the cores of a node
-        cores = node_cores()
+    if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads) or cfg.learner.overlap_threads == -1:
+        cores = node_cores()  # auto: from the cores of a node
         cfg = auto_threads(cfg, cores)
         dump_config(cfg, out / "config.json")  # the run records the counts it used
-        print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads} per learner rank "
-              f"({cores} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
+        extra = f" (+{cfg.learner.overlap_threads} once the overlapping rollout is done)" \
+            if cfg.run.async_rollout and cfg.learner.overlap_threads else ""
+        print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads}{extra} per learner "
+              f"rank ({cores} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
     cl = start_actors(cfg, run_id)
     try:
         return _iterate(cl, cfg, out, run_id, resume, list(observers))
@@ -227,7 +229,11 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
         launched = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
     t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
-    stats = all_ranks([rank.update.remote(*refs, num_groups=cfg.num_groups) for rank in cl.learners])[0]
+    # async: the ranks take the workers' cores once the next rollout's shards are done (a list: Ray passes the refs
+    # themselves, not their values)
+    overlap = ([sh.batch for sh in launched.shards], cfg.learner.overlap_threads) if launched else None
+    stats = all_ranks([rank.update.remote(*refs, num_groups=cfg.num_groups, overlap=overlap)
+                       for rank in cl.learners])[0]
     _, t_sync, resent = broadcast(cl, cfg.cluster.weight_sync == "collective", cfg.rollout.restart_timeout_s)
     now = time.perf_counter()
     rec = {"kind": "train", "iteration": m, "window_start": ro.window[0], "window_size": ro.window[1], **stats,

@@ -13,7 +13,7 @@ in the rollout workers' dtype (`sync_dtype`) when the whole transformer trains.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -100,8 +100,10 @@ class Learner:
                                 per_sample=self.train_selection == "per_sample", prompt_ids=batch.prompt_ids,
                                 group_size=batch.group_size)
 
-    def update(self, batch: RolloutBatch) -> dict:
-        """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists)."""
+    def update(self, batch: RolloutBatch, between: Callable[[], None] | None = None) -> dict:
+        """Windowed GRPO updates on one iteration's batch; returns statistics (floats and lists).
+
+        `between`, if given, is called before each micro-batch's forward (async mode: `threads.ThreadBoost`)."""
         t0, c0 = time.perf_counter(), time.process_time()  # wall, and this process's CPU over all its threads
         adv = self.advantages(batch).to(self.device)
         weights = self.row_weights(batch)
@@ -129,6 +131,8 @@ class Learner:
                         optimizer_s += self._optimizer_step(stats, batch.iteration)
                     continue
                 rows = order[lo:lo + self.mb]
+                if between is not None:
+                    between()
                 t_fb = time.perf_counter()
                 loss, m = self._forward_backward(batch, cond, rows, steps, adv, (batch.iteration, epoch, u), weights)
                 if loss.is_cuda:  # time the kernels, not their launch

@@ -281,6 +281,13 @@ class LearnerConfig(_Section):
     """torch threads per learner rank; 0: chosen by the driver from the cores of a node (`auto_threads`): sync mode
     C // num_workers (the rollout workers wait during the update, so the update takes every core), async mode half
     of them (the other half samples the next batch meanwhile). Bitwise repeats need the same thread counts."""
+    overlap_threads: int = Field(-1, ge=-1)
+    """Async mode: torch threads each learner rank adds for the rest of an update once the rollout overlapping it has
+    finished (its workers' cores would idle until the next rollout starts); restored when the update ends. -1: the
+    cores the ranks leave to the rollout, (C − num_workers × num_threads) // num_workers, when num_threads is 0
+    (auto), else 0; 0: never.
+    Sync mode has nothing overlapping the update and ignores it. The moment the threads change depends on timing,
+    so async runs that use it repeat to float tolerance (≈1e-6), not bit for bit."""
     checkpoint_every: int = Field(25, ge=0)
     """Iterations between checkpoints (0: only at the end)."""
     max_restarts: int = Field(3, ge=0)

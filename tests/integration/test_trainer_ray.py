@@ -66,12 +66,48 @@ def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, 
 
 
 def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
-    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true", "run.iterations=3")
+    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true", "run.iterations=3",
+                    "learner.overlap_threads=1")
     with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-async")
     recs = train_records(tmp_path)
     assert [r["staleness"] for r in recs] == [0, 1, 1]
     assert recs[0]["first_ratio_dev"] < 1e-5 and recs[1]["first_ratio_dev"] > 1e-5  # stale: corrected by π_old
+    # two micro-batches per update; the threads rise when the next rollout is done, and the last update overlaps none
+    assert all(r["overlap_boost_at"] in (-1, 0, 1) for r in recs[:2]) and recs[2]["overlap_boost_at"] == -1
+
+
+def test_learner_actor_takes_the_rollout_cores_once_the_overlapping_shards_are_done(ray_cluster, small_checkpoint,
+                                                                                   tmp_path):
+    import ray
+
+    from learner.driver.actors import LearnerActor
+    from learner.driver.build import build_worker
+    from reward_servers.client import LocalRewards
+
+    cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true")
+    worker = build_worker(cfg, LocalRewards.from_specs(cfg.reward.rewards))
+    batch = worker.rollout(0, (0, 2), ["a red circle", "two blue squares", "a green triangle", "three cyan circles"],
+                           [0, 1, 2, 3])  # 16 rows: two micro-batches of 8
+
+    @ray.remote(num_cpus=0)
+    def still_sampling():
+        import time
+
+        time.sleep(600)
+
+    learner = LearnerActor.options(num_cpus=0.25).remote(cfg.model_dump_json())
+    pending = still_sampling.remote()
+    try:
+        waiting = ray.get(learner.update.remote(batch, num_groups=4, overlap=([pending], 1)))
+        finished = ray.get(learner.update.remote(batch, num_groups=4, overlap=([ray.put(0)], 1)))
+        plain = ray.get(learner.update.remote(batch, num_groups=4))
+    finally:
+        ray.cancel(pending, force=True)
+        ray.kill(learner)
+    assert (waiting["overlap_boost_at"], waiting["overlap_boost_frac"]) == (-1, 0.0)  # never done: never raised
+    assert (finished["overlap_boost_at"], finished["overlap_boost_frac"]) == (0, 1.0)  # done: from the first
+    assert (plain["overlap_boost_at"], plain["overlap_boost_frac"]) == (-1, 0.0)  # sync: nothing to overlap
 
 
 @pytest.mark.slow  # (resume exactness also: test_learner_group.py's 2 → 2 → 1 ranks, test_learner_fault.py's replay)

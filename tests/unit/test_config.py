@@ -53,13 +53,14 @@ def test_defaults_are_the_tiny_job():
 
 
 @pytest.mark.parametrize("cores, workers, ranks, mode, expected", [
-    (2, 2, 1, "sync", (1, 2)),     # the default job: each worker a core while sampling, the update both
-    (2, 2, 1, "async", (1, 1)),    # overlapped: one core samples (two workers share it), one updates
-    (16, 2, 1, "sync", (8, 16)),
-    (16, 2, 1, "async", (4, 8)),   # 8 cores for the workers, 8 for the learner
-    (16, 4, 2, "sync", (4, 8)),
-    (3, 4, 1, "sync", (1, 3)),     # more workers than cores: never 0 threads
-    (1, 2, 1, "async", (1, 1)),
+    (2, 2, 1, "sync", (1, 2, 0)),     # the default job: each worker a core while sampling, the update both
+    (2, 2, 1, "async", (1, 1, 1)),    # overlapped: one core samples (two workers share it), one updates; then both
+    (16, 2, 1, "sync", (8, 16, 0)),
+    (16, 2, 1, "async", (4, 8, 8)),   # 8 cores for the workers, 8 for the learner; the learner all 16 after
+    (16, 4, 2, "sync", (4, 8, 0)),
+    (16, 4, 2, "async", (2, 4, 4)),   # two ranks: 4 + 4 threads each once the rollout is done
+    (3, 4, 1, "sync", (1, 3, 0)),     # more workers than cores: never 0 threads
+    (1, 2, 1, "async", (1, 1, 0)),    # nothing left over to add
 ])
 def test_auto_threads_fill_every_core_without_oversubscribing(cores, workers, ranks, mode, expected):
     from learner.driver.build import auto_threads
@@ -68,14 +69,17 @@ def test_auto_threads_fill_every_core_without_oversubscribing(cores, workers, ra
                                      f"learner.gradient_accumulation_steps={ranks}",
                                      f"run.async_rollout={str(mode == 'async').lower()}"])
     got = auto_threads(cfg, cores)
-    assert (got.rollout.num_threads, got.learner.num_threads) == expected
+    assert (got.rollout.num_threads, got.learner.num_threads, got.learner.overlap_threads) == expected
     sampling, updating = workers * got.rollout.num_threads, ranks * got.learner.num_threads
     if mode == "sync":  # each phase alone on the node: no more threads than cores (one each at least)
         assert sampling <= max(cores, workers) and updating == cores
-    else:  # overlapped: together no more than the cores (one thread per actor at least)
+    else:  # overlapped: together no more than the cores (one thread per actor at least); the update alone after
         assert sampling + updating <= max(cores, workers + ranks)
-    fixed = load_config([], ["rollout.num_threads=3", "learner.num_threads=5"])
+        assert ranks * (got.learner.num_threads + got.learner.overlap_threads) == max(cores, ranks) - cores % ranks
+    fixed = load_config([], ["rollout.num_threads=3", "learner.num_threads=5", "learner.overlap_threads=2"])
     assert auto_threads(fixed, cores) == fixed  # explicit counts are kept
+    explicit = load_config([], ["rollout.num_threads=3", "learner.num_threads=5", "run.async_rollout=true"])
+    assert auto_threads(explicit, cores).learner.overlap_threads == 0  # an explicit learner count: no more added
     with pytest.raises(ValueError, match="cores"):
         auto_threads(cfg, 0)
 
