@@ -148,7 +148,8 @@ def node_cores() -> int:
 
 
 def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
-    if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads) or cfg.learner.overlap_threads == -1:
+    if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads) or (cfg.run.async_rollout
+                                                                      and cfg.learner.overlap_threads == -1):
         cores = node_cores()  # auto: from the cores of a node
         cfg = auto_threads(cfg, cores)
         dump_config(cfg, out / "config.json")  # the run records the counts it used
@@ -231,7 +232,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
     # async: the ranks take the workers' cores once the next rollout's shards are done (a list: Ray passes the refs
     # themselves, not their values)
-    overlap = ([sh.batch for sh in launched.shards], cfg.learner.overlap_threads) if launched else None
+    overlap = ([sh.batch for sh in launched.shards], max(0, cfg.learner.overlap_threads)) if launched else None
     stats = all_ranks([rank.update.remote(*refs, num_groups=cfg.num_groups, overlap=overlap)
                        for rank in cl.learners])[0]
     _, t_sync, resent = broadcast(cl, cfg.cluster.weight_sync == "collective", cfg.rollout.restart_timeout_s)

@@ -17,7 +17,7 @@ weights are read or allocated). What each role holds (learner/driver/build.py):
 Activations, per transformer block (Korthikanti et al., 2022, with memory-efficient attention, i.e. without the
 s² term): 34·s·b·h bytes in bf16 (twice that in fp32), s tokens, b rows, h hidden; with gradient checkpointing
 2·s·b·h bytes per block plus one block's 34·s·b·h. b = micro_batch_size × window steps per backward
-(× 2 with SD3's classifier-free guidance). Inference keeps about INFERENCE_LIVE_TENSORS such (s, b, h) tensors
+(× 2 with classifier-free guidance: SD3, tiny). Inference keeps about INFERENCE_LIVE_TENSORS such (s, b, h) tensors
 alive. These are estimates, stated so: the check refuses only what is clearly too big, and reports the parts.
 """
 

@@ -10,7 +10,8 @@
   peft config as metadata (so rank and alpha survive), for `pipeline.load_lora_weights(OUT)` on the base
   pipeline (the run's `model.path`).
 - SD3 / FLUX trained fully (lora_rank 0): the whole pipeline folder (`save_pretrained`).
-Every export also holds export.json: where the weights came from.
+Every export also holds export.json: where the weights came from, and the guidance scale the run sampled with
+(`guidance_scale`: pass it to the pipeline, or to `TinyPolicy.load(OUT, guidance_scale=…)`; 1 = none).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def export_run(cfg: Config, checkpoint: Path, out: Path) -> Path:
     kind = export_tiny(policy, out) if cfg.model.backend == "tiny" else export_diffusers(policy, out)
     info = {"format": kind, "backend": cfg.model.backend, "base_model": cfg.model.path or "shipped tiny checkpoint",
             "checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "weight_version": meta.get("version"),
-            "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha}
+            "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
+            "guidance_scale": cfg.model.guidance_scale}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
     return out
 

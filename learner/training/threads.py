@@ -41,8 +41,9 @@ class ThreadBoost:
             torch.set_num_threads(self.base)
 
     def stats(self) -> dict:
-        """-> {"overlap_boost_at": the micro-batch that first ran with the added threads (-1: none),
-        "overlap_boost_frac": the fraction of the update's micro-batches that ran with them}."""
+        """-> {"overlap_boost_at": the micro-batch (counted from 0) that first ran with the added threads (-1: none),
+        "overlap_boost_frac": the fraction of the update's micro-batches that ran with them}. Micro-batches are this
+        process's own: a rank of a K-rank learner counts those it computes."""
         if self.boosted_at is None:
             return {"overlap_boost_at": -1, "overlap_boost_frac": 0.0}
         return {"overlap_boost_at": self.boosted_at, "overlap_boost_frac": (self.calls - self.boosted_at) / self.calls}

@@ -43,6 +43,13 @@ class ModelConfig(_Section):
     """FLUX: the distilled guidance embedding value. SD3 and tiny: classifier-free guidance scale (1 = off; the tiny
     policy's negative prompt is the empty one, which a base pre-trained with `--p-uncond` has learned)."""
 
+    @model_validator(mode="after")
+    def _guidance(self) -> ModelConfig:
+        if self.backend in ("sd3", "tiny") and self.guidance_scale < 1.0:
+            raise ValueError(f"guidance_scale must be >= 1 for the {self.backend} backend (1 = no classifier-free "
+                             f"guidance), got {self.guidance_scale}")
+        return self
+
 
 class SamplerConfig(_Section):
     num_steps: int = Field(16, ge=2, le=1000)

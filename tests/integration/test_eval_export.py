@@ -118,7 +118,8 @@ def test_export_tiny_loads_with_the_trained_weights(small_checkpoint, tmp_path, 
     with torch.no_grad():
         torch.testing.assert_close(loaded.velocity(x, sigma, cond), trained.velocity(x, sigma, cond),
                                    rtol=1e-5, atol=1e-5)
-    assert json.loads((out / "export.json").read_text())["iteration"] == 0
+    info = json.loads((out / "export.json").read_text())
+    assert info["iteration"] == 0 and info["guidance_scale"] == 1.0
     assert export.main(["--run", str(tmp_path), "--out", str(out)]) == 2  # never overwrites
 
 

@@ -106,7 +106,8 @@ def test_learner_actor_takes_the_rollout_cores_once_the_overlapping_shards_are_d
         ray.cancel(pending, force=True)
         ray.kill(learner)
     assert (waiting["overlap_boost_at"], waiting["overlap_boost_frac"]) == (-1, 0.0)  # never done: never raised
-    assert (finished["overlap_boost_at"], finished["overlap_boost_frac"]) == (0, 1.0)  # done: from the first
+    # done: from the first micro-batch, or the second if the actor had not yet heard from the ref's owner
+    assert (finished["overlap_boost_at"], finished["overlap_boost_frac"]) in ((0, 1.0), (1, 0.5))
     assert (plain["overlap_boost_at"], plain["overlap_boost_frac"]) == (-1, 0.0)  # sync: nothing to overlap
 
 

@@ -52,6 +52,18 @@ def test_defaults_are_the_tiny_job():
                                        "rollout": embedded.rollout.model_copy(update={"num_threads": 1})}) == cfg
 
 
+def test_guidance_reaches_the_policy_and_below_one_is_refused_by_name():
+    from learner.driver.build import policy_from_config
+
+    policy = policy_from_config(load_config([], ["model.guidance_scale=2.5"]).model, "rollout")
+    assert policy.guidance_scale == 2.5 and policy.cfg
+    for backend in ("tiny", "sd3"):
+        with pytest.raises(ConfigError, match=f"guidance_scale must be >= 1 for the {backend} backend"):
+            load_config([], [f"model.backend={backend}", "model.guidance_scale=0.5", "model.path=/x"])
+    # FLUX's is the distilled guidance embedding's value, not a CFG scale: any value in range
+    assert load_config(["flux_dev"], ["model.guidance_scale=0.5", "model.path=/x"]).model.guidance_scale == 0.5
+
+
 @pytest.mark.parametrize("cores, workers, ranks, mode, expected", [
     (2, 2, 1, "sync", (1, 2, 0)),     # the default job: each worker a core while sampling, the update both
     (2, 2, 1, "async", (1, 1, 1)),    # overlapped: one core samples (two workers share it), one updates; then both

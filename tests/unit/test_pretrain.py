@@ -93,11 +93,13 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_one():
 
 def test_pretraining_is_deterministic_given_the_seed():
     runs = []
-    for _ in range(2):
+    for p_uncond in (0.0, 0.0, 0.5):
         policy = small_policy()
-        pretrain.pretrain_policy(policy, steps=2, batch_size=4, seed=7, log_every=1, log=lambda s: None)
+        pretrain.pretrain_policy(policy, steps=2, batch_size=4, seed=7, log_every=1, log=lambda s: None,
+                                 p_uncond=p_uncond)
         runs.append(policy.trainable_state_dict())
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert any(not torch.equal(runs[0][k], runs[2][k]) for k in runs[0])  # prompt dropout reaches the batches
 
 
 def test_shipped_checkpoint_files(shipped):

@@ -121,6 +121,22 @@ def test_first_update_ratio_is_one_and_weights_change():
     assert learner.update(batch2)["first_ratio_dev"] < 1e-6
 
 
+def test_guided_rollout_and_update_agree_at_the_first_step():
+    """Classifier-free guidance (s = 3) through the whole path: the worker's recorded log-probs are the learner's,
+    the negative prompt states travel in the batch's cond, and the update moves the weights."""
+    cfg = TinyConfig.for_shapes_world(num_layers=1, num_attention_heads=2, attention_head_dim=16,
+                                      text_hidden_size=32, text_layers=1, text_heads=2, text_intermediate_size=64)
+    policy_w, policy_l = (TinyPolicy.from_config(cfg, seed=0, guidance_scale=3.0) for _ in range(2))
+    batch = make_worker(policy_w).rollout(0, (1, 4), PROMPTS, [0, 1, 2, 3])
+    assert {"negative_encoder_hidden_states", "negative_pooled_projections"} <= set(batch.cond)
+    learner = make_learner(policy_l)
+    before = {k: v.clone() for k, v in policy_l.trainable_state_dict().items()}
+    stats = learner.update(batch)
+    assert stats["first_ratio_dev"] < 1e-6
+    after = policy_l.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
 def test_corrupted_packet_is_refused():
     worker = make_worker(small_policy())
     good = WeightPacket.build(5, small_policy(seed=1).trainable_state_dict())
