@@ -111,8 +111,10 @@ def kill_worker_after(path: Path, prefix: str, delay_s: float, stop: threading.E
 @pytest.mark.parametrize("mode", ["sync", pytest.param("async", marks=pytest.mark.slow)])
 def test_rollout_worker_killed_mid_rollout_loses_and_repeats_nothing(ray_cluster, rewards_app,
                                                                     small_checkpoint, tmp_path, mode, capsys):  # noqa: F811
+    # async: the learner also takes a second thread once the overlapping rollout is done (learner.overlap_threads);
+    # the reference run keeps one, so this also checks that the thread count does not change the numbers
     cfg = fault_cfg(small_checkpoint, tmp_path, f"run.async_rollout={mode == 'async'}",
-                    f"reward.server.port={rewards_app.server.port}")
+                    f"learner.overlap_threads={int(mode == 'async')}", f"reward.server.port={rewards_app.server.port}")
     # Checkpoint 0 is written just before the next rollout starts (iteration 1 in sync mode; in async mode
     # iteration 1's was already sampled, so iteration 2's): 0.2 s later worker 0 is waiting for its rewards.
     stop = threading.Event()
