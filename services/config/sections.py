@@ -238,9 +238,9 @@ class RolloutConfig(_Section):
     prompts_file: str | None = None
     log_images: int = Field(4, ge=0)
     """Images per iteration returned for logging."""
-    num_threads: int = Field(1, ge=0)
-    """torch threads per worker (Ray sets OMP_NUM_THREADS=1 for fractional actors); 0: chosen by the driver from the
-    cores of a node Ray reports (`learner.driver.build.auto_threads`): sync mode C // num_workers each (the learner
+    num_threads: int = Field(0, ge=0)
+    """torch threads per worker (Ray sets OMP_NUM_THREADS=1 for fractional actors); 0 (the default): chosen by the
+    driver from the cores of a node Ray reports (`learner.driver.build.auto_threads`): sync mode C // num_workers each (the learner
     waits while they sample); async mode the workers share half of the cores, the learner the other half."""
     max_restarts: int = Field(-1, ge=-1)
     """Ray restarts of a crashed worker actor (-1: unlimited). A restarted worker is brought to the learner's
@@ -284,8 +284,8 @@ class LearnerConfig(_Section):
     sharding: Literal["none", "fsdp"] = "none"
     """none: data parallel (every rank holds the model, gradients are summed); fsdp: the transformer is sharded
     with FSDP2 (full fine-tuning: model.lora_rank=0), its weights, gradients and AdamW moments 1/K per rank."""
-    num_threads: int = Field(1, ge=0)
-    """torch threads per learner rank; 0: chosen by the driver from the cores of a node (`auto_threads`): sync mode
+    num_threads: int = Field(0, ge=0)
+    """torch threads per learner rank; 0 (the default): chosen by the driver from the cores of a node (`auto_threads`): sync mode
     C // num_workers (the rollout workers wait during the update, so the update takes every core), async mode half
     of them (the other half samples the next batch meanwhile). Bitwise repeats need the same thread counts."""
     overlap_threads: int = Field(-1, ge=-1)

@@ -45,11 +45,10 @@ def test_defaults_are_the_tiny_job():
     embedded = load_config(["tiny_cpu"])  # what `python learner/main.py` runs: the defaults + AWM's matching term
     assert embedded.grpo.matching_aux == 1.0 and cfg.grpo.matching_aux == 0.0
     assert embedded.learner.num_threads == embedded.rollout.num_threads == 0  # auto: from the node's cores
+    assert cfg.learner.num_threads == cfg.rollout.num_threads == 0  # every config: auto unless set
     assert embedded.model_copy(update={"grpo": embedded.grpo.model_copy(update={"matching_aux": 0.0,
                                                                                   "matching_times": 6}),
-                                       "learner": embedded.learner.model_copy(update={"num_threads": 1}),
-                                       "run": embedded.run.model_copy(update={"iterations": 60, "eval_every": 20}),
-                                       "rollout": embedded.rollout.model_copy(update={"num_threads": 1})}) == cfg
+                                       "run": embedded.run.model_copy(update={"iterations": 60, "eval_every": 20})}) == cfg
 
 
 def test_guidance_reaches_the_policy_and_below_one_is_refused_by_name():
