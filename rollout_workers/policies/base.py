@@ -120,23 +120,40 @@ def check_velocity_inputs(x: Tensor, sigma: Tensor, cond: Cond, latent_shape: tu
             raise ValueError(f"cond[{k!r}] has batch {v.shape[0]}, x has {x.shape[0]}")
 
 
-# ----------------------------------------------------------------------------- classifier-free guidance
-def cfg_inputs(hidden: Tensor, timestep: Tensor, cond: Cond) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One transformer batch of 2B for classifier-free guidance, [negative; positive]: hidden (B, ...) and
-    timestep (B,) repeated, the prompt states after their negative ones -> (hidden, timestep, context, pooled)."""
-    context = torch.cat([cond["negative_encoder_hidden_states"], cond["encoder_hidden_states"]])
-    pooled = torch.cat([cond["negative_pooled_projections"], cond["pooled_projections"]])
-    return hidden.repeat(2, *([1] * (hidden.ndim - 1))), timestep.repeat(2), context, pooled
+# ----------------------------------------------------------------------------- SD3-architecture velocity
+def cfg_scale(scale: float) -> float:
+    """A classifier-free guidance scale, checked: >= 1 (1 = no guidance)."""
+    if scale < 1.0:
+        raise ValueError(f"guidance_scale must be >= 1 (1 = no classifier-free guidance), got {scale}")
+    return float(scale)
 
 
-def cfg_combine(v: Tensor, scale: float) -> Tensor:
-    """The 2B velocities of `cfg_inputs` -> v_neg + scale·(v_pos − v_neg), (B, ...).
+def sd3_transformer_velocity(transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond, *, device: torch.device,
+                             guidance_scale: float, autocast_bf16: bool) -> Tensor:
+    """The velocity of an `SD3Transformer2DModel` (SD3 and the tiny model share it): x (B, C, h, w), sigma (B,) in
+    [0, 1], timestep = 1000 * sigma (the diffusers FlowMatch convention) -> v (B, C, h, w) fp32.
 
-    As Flow-GRPO's SD3 trainer does (scripts/train_sd3.py, compute_log_prob): the negative branch is a constant
-    of the update. With gradients on both, scale 4.5 would add −3.5·∂v_neg/∂θ."""
+    With guidance_scale s > 1 it is classifier-free guided, v = v_neg + s (v_pos − v_neg), in one transformer batch
+    of 2B, [negative; positive], from cond's "negative_*" states. As Flow-GRPO's SD3 trainer does
+    (scripts/train_sd3.py, compute_log_prob), the negative branch is a constant of the update: with gradients on
+    both, s = 4.5 would add −3.5·∂v_neg/∂θ."""
+    cond = cond_to(cond, device, transformer.dtype)
+    hidden = x.to(device, transformer.dtype)
+    context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+    timestep = 1000.0 * sigma.to(device, torch.float32)  # (B,)
+    guided = guidance_scale > 1.0
+    if guided:
+        hidden, timestep = hidden.repeat(2, *([1] * (hidden.ndim - 1))), timestep.repeat(2)
+        context = torch.cat([cond["negative_encoder_hidden_states"], context])
+        pooled = torch.cat([cond["negative_pooled_projections"], pooled])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+        v = transformer(hidden_states=hidden, encoder_hidden_states=context, pooled_projections=pooled,
+                        timestep=timestep, return_dict=False)[0].float()
+    if not guided:
+        return v
     v_neg, v_pos = v.chunk(2)
     v_neg = v_neg.detach()
-    return v_neg + scale * (v_pos - v_neg)
+    return v_neg + guidance_scale * (v_pos - v_neg)
 
 
 # ----------------------------------------------------------------------------- images

@@ -26,14 +26,13 @@ from torch import Tensor, nn
 from .base import (
     DEFAULT_LORA_TARGETS,
     Cond,
-    cfg_combine,
-    cfg_inputs,
+    cfg_scale,
     check_velocity_inputs,
-    cond_to,
     load_diffusers_policy,
     release_pipeline_parts,
     require_inference_parts,
     save_trainable,
+    sd3_transformer_velocity,
     vae_decode,
 )
 from .trainable import TrainableTransformer, TransformerPolicy
@@ -80,8 +79,6 @@ class SD3Policy(TransformerPolicy):
             raise ValueError(
                 f"height and width must be multiples of {scale} for this SD3 model, got {height}x{width}"
             )
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no CFG), got {guidance_scale}")
         self.pipe = pipe
         self.transformer = pipe.transformer.eval()  # eval throughout: velocity is deterministic
         self.vae = pipe.vae.eval().requires_grad_(False)
@@ -97,7 +94,7 @@ class SD3Policy(TransformerPolicy):
             height // pipe.vae_scale_factor,
             width // pipe.vae_scale_factor,
         )
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = cfg_scale(guidance_scale)
         self.negative_prompt = negative_prompt
         self.max_sequence_length = max_sequence_length
         self.autocast_bf16 = autocast_bf16
@@ -154,24 +151,10 @@ class SD3Policy(TransformerPolicy):
         return cond
 
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32; timestep = 1000 * sigma."""
+        """x (B, C, h, w) latents, sigma (B,) in [0, 1] -> v (B, C, h, w) fp32 (`sd3_transformer_velocity`)."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
-        dtype = transformer.dtype
-        cond = cond_to(cond, self.device, dtype)
-        hidden = x.to(self.device, dtype)  # (B, C, h, w)
-        context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
-        if self.cfg:  # one batch of 2B: [negative; positive]
-            hidden, timestep, context, pooled = cfg_inputs(hidden, timestep, cond)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            v = transformer(
-                hidden_states=hidden,
-                encoder_hidden_states=context,
-                pooled_projections=pooled,
-                timestep=timestep,
-                return_dict=False,
-            )[0].float()
-        return cfg_combine(v, self.guidance_scale) if self.cfg else v
+        return sd3_transformer_velocity(transformer, x, sigma, cond, device=self.device,
+                                        guidance_scale=self.guidance_scale, autocast_bf16=self.autocast_bf16)
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, C, h, w) latents -> uint8 (B, H, W, 3)."""

@@ -36,11 +36,10 @@ from .base import (
     DEFAULT_LORA_TARGETS,
     DTYPES,
     Cond,
-    cfg_combine,
-    cfg_inputs,
+    cfg_scale,
     check_state_dict,
     check_velocity_inputs,
-    cond_to,
+    sd3_transformer_velocity,
     to_uint8_images,
 )
 from .trainable import TrainableTransformer, TransformerPolicy
@@ -150,9 +149,7 @@ class TinyPolicy(TransformerPolicy):
         gradient_checkpointing: bool = False,
         guidance_scale: float = 1.0,
     ):
-        if guidance_scale < 1.0:
-            raise ValueError(f"guidance_scale must be >= 1 (1 = no classifier-free guidance), got {guidance_scale}")
-        self.guidance_scale = float(guidance_scale)
+        self.guidance_scale = cfg_scale(guidance_scale)
         self.config = config
         self.latent_shape = (3, config.sample_size, config.sample_size)
         self.tokenizer = build_tokenizer(config.vocab, config.max_length)
@@ -276,23 +273,10 @@ class TinyPolicy(TransformerPolicy):
         return cond
 
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32; timestep = 1000 * sigma."""
+        """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32 (`sd3_transformer_velocity`)."""
         check_velocity_inputs(x, sigma, cond, self.latent_shape)
-        cond = cond_to(cond, self.device, transformer.dtype)
-        hidden = x.to(self.device, transformer.dtype)  # (B, 3, H, W)
-        context, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
-        timestep = 1000.0 * sigma.to(self.device, torch.float32)  # (B,)
-        if self.cfg:  # one batch of 2B: [negative; positive]
-            hidden, timestep, context, pooled = cfg_inputs(hidden, timestep, cond)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            v = transformer(
-                hidden_states=hidden,
-                encoder_hidden_states=context,
-                pooled_projections=pooled,
-                timestep=timestep,
-                return_dict=False,
-            )[0].float()
-        return cfg_combine(v, self.guidance_scale) if self.cfg else v
+        return sd3_transformer_velocity(transformer, x, sigma, cond, device=self.device,
+                                        guidance_scale=self.guidance_scale, autocast_bf16=self.autocast_bf16)
 
     def decode(self, x: Tensor) -> np.ndarray:
         """x (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3)."""
