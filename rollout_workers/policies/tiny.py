@@ -162,6 +162,7 @@ class TinyPolicy(TransformerPolicy):
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.device = torch.device("cpu")
+        self._empty_states: tuple[Tensor, Tensor] | None = None  # the empty prompt's, for guidance
         self.training = False
 
     # ------------------------------------------------------------------ constructors
@@ -266,11 +267,20 @@ class TinyPolicy(TransformerPolicy):
         out = self.text_encoder(input_ids=self.tokenize(prompts).to(self.device))
         cond = {"encoder_hidden_states": out.last_hidden_state.float(), "pooled_projections": out.pooler_output.float()}
         if self.cfg:
-            empty = self.text_encoder(input_ids=self.tokenize([""]).to(self.device))
+            hidden, pooled = self._empty_prompt_states()
             b = len(cond["pooled_projections"])
-            cond |= {"negative_encoder_hidden_states": empty.last_hidden_state.float().expand(b, -1, -1).clone(),
-                     "negative_pooled_projections": empty.pooler_output.float().expand(b, -1).clone()}
+            cond |= {"negative_encoder_hidden_states": hidden.expand(b, -1, -1).clone(),
+                     "negative_pooled_projections": pooled.expand(b, -1).clone()}
         return cond
+
+    @torch.no_grad()
+    def _empty_prompt_states(self) -> tuple[Tensor, Tensor]:
+        """The empty prompt's (1, L, D) and (1, D) states, encoded once: the text encoder never trains (`to` drops
+        them with the device)."""
+        if self._empty_states is None:
+            out = self.text_encoder(input_ids=self.tokenize([""]).to(self.device))
+            self._empty_states = (out.last_hidden_state.float(), out.pooler_output.float())
+        return self._empty_states
 
     def _forward(self, transformer: nn.Module, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """x (B, 3, H, W), sigma (B,) in [0, 1] -> v (B, 3, H, W) fp32 (`sd3_transformer_velocity`)."""
@@ -284,6 +294,7 @@ class TinyPolicy(TransformerPolicy):
 
     def to(self, device: str | torch.device) -> TinyPolicy:
         self.device = torch.device(device)
+        self._empty_states = None
         self.transformer.to(self.device)
         self.text_encoder.to(self.device)
         self.trainable.to(self.device)

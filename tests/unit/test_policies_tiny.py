@@ -321,6 +321,27 @@ def test_shapes_world_vocabulary_fits():
     assert policy.encode_prompts(prompts)["encoder_hidden_states"].shape == (64, 12, 64)
 
 
+def test_guidance_encodes_the_empty_prompt_once_and_hands_out_copies():
+    """The negative branch's states are the empty prompt's, encoded at the first call only (the text encoder is
+    frozen); every cond gets its own copy, so a caller writing into one cannot change the next; `to` re-encodes."""
+    guided = TinyPolicy.from_config(small_config(), seed=0, guidance_scale=3.0)
+    batches = []
+    guided.text_encoder.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]
+                                                                                       if args else -1))
+    first = guided.encode_prompts(PROMPTS)
+    second = guided.encode_prompts(PROMPTS[:1])
+    assert len(batches) == 3  # the first call's prompts, its empty prompt; the second call's prompts only
+    torch.testing.assert_close(second["negative_pooled_projections"], first["negative_pooled_projections"][:1])
+    first["negative_pooled_projections"].add_(1.0)
+    first["negative_encoder_hidden_states"].add_(1.0)
+    third = guided.encode_prompts(PROMPTS[:1])
+    torch.testing.assert_close(third["negative_pooled_projections"], second["negative_pooled_projections"])
+    torch.testing.assert_close(third["negative_encoder_hidden_states"], second["negative_encoder_hidden_states"])
+    guided.to("cpu")
+    guided.encode_prompts(PROMPTS[:1])
+    assert len(batches) == 6  # after `to`, the empty prompt was encoded again
+
+
 def test_classifier_free_guidance_against_two_plain_calls():
     """guidance_scale s: v = v("") + s·(v(prompt) − v("")), computed here from two unguided calls; the gradient
     flows through the prompt's branch only, so it is s times the unguided one."""
