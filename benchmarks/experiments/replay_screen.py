@@ -45,6 +45,11 @@ def install(weight: float, capacity: int, rows: int, threshold: float, reward: s
         learner_cls.update, learner_cls._micro_step = plain_update, plain_micro
 
     def update(self, batch, between=None):
+        if self.aux is None or batch.final_latents is None:  # the times come from the matching term's σ grid
+            raise ValueError("replay needs the matching term (grpo.matching_aux > 0, as the default job has): it "
+                             "keeps the final latents and the σ grid the replayed times are drawn from")
+        if reward not in batch.rewards:
+            raise ValueError(f"replay picks images by the {reward!r} reward; this run's rewards: {sorted(batch.rewards)}")
         scores, g = batch.rewards[reward].flatten(), batch.group_size
         perfect = torch.nonzero(scores >= threshold).flatten().tolist()
         for i in perfect:  # the row's final latent and its prompt's states (cond is per prompt)

@@ -58,3 +58,20 @@ def test_replay_buffers_the_perfect_images_and_adds_their_flow_matching_error():
     torch.testing.assert_close(with_replay.detach() - plain.detach(), 0.5 * err, rtol=1e-4, atol=1e-6)
     assert m["forward_rows"] == m0["forward_rows"] + 2
     assert err > 0.01
+
+
+def test_replay_refuses_a_run_without_the_matching_term_or_the_reward_by_name():
+    batch = make_worker(small_policy(), keep_final=True).rollout(0, (0, 2), PROMPTS[:2], [0, 1])
+    state = install(0.5, capacity=3, rows=2, threshold=0.5, reward="verifier")
+    try:
+        with pytest.raises(ValueError, match="grpo.matching_aux"):
+            make_learner(small_policy()).update(batch)
+        wrong = install(0.5, capacity=3, rows=2, threshold=0.5, reward="shapes_verifier")
+        try:
+            with pytest.raises(ValueError, match="'shapes_verifier' reward; this run's rewards: \\['verifier'\\]"):
+                make_learner(small_policy(), matching_aux=1.0, aux=SPEC).update(batch)
+        finally:
+            wrong["restore"]()
+    finally:
+        state["restore"]()
+    assert state["added"] == 0
