@@ -3,6 +3,7 @@
     python -m learner.tools.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
     python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/more --lr 1e-3
     python -m learner.tools.pretrain policy --out /tmp/p2 --patch-size 2 --threads 1   # another architecture
+    python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/hb --sigma-band 0.7 1.0
     python -m learner.tools.pretrain reward --out reward_servers/assets/shapes_reward
     python -m learner.tools.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json
 
@@ -58,9 +59,20 @@ def render_batch(prompts: list[str], rng: np.random.Generator) -> Tensor:
     return images_to_tensor(np.stack([shapes_world.render(p, rng) for p in prompts]))
 
 
-def sample_sigma(batch: int, generator: torch.Generator, *, shift: float = TRAIN_SHIFT) -> Tensor:
-    """σ = shift·u / (1 + (shift − 1)·u) with u ~ U(0, 1): the sampler's σ density -> (B,) float32."""
-    return shift_sigma(torch.rand(batch, generator=generator), shift).float()
+def sample_sigma(batch: int, generator: torch.Generator, *, shift: float = TRAIN_SHIFT,
+                 band: tuple[float, float] | None = None) -> Tensor:
+    """σ = shift·u / (1 + (shift − 1)·u) with u ~ U(0, 1): the sampler's σ density -> (B,) float32.
+    With `band` = (lo, hi), σ ~ U(lo, hi) instead: a continuation that trains one band of noise levels only."""
+    u = torch.rand(batch, generator=generator)
+    if band is None:
+        return shift_sigma(u, shift).float()
+    lo, hi = band
+    return (lo + (hi - lo) * u).float()
+
+
+def check_band(band: tuple[float, float] | None) -> None:
+    if band is not None and not (len(band) == 2 and 0.0 <= band[0] < band[1] <= 1.0):
+        raise ValueError(f"sigma band must be (lo, hi) with 0 <= lo < hi <= 1, got {band}")
 
 
 def flow_matching_pair(x0: Tensor, noise: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,16 +96,18 @@ def warmup_cosine(step: int, *, warmup: int, total: int) -> float:
 
 
 def make_batch(policy, batch_size: int, rng: np.random.Generator, generator: torch.Generator,
-               split: str = "train", p_uncond: float = 0.0) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+               split: str = "train", p_uncond: float = 0.0, sigma_band: tuple[float, float] | None = None,
+               ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
     """One training batch: (x0 (B, 3, 32, 32), noise (B, 3, 32, 32), sigma (B,), cond) of all categories.
     With `p_uncond` > 0 each prompt is replaced by the empty one with that probability (prompt dropout), so the
-    model also learns the unconditional velocity that classifier-free guidance (`guidance_scale`) needs."""
+    model also learns the unconditional velocity that classifier-free guidance (`guidance_scale`) needs.
+    `sigma_band`: σ ~ U(lo, hi) instead of the sampler's density (`sample_sigma`)."""
     prompts = shapes_world.sample_prompts(batch_size, rng, split=split)
     x0 = render_batch(prompts, rng)
     noise = torch.randn(x0.shape, generator=generator)
     if p_uncond > 0.0:
         prompts = ["" if drop else p for p, drop in zip(prompts, rng.random(batch_size) < p_uncond, strict=True)]
-    return x0, noise, sample_sigma(batch_size, generator), policy.encode_prompts(prompts)
+    return x0, noise, sample_sigma(batch_size, generator, band=sigma_band), policy.encode_prompts(prompts)
 
 
 # ---------------------------------------------------------------------- the pre-training loop
@@ -102,19 +116,22 @@ def make_batch(policy, batch_size: int, rng: np.random.Generator, generator: tor
 def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, lr: float = 2e-3,
                     weight_decay: float = 0.01, warmup: int = 100, grad_clip: float = 1.0,
                     minutes: float | None = None, log_every: int = 50, p_uncond: float = 0.0,
-                    log: Callable[[str], None] = print) -> dict:
+                    sigma_band: tuple[float, float] | None = None, log: Callable[[str], None] = print) -> dict:
     """Train `policy`'s trainable parameters by flow matching, in place.
 
     Every `log_every` steps logs the mean training loss since the last log and the loss on a fixed
     held-aside batch (same renders, noise and σ each time, so its curve is not sampling noise).
     `minutes` caps the wall time: the loop stops early (and says so) rather than overrun a budget.
     `p_uncond`: prompt dropout (`make_batch`); the fixed batch keeps its prompts.
+    `sigma_band`: train σ ~ U(lo, hi) only (`sample_sigma`); the fixed batch keeps the sampler's σ density, so its
+    loss stays comparable with other runs' (and shows what the band costs elsewhere).
     Returns {"steps", "train_loss", "fixed_loss", "seconds", "stopped_early", "history"}.
     """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if not 0.0 <= p_uncond < 1.0:
         raise ValueError(f"p_uncond must be in [0, 1), got {p_uncond}")
+    check_band(sigma_band)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     fixed = make_batch(policy, batch_size, np.random.default_rng(seed + 1),
@@ -125,7 +142,8 @@ def pretrain_policy(policy, *, steps: int, batch_size: int = 32, seed: int = 0, 
     policy.train(True)
     history, window, t0, stopped_early, step = [], [], time.perf_counter(), False, 0
     for step in range(1, steps + 1):
-        x0, noise, sigma, cond = make_batch(policy, batch_size, rng, generator, p_uncond=p_uncond)
+        x0, noise, sigma, cond = make_batch(policy, batch_size, rng, generator, p_uncond=p_uncond,
+                                            sigma_band=sigma_band)
         loss = flow_matching_loss(policy, x0, noise, sigma, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -161,6 +179,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 
     sizes = {k: v for k, v in vars(args).items() if k in ARCHITECTURE_FLAGS and v is not None}
+    try:
+        check_band(tuple(args.sigma_band) if args.sigma_band else None)
+    except ValueError as e:
+        raise SystemExit(f"error: --sigma-band: {e}") from None
     if args.init:  # continue from a saved policy: its architecture and weights, a fresh optimizer and schedule
         if sizes:
             raise SystemExit(f"error: --init continues the saved architecture; drop "
@@ -181,7 +203,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     result = pretrain_policy(policy, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, log_every=args.log_every,
-                             p_uncond=args.p_uncond,
+                             p_uncond=args.p_uncond, sigma_band=tuple(args.sigma_band) if args.sigma_band else None,
                              log=lambda s: print(s, flush=True))
     policy.save(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "command")}
@@ -281,6 +303,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pol.add_argument("--p-uncond", type=float, default=0.0,
                      help="prompt dropout: the empty prompt with this probability, for classifier-free guidance "
                           "(model.guidance_scale > 1); 0.1 in the README's guidance measurement")
+    pol.add_argument("--sigma-band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                     help="train σ ~ U(LO, HI) only, not the sampler's density (a continuation aimed at one band of "
+                          "noise levels; README: 0.7 1.0, where a shape is decided)")
     arch = pol.add_argument_group("architecture of a fresh model (default: the shipped one's, TinyConfig)")
     for flag in ARCHITECTURE_FLAGS:
         arch.add_argument("--" + flag.replace("_", "-"), type=int, default=None)

@@ -91,6 +91,42 @@ def test_prompt_dropout_replaces_prompts_with_the_empty_one():
         pretrain.pretrain_policy(policy, steps=1, p_uncond=1.0, log=lambda s: None)
 
 
+def test_a_sigma_band_draws_uniform_sigmas_in_it_trains_only_there_and_keeps_the_fixed_batch():
+    """--sigma-band lo hi: σ = lo + (hi − lo)·u from the same draws u the shifted density uses; the batches' renders
+    and noise are unchanged; the loop's fixed batch keeps the default σ; a band outside [0, 1] is refused."""
+    u = torch.rand(5, generator=torch.Generator().manual_seed(2))
+    band = pretrain.sample_sigma(5, torch.Generator().manual_seed(2), band=(0.7, 1.0))
+    torch.testing.assert_close(band, 0.7 + 0.3 * u)
+    policy = small_policy()
+    args = lambda: (np.random.default_rng(5), torch.Generator().manual_seed(5))  # noqa: E731
+    x0, noise, sigma, _ = pretrain.make_batch(policy, 64, *args())
+    x0b, noiseb, sigmab, _ = pretrain.make_batch(policy, 64, *args(), sigma_band=(0.7, 1.0))
+    assert torch.equal(x0, x0b) and torch.equal(noise, noiseb)
+    assert float(sigmab.min()) >= 0.7 and float(sigma.min()) < 0.7
+    seen = []
+    real = pretrain.flow_matching_loss
+
+    def spy(policy, x0, noise, sigma, cond):
+        seen.append(sigma.clone())
+        return real(policy, x0, noise, sigma, cond)
+
+    pretrain.flow_matching_loss = spy
+    try:
+        pretrain.pretrain_policy(small_policy(), steps=2, batch_size=8, seed=1, log_every=2, sigma_band=(0.7, 1.0),
+                                 log=lambda s: None)
+    finally:
+        pretrain.flow_matching_loss = real
+    assert len(seen) == 3  # two training steps, then the fixed batch's loss at the log
+    assert all(float(s.min()) >= 0.7 for s in seen[:2])
+    fixed_sigma = pretrain.make_batch(policy, 8, np.random.default_rng(2), torch.Generator().manual_seed(2))[2]
+    torch.testing.assert_close(seen[2], fixed_sigma)  # seed + 1: the default density, as without a band
+    for bad in ((0.9, 0.7), (0.5, 1.5), (-0.1, 0.5)):
+        with pytest.raises(ValueError, match="sigma band"):
+            pretrain.pretrain_policy(small_policy(), steps=1, sigma_band=bad, log=lambda s: None)
+    with pytest.raises(SystemExit, match="--sigma-band"):
+        pretrain.main(["policy", "--out", "/nonexistent", "--steps", "1", "--sigma-band", "0.9", "0.7"])
+
+
 def test_pretraining_is_deterministic_given_the_seed():
     runs = []
     for p_uncond in (0.0, 0.0, 0.5):
