@@ -71,6 +71,7 @@ def sample_sigma(batch: int, generator: torch.Generator, *, shift: float = TRAIN
 
 
 def check_band(band: tuple[float, float] | None) -> None:
+    """A σ band is (lo, hi) with 0 ≤ lo < hi ≤ 1 (None: no band); ValueError naming it otherwise."""
     if band is not None and not (len(band) == 2 and 0.0 <= band[0] < band[1] <= 1.0):
         raise ValueError(f"sigma band must be (lo, hi) with 0 <= lo < hi <= 1, got {band}")
 
