@@ -33,19 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-SAMPLE_KEYS = ("images", "prompts", "targets", "kinds")
-
-
-def concat_samples(parts: list[dict]) -> dict:
-    """Labelled sample sets (`pretrain.policy_samples`' dicts) -> one, in order."""
-    if not parts:
-        raise ValueError("no sample sets to join")
-    return {"images": np.concatenate([p["images"] for p in parts]),
-            "prompts": [q for p in parts for q in p["prompts"]],
-            "targets": np.concatenate([p["targets"] for p in parts]),
-            "kinds": [k for p in parts for k in p["kinds"]]}
-
-
 def rho_table(scorers: dict, policies: dict, *, n: int, seed: int) -> dict[str, dict[str, float]]:
     """{policy: {reward: Spearman ρ of its scores against the verifier's}} on n fresh held-out-prompt samples of each
     policy (the same samples for every reward). `scorers`: name -> (images, prompts) -> scores."""
@@ -81,7 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from learner.tools.pretrain import policy_samples
-    from reward_servers.scorers.shapes_reward_model import train_reward_model
+    from reward_servers.scorers.shapes_reward_model import merge_datasets, train_reward_model
     from rollout_workers.policies.tiny import TinyPolicy
 
     torch.set_num_threads(1)
@@ -90,8 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         policy = TinyPolicy.load(path)
         extra.append(policy_samples(policy, args.policy_samples // len(args.policies), split="train", seed=10 * i))
         extra_eval.append(policy_samples(policy, 256, split="heldout", seed=10 * i + 1))
-    metrics = train_reward_model(args.out, seed=args.seed, num_threads=1, extra=concat_samples(extra),
-                                 extra_eval=concat_samples(extra_eval))
+    metrics = train_reward_model(args.out, seed=args.seed, num_threads=1, extra=merge_datasets(extra),
+                                 extra_eval=merge_datasets(extra_eval))
     print(json.dumps({k: v for k, v in metrics.items() if k in ("heldout", "extra_eval", "seconds")}, indent=1,
                      default=str))
     return 0

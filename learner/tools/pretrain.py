@@ -180,8 +180,9 @@ def cmd_policy(args: argparse.Namespace) -> int:
     from rollout_workers.policies.tiny import TinyConfig, TinyPolicy
 
     sizes = {k: v for k, v in vars(args).items() if k in ARCHITECTURE_FLAGS and v is not None}
+    band = tuple(args.sigma_band) if args.sigma_band else None
     try:
-        check_band(tuple(args.sigma_band) if args.sigma_band else None)
+        check_band(band)
     except ValueError as e:
         raise SystemExit(f"error: --sigma-band: {e}") from None
     if args.init:  # continue from a saved policy: its architecture and weights, a fresh optimizer and schedule
@@ -204,7 +205,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
           f"{torch.get_num_threads()} threads", flush=True)
     result = pretrain_policy(policy, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
                              warmup=args.warmup, minutes=args.minutes, log_every=args.log_every,
-                             p_uncond=args.p_uncond, sigma_band=tuple(args.sigma_band) if args.sigma_band else None,
+                             p_uncond=args.p_uncond, sigma_band=band,
                              log=lambda s: print(s, flush=True))
     policy.save(args.out)
     settings = {k: v for k, v in vars(args).items() if k not in ("func", "argv", "command")}

@@ -180,7 +180,9 @@ def make_dataset(n: int, rng: np.random.Generator, split: str = "train") -> dict
 
 
 def merge_datasets(parts: Sequence[dict]) -> dict[str, object]:
-    """Concatenate labelled datasets (images, prompts, targets, kinds)."""
+    """Concatenate labelled datasets (images, prompts, targets, kinds), in order; targets as float32."""
+    if not parts:
+        raise ValueError("no sample sets to merge")
     return {"images": np.concatenate([d["images"] for d in parts]),
             "prompts": [p for d in parts for p in d["prompts"]],
             "targets": np.concatenate([np.asarray(d["targets"], np.float32) for d in parts]),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.experiments.reward_retrain import concat_samples, main, rho_table
+from benchmarks.experiments.reward_retrain import main, rho_table
+from reward_servers.scorers.shapes_reward_model import merge_datasets
 from rollout_workers.policies.tiny import TinyPolicy
 from services import shapes_world
 
@@ -50,11 +51,13 @@ def test_sample_sets_join_in_order_and_an_empty_join_or_too_few_samples_is_refus
     a = {"images": np.zeros((2, 32, 32, 3), np.uint8), "prompts": ["x", "y"], "targets": np.array([0.1, 0.2]),
          "kinds": ["policy"] * 2}
     b = {"images": np.ones((1, 32, 32, 3), np.uint8), "prompts": ["z"], "targets": np.array([0.3]), "kinds": ["policy"]}
-    joined = concat_samples([a, b])
+    joined = merge_datasets([a, b])  # what the experiment's `train` joins the policies' samples with
     assert joined["prompts"] == ["x", "y", "z"] and joined["images"].shape == (3, 32, 32, 3)
-    np.testing.assert_array_equal(joined["targets"], [0.1, 0.2, 0.3])
+    assert joined["targets"].dtype == np.float32
+    np.testing.assert_array_equal(joined["targets"], np.float32([0.1, 0.2, 0.3]))
+    assert joined["kinds"] == ["policy"] * 3
     assert joined["images"][2].max() == 1
     with pytest.raises(ValueError, match="no sample sets"):
-        concat_samples([])
+        merge_datasets([])
     with pytest.raises(SystemExit):
         main(["train", "--out", "/nonexistent", "--policies", "a", "b", "--policy-samples", "1"])
