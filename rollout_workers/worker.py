@@ -64,6 +64,7 @@ class RolloutWorker:
         eta: float, sde_kind: str, post_window: str, compress_ratio: float, group_size: int, seed: int,
         chunk_groups: int = 4, log_images: int = 4, num_threads: int | None = None, worker_id: int = 0,
         keep_final: bool = False, branching: str = "none", granularities: Sequence[int] = (1,),
+        group_noise: str = "shared",
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)  # Ray gives fractional-CPU actors OMP_NUM_THREADS=1
@@ -77,6 +78,12 @@ class RolloutWorker:
         if branching != "none" and keep_final:
             raise ValueError("branched rollouts (TempFlow-GRPO, G²RPO) train on transitions, not on final latents")
         self.branching, self.granularities = branching, list(granularities) if branching == "granular" else [1]
+        if group_noise not in ("shared", "independent"):
+            raise ValueError(f"unknown group_noise {group_noise!r}; expected shared or independent")
+        if group_noise == "independent" and branching != "none":
+            raise ValueError("branched rollouts grow a group's children off one main path: they need group_noise "
+                             "shared")
+        self.group_noise = group_noise
         self.version = 0
 
     # ----------------------------------------------------------------------------- weights
@@ -121,24 +128,28 @@ class RolloutWorker:
 
     # ----------------------------------------------------------------------------- rollout
     def _noise(self, iteration: int, group_ids: Sequence[int], window: Window) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, C, H, W) initial noise and the SDE noise: (P·G, w, C, H, W), branched (P, w, K, C, H, W)."""
+        """The initial noise, (P, C, H, W), or (P·G, C, H, W) with group_noise independent (each member's own,
+        drawn from its group's stream before the window's), and the SDE noise: (P·G, w, C, H, W), branched
+        (P, w, K, C, H, W)."""
         shape = self.policy.latent_shape
+        members = self.group_size if self.group_noise == "independent" else 1
         inits, sde = [], []
         for gid in group_ids:
             gen = seeded_generator(self.seed, Stream.ROLLOUT_NOISE, iteration, gid)
-            inits.append(torch.randn(shape, generator=gen))
+            inits.append(torch.randn((members, *shape), generator=gen))
             if self.branching == "none":
                 sde.append(torch.randn((self.group_size, window.size, *shape), generator=gen))
             else:
                 sde.append(torch.randn((1, window.size, self.group_size, *shape), generator=gen))
-        return torch.stack(inits), torch.cat(sde)
+        return torch.cat(inits), torch.cat(sde)
 
     def _sample(self, velocity, noise, cond, win: Window, sde_noise):
         """One chunk of groups → (trajectory, its final latents per finishing grid)."""
         if self.branching == "none":
             traj = sample_mixed(velocity, noise, cond, self.sigmas, win, group_size=self.group_size, eta=self.eta,
                                 sde_kind=self.sde_kind, post_window=self.post_window,
-                                compress_ratio=self.compress_ratio, sde_noise=sde_noise)
+                                compress_ratio=self.compress_ratio, sde_noise=sde_noise,
+                                shared_noise=self.group_noise == "shared")
             return traj, [traj.final]
         grids = [lambda k, j=j: granularity_grid(self.sigmas, k, j) for j in self.granularities]
         traj = sample_branched(velocity, noise, cond, self.sigmas, win.steps, children=self.group_size, eta=self.eta,

@@ -4,6 +4,8 @@ Group sampling: the G members of a group share their initial noise, so their tra
 identical until the window starts. The prefix, and the velocity of the window's first step (taken at the
 members' common x_l), are computed once per group (batch P); the batch branches to P·G with that step's SDE
 samples. The learner shares the same step's forward among the group members of a micro-batch (updates.py).
+With `shared_noise=False` (Flow-GRPO's sampling: its reference draws every image's latents on its own) each member
+starts from its own noise and nothing is shared: the prefix and the first window step run at batch P·G.
 
 `sample_branched` is the other rollout shape (TempFlow-GRPO, G²RPO; ../shared/docs/METHODS.md §1–2): one
 deterministic main path per group, and at each branch step k, K children that take their one SDE step there
@@ -97,12 +99,15 @@ def sample_mixed(
     velocity_fn: VelocityFn, noise: Tensor, cond: Cond, sigmas: Tensor, window: Window, *,
     group_size: int, eta: float, sde_kind: SdeKind = "flow", post_window: PostWindow = "euler",
     compress_ratio: float = 1.0, generator: torch.Generator | None = None, sde_noise: Tensor | None = None,
+    shared_noise: bool = True,
 ) -> Trajectory:
     """Sample P groups of G images through one mixed trajectory.
 
     Args:
-        velocity_fn: v_θ(x, σ, cond); called with batch P up to the window's first step and P·G after it.
-        noise: (P, C, H, W) the initial noise of each group (shared by its members).
+        velocity_fn: v_θ(x, σ, cond); called with batch P up to the window's first step and P·G after it
+            (batch P·G throughout when the noise is not shared).
+        noise: (P, C, H, W) the initial noise of each group, shared by its members; with `shared_noise=False`
+            (P·G, C, H, W), each member's own (member j of group p at row p·G + j).
         cond: batch-first conditioning tensors for the P prompts.
         sigmas: (N+1,) schedule from `sigma_schedule`.
         window: SDE steps; must satisfy window.stop <= N−1.
@@ -111,7 +116,10 @@ def sample_mixed(
     n = len(sigmas) - 1
     if window.stop > n - 1:
         raise ValueError(f"window {tuple(window)} reaches past the last trainable step {n - 2}")
-    p, g, w = noise.shape[0], group_size, window.size
+    g, w = group_size, window.size
+    if not shared_noise and noise.shape[0] % g:
+        raise ValueError(f"unshared noise needs one row per member (P·G rows, G = {g}), got {noise.shape[0]} rows")
+    p = noise.shape[0] if shared_noise else noise.shape[0] // g
     shape = (p * g, w, *noise.shape[1:])  # the window's ξ, checked before any model evaluation
     if sde_noise is None:
         if generator is None:
@@ -120,13 +128,16 @@ def sample_mixed(
     if sde_noise.shape != shape:
         raise ValueError(f"sde_noise must be shaped {shape}, got {tuple(sde_noise.shape)}")
     x = noise.to(torch.float32)
-    for i in range(window.start):  # shared ODE prefix, batch P
-        x = ode_step(x, _velocity(velocity_fn, x, float(sigmas[i]), cond), float(sigmas[i]), float(sigmas[i + 1]))
-    # the members are still equal at the window's first step: its velocity is one per group too (batch P),
-    # and the batch branches to P·G with that step's SDE samples
-    v_first = _velocity(velocity_fn, x, float(sigmas[window.start]), cond).repeat_interleave(g, dim=0)
-    x = x.repeat_interleave(g, dim=0)  # (P·G, C, H, W)
     cond_g = repeat_cond(cond, g)
+    prefix_cond = cond if shared_noise else cond_g
+    for i in range(window.start):  # the ODE prefix: batch P when shared, P·G otherwise
+        x = ode_step(x, _velocity(velocity_fn, x, float(sigmas[i]), prefix_cond), float(sigmas[i]),
+                     float(sigmas[i + 1]))
+    # shared: the members are still equal at the window's first step, so its velocity is one per group too
+    # (batch P), and the batch branches to P·G with that step's SDE samples
+    v_first = _velocity(velocity_fn, x, float(sigmas[window.start]), prefix_cond)
+    if shared_noise:
+        v_first, x = v_first.repeat_interleave(g, dim=0), x.repeat_interleave(g, dim=0)  # (P·G, C, H, W)
     latents, next_latents, log_probs = [], [], []
     for t, i in enumerate(window.steps):
         s, sn = float(sigmas[i]), float(sigmas[i + 1])
@@ -141,7 +152,8 @@ def sample_mixed(
         final=x, latents=torch.stack(latents, 1), next_latents=torch.stack(next_latents, 1),
         log_probs=torch.stack(log_probs, 1), sigmas=sigmas[window.start:window.stop].float(),
         sigmas_next=sigmas[window.start + 1:window.stop + 1].float(),
-        nfe=window.start + w + post_nfe, image_evals=p * (window.start + 1) + p * g * (w - 1 + post_nfe),
+        nfe=window.start + w + post_nfe,
+        image_evals=(p if shared_noise else p * g) * (window.start + 1) + p * g * (w - 1 + post_nfe),
     )
 
 

@@ -128,7 +128,7 @@ def build_worker(cfg: Config, rewards: RewardSink, worker_id: int = 0) -> Rollou
         shift=s.shift, eta=s.eta, sde_kind=s.sde_kind, post_window=s.post_window, compress_ratio=s.compress_ratio,
         group_size=cfg.grpo.group_size, seed=cfg.run.seed, log_images=cfg.rollout.log_images,
         num_threads=cfg.rollout.num_threads, worker_id=worker_id, keep_final=cfg.grpo.objective != "grpo" or cfg.grpo.matching_aux > 0,
-        branching=s.branching, granularities=s.granularities,
+        branching=s.branching, granularities=s.granularities, group_noise=s.group_noise,
     )
 
 

@@ -70,9 +70,21 @@ class SamplerConfig(_Section):
     finished by Euler, each with its own (process) reward and advantage within its branch step. granular
     (G²RPO): the same branching, each child finished on the grid of every `granularities` entry, advantages
     summed over them. Both train one transition per child; rollout.batch_size counts children."""
+    group_noise: Literal["shared", "independent"] = "shared"
+    """shared: a group's G members start from one initial noise (MixGRPO's and DanceGRPO's references,
+    `--init_same_noise`), so the pre-window prefix and the window's first step are computed once per group.
+    independent: each member from its own noise (Flow-GRPO's reference draws every image's latents), nothing shared.
+    Branched rollouts need shared."""
     granularities: list[int] = Field(default_factory=lambda: [1, 2])
     """branching=granular: finish each child on every j-th step of the schedule for each j here, always down to
     σ = 0 (G²RPO's reference: 1 and 2)."""
+
+    @model_validator(mode="after")
+    def _group_noise(self) -> SamplerConfig:
+        if self.group_noise == "independent" and self.branching != "none":
+            raise ValueError(f"branching={self.branching} grows each group's children off one main path, so it needs "
+                             "group_noise=shared")
+        return self
 
     @model_validator(mode="after")
     def _granularities(self) -> SamplerConfig:

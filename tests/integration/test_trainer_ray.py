@@ -42,8 +42,8 @@ def train_records(out):
 
 
 @pytest.mark.parametrize("preset", ["mixgrpo", pytest.param("mixgrpo_flash", marks=pytest.mark.slow),
-                                    "mixgrpo_flash_star", pytest.param("flow_grpo", marks=pytest.mark.slow),
-                                    "dance_grpo", "flow_grpo_fast"])  # (slow: the same code paths as their neighbours)
+                                    "mixgrpo_flash_star", "flow_grpo", "dance_grpo", "flow_grpo_fast"])
+# (slow: the same code paths as their neighbours; flow_grpo's members each start from their own noise)
 def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, preset):
     cfg = small_cfg(small_checkpoint, tmp_path, preset)
     with shared_reward_service(cfg.reward):

@@ -65,6 +65,6 @@ def test_the_preset_is_the_reference_config_and_the_learner_reads_it():
 
 
 def test_global_std_with_another_objective_names_the_field():
-    for overrides in (["grpo.objective=awm"], ["sampler.branching=tempflow", "window.size=2"]):
+    for overrides in (["grpo.objective=awm"], ["sampler.branching=tempflow", "sampler.group_noise=shared", "window.size=2"]):
         with pytest.raises(ConfigError, match="grpo.advantage_std=global"):
             load_config(["flow_grpo"], overrides)
