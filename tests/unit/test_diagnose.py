@@ -133,3 +133,40 @@ def test_shape_recovery_bookkeeping_and_cli(capsys):
     assert "| 3 | 0.50 |" in capsys.readouterr().out
     assert main(["sampler.num_steps=4", "window.size=2", "--recovery", "4"]) == 2
     assert "outside 0..3" in capsys.readouterr().err
+
+
+def test_best_of_k_worked_example():
+    from learner.tools.diagnose import best_of_k, draw_seed
+
+    # two categories; a: prompts (0.2, 0.6, 0.4) and (1.0, 0.0, 0.0); b: one prompt (0.5, 0.5, 0.9)
+    scores = np.array([[0.2, 0.6, 0.4], [1.0, 0.0, 0.0], [0.5, 0.5, 0.9]])
+    got = best_of_k(scores, ["a", "a", "b"], [1, 2, 3])
+    assert got[1] == pytest.approx({"overall": (0.6 + 0.5) / 2, "a": 0.6, "b": 0.5})  # a: (0.2 + 1.0) / 2
+    assert got[2] == pytest.approx({"overall": (0.8 + 0.5) / 2, "a": 0.8, "b": 0.5})  # a: (0.6 + 1.0) / 2
+    assert got[3] == pytest.approx({"overall": (0.8 + 0.9) / 2, "a": 0.8, "b": 0.9})
+    with pytest.raises(ValueError, match="only 3 draws"):
+        best_of_k(scores, ["a", "a", "b"], [4])
+    with pytest.raises(ValueError, match="score matrix"):
+        best_of_k(scores[:, 0], ["a", "a", "b"], [1])
+    assert draw_seed(101, 0) == 101 and draw_seed(101, 3) == 1_010_003  # draw 0 is the evaluation's own noise
+
+
+def test_best_of_one_is_the_evaluation_and_more_draws_never_score_less(capsys):
+    from learner.evaluation import evaluate
+    from learner.evaluation.prompts import heldout_prompts
+    from learner.tools.diagnose import best_of_draws, main
+    from learner.tools.eval import load_models
+
+    torch.set_num_threads(1)
+    cfg = load_config([], ["sampler.num_steps=4", "window.size=2"])
+    result = best_of_draws(cfg, 3, [7], per_category=2)
+    assert list(result["mean"]) == [1, 2, 3]
+    policy, _ = load_models(cfg, None, need_base=False)
+    plain = evaluate(policy, heldout_prompts(2, 7), num_steps=4, shift=cfg.sampler.shift, seed=7, verifier=True)
+    assert result["sets"][7][1]["overall"] == pytest.approx(plain["overall"]["verifier_score"], abs=1e-12)
+    means = list(result["mean"].values())
+    assert means == sorted(means)
+    assert main(["sampler.num_steps=4", "window.size=2", "--best-of", "2", "--sets", "7", "--per-category", "1"]) == 0
+    assert "| 2 |" in capsys.readouterr().out
+    assert main(["--best-of", "0", "--sets", "7", "--per-category", "1"]) == 2
+    assert "at least 1 draw" in capsys.readouterr().err
