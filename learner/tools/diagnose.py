@@ -35,7 +35,7 @@ evaluation sets (`--sets`, `--per-category`) is drawn K times by the evaluation'
 noise (so best of 1 is the evaluation's score) and draw j from seed 10000·set + j; the verifier scores each, and
 best of k is the macro-averaged mean over prompts of the best of the first k draws (k = 1, 2, 4, …, K). A policy
 that always drew its better of two images would score best of 2. On the shipped base, sets 101–102: 0.457, 0.569,
-0.680, 0.763, 0.820 for k = 1, 2, 4, 8, 16 (README, "Where the gain comes from").
+0.680, 0.763, 0.820 for k = 1, 2, 4, 8, 16 (README, "The headroom: the base's best of k draws").
 
 Runs in-process (no Ray); rewards are scored by the same scorers the Serve deployments wrap.
 """
