@@ -4,6 +4,7 @@ TensorBoard and each evaluation's grid, read back from the run file wandb wrote.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -30,10 +31,16 @@ def test_records_and_grids_reach_an_offline_wandb_run(tmp_path, monkeypatch):
         wb.on_iteration(rec)
     wb.on_eval(final)  # no arrays and no saved grid: scalars only
     wb.close()
-    rows = read_history(tmp_path)
-    by_step: dict[int, dict] = {}
-    for row in rows:
-        by_step.setdefault(row["_step"], {}).update(row)
+    # wandb-core writes the offline file from its own process. A fresh-clone CI run once read it right after finish()
+    # with no history row in it (not reproduced in isolation; a late flush is the likely cause, not confirmed), so
+    # the read is retried for up to 10 s before the check
+    for _ in range(40):
+        by_step: dict[int, dict] = {}
+        for row in read_history(tmp_path):
+            by_step.setdefault(row["_step"], {}).update(row)
+        if sorted(by_step) == [0, 1, 2, 3]:
+            break
+        time.sleep(0.25)
     assert sorted(by_step) == [0, 1, 2, 3]
     for rec in train:  # exactly TensorBoard's tags and values at TensorBoard's step
         for tag, value in observers.scalars(rec).items():
