@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from learner.algo.family import flow_matching_error, noised  # noqa: E402
+from learner.algo.family import flow_matching_error  # noqa: E402
 from learner.training import objectives, updates  # noqa: E402
 
 VARIANTS = ("positive", "shuffled", "dpo")
@@ -66,20 +66,8 @@ def install(variant: str, beta: float = 100.0, seed: int = 12345) -> dict:
         return {"restore": restore}
 
     def dpo_micro_loss(policy, batch, cond, rows, slots, adv, *, spec, seed, key, kl_beta=0.0, lagged=None):
-        if batch.final_latents is None:
-            raise ValueError("the dpo variant needs the rollout's final latents (an AWM run keeps them)")
-        device = batch.final_latents.device
-        _, sig = objectives.matching_times(spec, seed, key)
-        x0 = batch.final_latents[rows]
-        mb, k = len(rows), len(slots)
-        eps = torch.randn((mb, spec.times, *x0.shape[1:]),
-                          generator=objectives.seeded_generator(seed, objectives.Stream.AWM_NOISE, *key))
-        idx = torch.as_tensor(slots)
-        t = sig[idx].repeat(mb).to(device)
-        eps = eps[:, idx].flatten(0, 1).to(device)
-        x0 = x0.repeat_interleave(k, 0)
-        c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
-        x_t = noised(x0, eps, t)
+        x0, eps, t, x_t, c = objectives.matching_inputs(batch, cond, rows, slots, spec=spec, seed=seed, key=key)
+        mb, k, device = len(rows), len(slots), x0.device
         v = policy.velocity(x_t, t, c).float()
         with torch.no_grad():
             v_ref = policy.reference_velocity(x_t, t, c).float()

@@ -107,11 +107,10 @@ def old_velocity(policy, lagged: Mapping[str, torch.Tensor], x: torch.Tensor, t:
             policy.load_trainable_state_dict(theta)
 
 
-def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Tensor, slots: list[int],
-                        adv: torch.Tensor, *, spec: MatchingSpec, seed: int, key: tuple[int, ...], kl_beta: float = 0.0,
-                        lagged: Mapping[str, torch.Tensor] | None = None):
-    """AWM's or NFT's loss on `rows` × the time draws `slots` (indices into the micro-batch's T draws, so a
-    micro-batch can be split across backwards). -> (loss, metrics in the Learner's keys; no ratio: reported as 1)."""
+def matching_inputs(batch: RolloutBatch, cond: dict, rows: torch.Tensor, slots: list[int], *, spec: MatchingSpec,
+                    seed: int, key: tuple[int, ...]):
+    """The re-noised final images of `rows` at the time draws `slots` (indices into the micro-batch's T draws), rows
+    outer, draws inner: (x0, ε, t, x_t, cond), each mb·k rows, from the run's seeded streams."""
     if batch.final_latents is None:
         raise ValueError(f"the {spec.kind} objective needs the rollout's final latents (RolloutBatch.final_latents); "
                          f"rollout workers keep them when grpo.objective={spec.kind}")
@@ -125,8 +124,17 @@ def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Ten
     eps = eps[:, idx].flatten(0, 1).to(device)
     x0 = x0.repeat_interleave(k, 0)
     c = {n: v[rows].repeat_interleave(k, 0) for n, v in cond.items()}
-    x_t = noised(x0, eps, t)
-    a = adv[rows].repeat_interleave(k).to(device)
+    return x0, eps, t, noised(x0, eps, t), c
+
+
+def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Tensor, slots: list[int],
+                        adv: torch.Tensor, *, spec: MatchingSpec, seed: int, key: tuple[int, ...], kl_beta: float = 0.0,
+                        lagged: Mapping[str, torch.Tensor] | None = None):
+    """AWM's or NFT's loss on `rows` × the time draws `slots` (`matching_inputs`; a micro-batch can be split across
+    backwards). -> (loss, metrics in the Learner's keys; no ratio: reported as 1)."""
+    x0, eps, t, x_t, c = matching_inputs(batch, cond, rows, slots, spec=spec, seed=seed, key=key)
+    k, mb = len(slots), len(rows)
+    a = adv[rows].repeat_interleave(k).to(x0.device)
     if spec.kind == "nft":
         if lagged is None:
             raise ValueError("the nft objective needs the lagged policy's weights")
