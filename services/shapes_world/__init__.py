@@ -35,11 +35,21 @@ from .grammar import (
     parse,
     sample_prompts,
 )
-from .pixels import Detection, Requirements, Verdict, corrupt, detect, render, requirements, verify
+from .pixels import (
+    Detection,
+    Requirements,
+    Verdict,
+    corrupt,
+    detect,
+    relation_holds,
+    render,
+    requirements,
+    verify,
+)
 
 __all__ = [
     "ARTICLE", "CATEGORIES", "COLORS", "CORRUPTIONS", "COUNTS", "HELDOUT_PAIRS", "IMAGE_SIZE", "PALETTE", "PLURALS",
     "RELATIONS", "SHAPES", "SPLITS", "VOCABULARY", "Detection", "Requirements", "Spec", "Verdict", "all_prompts",
-    "category", "corrupt", "detect", "format_spec", "is_heldout", "parse", "render", "requirements", "sample_prompts",
+    "category", "corrupt", "detect", "format_spec", "is_heldout", "parse", "relation_holds", "render", "requirements", "sample_prompts",
     "verify",
 ]

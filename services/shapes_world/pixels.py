@@ -92,6 +92,11 @@ def _relation_holds(ca: tuple[float, float], cb: tuple[float, float], relation: 
     return axis >= margin[0] and abs(perp) <= margin[1] * axis
 
 
+def relation_holds(ca: tuple[float, float], cb: tuple[float, float], relation: str) -> bool:
+    """`verify`'s test of a relation between two centroids (y, x), with the verifier's margin."""
+    return _relation_holds(ca, cb, relation, _VERIFY_MARGIN)
+
+
 def _centroid(shape: str, box: tuple[int, int, int]) -> tuple[float, float]:
     """(y, x) centroid in px of `shape` drawn in box (y0, x0, side)."""
     ys, xs = np.nonzero(_shape_mask(shape, box[2]))

@@ -170,3 +170,87 @@ def test_best_of_one_is_the_evaluation_and_more_draws_never_score_less(capsys):
     assert "| 2 |" in capsys.readouterr().out
     assert main(["--best-of", "0", "--sets", "7", "--per-category", "1"]) == 2
     assert "at least 1 draw" in capsys.readouterr().err
+
+
+def test_word_pairs_differ_in_exactly_one_word_of_their_class():
+    from learner.tools.diagnose import WORD_CLASSES, word_pairs
+    from services import shapes_world as sw
+
+    train = set(sw.all_prompts("train"))
+    for word_class in WORD_CLASSES:
+        pairs = word_pairs(word_class, 40, np.random.default_rng(0))
+        assert len(pairs) == 40 and len(set(pairs)) > 10
+        for a, b in pairs:
+            assert a in train and b in train and a != b
+            sa, sb = sw.parse(a), sw.parse(b)
+            (ca, ka, na), *ra = sa.objects
+            (cb, kb, nb), *rb = sb.objects
+            changed = {"colour": ca != cb, "shape": ka != kb, "count": na != nb, "relation": sa.relation != sb.relation}
+            assert [w for w, c in changed.items() if c] == [word_class], (a, b)
+            assert ra == rb and sa.category == sb.category
+            if word_class == "relation":
+                assert ra[0][0] != ca  # two colours: the objects are told apart by colour
+    with pytest.raises(ValueError, match="unknown word class"):
+        word_pairs("size", 1, np.random.default_rng(0))
+
+
+def test_word_met_on_renders():
+    from learner.tools.diagnose import word_met
+    from services import shapes_world as sw
+
+    rng = np.random.default_rng(0)
+
+    def found(prompt):
+        return sw.detect(sw.render(prompt, rng))
+
+    circle = found("a red circle")
+    assert word_met("colour", "a red circle", circle) and not word_met("colour", "a green circle", circle)
+    assert word_met("shape", "a red circle", circle) and not word_met("shape", "a red square", circle)
+    two = found("two green squares")
+    assert word_met("count", "two green squares", two) and not word_met("count", "three green squares", two)
+    assert word_met("count", "two green circles", two)  # the count word is read on the colour alone
+    pair = found("a red circle left of a blue square")
+    assert word_met("relation", "a red circle left of a blue square", pair)
+    assert not word_met("relation", "a red circle right of a blue square", pair)
+    assert not word_met("relation", "a red circle left of a green square", pair)  # no green object at all
+
+
+def test_word_following_worked_example():
+    from learner.tools.diagnose import word_following
+
+    # pair 1 follows the word both ways, pair 2 ignores it (both images carry a's word), pair 3 follows a's side only
+    got = word_following(met_a=[1, 1, 1], met_a_in_b=[0, 1, 0], met_b=[1, 0, 0], met_b_in_a=[0, 0, 0])
+    per_pair = np.array([1.0, 0.0, 0.5])
+    assert got["met"] == pytest.approx(4 / 6) and got["met_other"] == pytest.approx(1 / 6)
+    assert got["following"] == pytest.approx(0.5)
+    assert got["following_se"] == pytest.approx(per_pair.std(ddof=1) / np.sqrt(3))
+    with pytest.raises(ValueError, match="no prompt pairs"):
+        word_following([], [], [], [])
+
+
+def test_a_policy_deaf_to_the_prompt_follows_no_word_and_the_cli(capsys, monkeypatch):
+    from learner.tools import eval as eval_tool
+    from learner.tools.diagnose import main, word_sensitivity
+
+    torch.set_num_threads(1)
+    cfg = load_config([], ["sampler.num_steps=4", "window.size=2"])
+    rows = word_sensitivity(cfg, 6, seed=3, classes=("colour", "relation"))
+    assert [r["word"] for r in rows] == ["colour", "relation"] and all(r["pairs"] == 6 for r in rows)
+    assert all(r["image_change"] > 0 for r in rows)
+    plain = eval_tool.load_models
+
+    def deaf(*args, **kwargs):  # the same policy, its prompt encoder fixed to one prompt: it hears no word
+        policy, base = plain(*args, **kwargs)
+        encode = policy.encode_prompts
+        policy.encode_prompts = lambda prompts: encode(["a red circle"] * len(prompts))
+        return policy, base
+
+    monkeypatch.setattr(eval_tool, "load_models", deaf)
+    for r in word_sensitivity(cfg, 6, seed=3):
+        assert r["following"] == 0.0 and r["image_change"] == 0.0 and r["met"] == r["met_other"]
+    monkeypatch.setattr(eval_tool, "load_models", plain)
+    assert main(["sampler.num_steps=4", "window.size=2", "--words", "3"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {w} | 3 |" in out for w in ("colour", "shape", "count", "relation"))
+    assert main(["--words", "1"]) == 2
+    assert "at least 2 pairs" in capsys.readouterr().err
