@@ -19,34 +19,19 @@ ten iterations, the default job's held-out gain (+0.015 on fresh sets) over 60. 
 means a reward is learnable at this batch size; for c near 0 compare a run with a random-reward control
 on fresh evaluation sets (README, "Results on the embedded default").
 
-`--shapes` asks a prior question on the tiny backend: how often the training rollouts (the SDE window, groups of
-`grpo.group_size`) draw the shape a single-object prompt asks for, in the asked colour, per shape, over every
-train-split single-object prompt. A group none of whose images holds the shape has no advantage pointing toward
-it. On the shipped base at windows 0, 4 and 8: squares in 2 of 144 images (2 of 18 groups), triangles 52 of 144
-(15 of 18), circles 78 of 120 (15 of 15): README, "Where the gain comes from".
+`--shapes` (tiny): how often the training rollouts (the SDE window, groups of `grpo.group_size`) draw the shape a
+single-object prompt asks for, in the asked colour; a group without it has no advantage pointing toward it. On the
+shipped base: squares in 2 of 144 images, triangles 52 of 144, circles 78 of 120 (README, "Where the gain comes
+from"). `--recovery STEP …`: rendered single-object images noised to σ_STEP and finished by the policy's ODE; on the
+shipped base squares are kept from step 12 (σ 0.50) and 10 (σ 0.64), hardly from 8 (σ 0.75) or earlier.
 
-`--recovery STEP …` asks where along the trajectory a shape is decided: rendered single-object images (4 per
-train-split prompt) are noised to σ_STEP and finished by the policy's ODE. On the shipped base at 16 steps,
-shift 3, squares are kept from step 12 (σ 0.50: 21 of 24) and 10 (σ 0.64: 12 of 24), hardly from step 8
-(σ 0.75: 4 of 24) or earlier; triangles likewise (24, 19, 15 of 24). The shape is decided at σ ≈ 0.75 → 0.5,
-steps 8–12, which the default job's window (steps 0–6 over 30 iterations) never reaches.
+`--best-of K`: each held-out prompt of `--sets` drawn K times by the evaluation's ODE (draw 0 from the set's own
+noise, so best of 1 is the evaluation's score; draw j from seed 10000·set + j), and the macro-averaged mean of the
+best of the first k draws. On the shipped base, sets 101–102: 0.457, 0.569, 0.680, 0.763, 0.820 for k = 1 … 16.
 
-`--best-of K` asks how much better the policy's own images get when it may pick: each held-out prompt of the
-evaluation sets (`--sets`, `--per-category`) is drawn K times by the evaluation's ODE, draw 0 from the set's own
-noise (so best of 1 is the evaluation's score) and draw j from seed 10000·set + j; the verifier scores each, and
-best of k is the macro-averaged mean over prompts of the best of the first k draws (k = 1, 2, 4, …, K). A policy
-that always drew its better of two images would score best of 2. On the shipped base, sets 101–102: 0.457, 0.569,
-0.680, 0.763, 0.820 for k = 1, 2, 4, 8, 16 (README, "The headroom: the base's best of k draws").
-
-`--words PAIRS` asks whether the policy reads each kind of word at all. For each kind (colour, shape, count,
-relation), PAIRS train-split prompt pairs that differ in that word only ("a red circle" / "a red square") are drawn
-from one shared noise by the evaluation's ODE. "Following" is how much more often an image carries the word asked
-for than the word of its pair (`word_met`, read from the verifier's detections): 0 when the word is ignored, 1 when
-it is always obeyed. The image change is the mean pixel change when only the word changes, over the change when
-only the noise does. On the shipped base, 96 pairs each: colour +0.90 (± 0.02), shape +0.06 (± 0.04), count +0.11
-(± 0.05), relation +0.02 (± 0.02); a shape word moves the image a quarter as much as a new noise, a relation word a
-tenth. The base draws the asked colour and, for the rest, what its noise gives (README, "The base reads colour
-words only").
+`--words PAIRS` asks whether the policy reads each kind of word at all (`learner.tools.words`). On the shipped
+base, 96 pairs each: colour +0.90, shape +0.06, count +0.11, relation +0.02 (README, "The base reads colour words
+only").
 
 Runs in-process (no Ray); rewards are scored by the same scorers the Serve deployments wrap.
 """
@@ -62,6 +47,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+
+from learner.tools.words import markdown as words_markdown
+from learner.tools.words import word_sensitivity
 
 RewardFn = Callable[[np.ndarray, list[str]], np.ndarray]
 
@@ -291,112 +279,6 @@ def best_of_draws(cfg, draws: int, set_seeds: Sequence[int], per_category: int, 
     return {"draws": draws, "sets": sets, "mean": mean}
 
 
-WORD_CLASSES = ("colour", "shape", "count", "relation")
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-
-
-def word_pairs(word_class: str, n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """`n` pairs of train-split prompts that differ in one word of `word_class` only, drawn with replacement:
-    colour "a red circle" / "a green circle"; shape "a red circle" / "a red square"; count "two red circles" /
-    "three red circles"; relation "a red circle left of a blue square" / "… right of …" (two colours, so each
-    object is told apart by its colour alone)."""
-    from services import shapes_world as sw
-
-    if word_class not in WORD_CLASSES:
-        raise ValueError(f"unknown word class {word_class!r}; expected one of {WORD_CLASSES}")
-    train = set(sw.all_prompts("train"))
-    pool = []
-    for spec in map(sw.parse, sorted(train)):
-        (c, s, k), *rest = spec.objects
-        if word_class == "colour" and spec.category == "single":
-            pool += [(spec, sw.Spec("single", ((c2, s, 1),))) for c2 in sw.COLORS if c2 != c]
-        elif word_class == "shape" and spec.category == "single":
-            pool += [(spec, sw.Spec("single", ((c, s2, 1),))) for s2 in sw.SHAPES if s2 != s]
-        elif word_class == "count" and spec.category == "counting":
-            pool.append((spec, sw.Spec("counting", ((c, s, 5 - k),))))
-        elif word_class == "relation" and spec.category == "position" and rest[0][0] != c:
-            pool.append((spec, sw.Spec("position", spec.objects, _OPPOSITE[spec.relation])))
-    pairs = [(sw.format_spec(a), sw.format_spec(b)) for a, b in pool]
-    pairs = [(a, b) for a, b in pairs if b in train]
-    return [pairs[i] for i in rng.integers(len(pairs), size=n)]
-
-
-def word_met(word_class: str, prompt: str, found: Sequence) -> bool:
-    """Does an image (its `detect` result) carry `prompt`'s word of `word_class`? colour: an object of the colour;
-    shape: an object of the colour in the shape; count: exactly that many objects of the colour (any shape, so
-    the shape word does not count twice); relation: the largest object of each colour stands in the relation
-    (the verifier's margin)."""
-    from services import shapes_world as sw
-
-    spec = sw.parse(prompt)
-    (c, s, k), *rest = spec.objects
-    if word_class == "colour":
-        return any(d.color == c for d in found)
-    if word_class == "shape":
-        return any((d.color, d.shape) == (c, s) for d in found)
-    if word_class == "count":
-        return sum(d.color == c for d in found) == k
-    if word_class == "relation":
-        largest = [max((d for d in found if d.color == col), key=lambda d: d.area, default=None)
-                   for col in (c, rest[0][0])]
-        return None not in largest and sw.relation_holds(largest[0].centroid, largest[1].centroid, spec.relation)
-    raise ValueError(f"unknown word class {word_class!r}; expected one of {WORD_CLASSES}")
-
-
-def word_following(met_a: np.ndarray, met_a_in_b: np.ndarray, met_b: np.ndarray, met_b_in_a: np.ndarray) -> dict:
-    """Pairs (a, b) drawn from one noise each: met_a[i] = image a carries a's word, met_a_in_b[i] = image b carries
-    a's word, and the same from b's side → {"met", "met_other", "following", "following_se"}: how often an image
-    carries the word asked, how often it carries it when the other word was asked, and their difference (0: the
-    word is ignored, 1: always followed), with its standard error over pairs."""
-    met_a, met_a_in_b, met_b, met_b_in_a = (np.asarray(m, np.float64) for m in (met_a, met_a_in_b, met_b, met_b_in_a))
-    met, other = np.concatenate([met_a, met_b]), np.concatenate([met_a_in_b, met_b_in_a])
-    per_pair = 0.5 * ((met_a - met_a_in_b) + (met_b - met_b_in_a))
-    if not len(per_pair):
-        raise ValueError("no prompt pairs")
-    se = float(per_pair.std(ddof=1) / np.sqrt(len(per_pair))) if len(per_pair) > 1 else float("nan")
-    return {"met": float(met.mean()), "met_other": float(other.mean()), "following": float(per_pair.mean()),
-            "following_se": se}
-
-
-def word_sensitivity(cfg, pairs_per_class: int, seed: int = 0, checkpoint=None,
-                     classes: Sequence[str] = WORD_CLASSES) -> list[dict]:
-    """Does the policy follow each kind of word? For each word class, `pairs_per_class` prompt pairs that differ in
-    that word only (`word_pairs`), each pair drawn by the evaluation's ODE from one shared noise, and prompt a once
-    more from a second noise → rows {"word", "pairs", "met", "met_other", "following", "following_se",
-    "image_change"}: `word_following` of the pairs, and the mean absolute pixel change when only the word changes
-    over the change when only the noise does (0: the word moves no pixel; about 1: as much as a new noise)."""
-    from pathlib import Path
-
-    from learner.evaluation.sampling import initial_noise, sample_images
-    from learner.tools.eval import load_models
-    from services import shapes_world as sw
-
-    if cfg.model.backend != "tiny":
-        raise ValueError(f"--words needs the tiny backend's shapes world, not {cfg.model.backend!r}")
-    if pairs_per_class < 2:
-        raise ValueError(f"--words needs at least 2 pairs per word class, got {pairs_per_class}")
-    policy, _ = load_models(cfg, Path(checkpoint) if checkpoint else None, need_base=False)
-    rows = []
-    for i, word_class in enumerate(classes):
-        pairs = word_pairs(word_class, pairs_per_class, np.random.default_rng(seed + i))
-        a, b = [p for p, _ in pairs], [p for _, p in pairs]
-        noise = initial_noise(policy.latent_shape, len(pairs), seed + i)
-        draw = {k: sample_images(policy, ps, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift, noise=nz)
-                for k, ps, nz in (("a", a, noise), ("b", b, noise),
-                                  ("a2", a, initial_noise(policy.latent_shape, len(pairs), seed + 1000 + i)))}
-        found = {k: [sw.detect(im) for im in ims] for k, ims in draw.items()}
-
-        def met(prompts, key, word_class=word_class, found=found):
-            return np.array([word_met(word_class, p, f) for p, f in zip(prompts, found[key], strict=True)])
-
-        pixels = {k: v.astype(np.float64) for k, v in draw.items()}
-        change = float(np.abs(pixels["a"] - pixels["b"]).mean() / np.abs(pixels["a"] - pixels["a2"]).mean())
-        rows.append({"word": word_class, "pairs": len(pairs), **word_following(met(a, "a"), met(a, "b"),
-                                                                                 met(b, "b"), met(b, "a")),
-                     "image_change": change})
-    return rows
-
-
 def markdown(rows: Sequence[dict]) -> str:
     lines = ["| window start | reward | grad cosine (± sd) | SNR² per batch | batches for SNR 3 | reward mean "
              "| in-group std |", "|---|---|---|---|---|---|---|"]
@@ -411,6 +293,12 @@ def markdown(rows: Sequence[dict]) -> str:
 def brightness(images: np.ndarray, prompts: list[str]) -> np.ndarray:
     """Mean pixel value in [0, 1]: a reward with one dominant direction, the easy reference point."""
     return images.reshape(len(images), -1).mean(1).astype(np.float32) / 255.0
+
+
+def dump_json(path: str | None, obj) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -455,14 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        print("| word | pairs | carried when asked | carried when the other was asked | following (± se) "
-              "| image change: word / noise |\n|---|---:|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['word']} | {r['pairs']} | {r['met']:.2f} | {r['met_other']:.2f} | {r['following']:+.2f} "
-                  f"(± {r['following_se']:.2f}) | {r['image_change']:.2f} |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        print(words_markdown(rows))
+        dump_json(args.json, rows)
         return 0
     if args.best_of is not None:
         try:
@@ -478,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         for k, m in result["mean"].items():
             print(f"| {k} | {m:.3f} | " + " | ".join(f"{r[k]['overall']:.3f}" for r in result["sets"].values())
                   + " | " + " | ".join(f"{last[k][c]:.3f}" for c in cats) + " |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+        dump_json(args.json, result)
         return 0
     if args.recovery is not None:
         try:
@@ -494,9 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             cells = " | ".join(f"{r[s]['hits']} of {r[s]['images']}" for s in shapes)
             print(f"| {r['step']} | {r['sigma']:.2f} | {cells} |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        dump_json(args.json, rows)
         return 0
     if args.shapes:
         try:
@@ -507,18 +385,14 @@ def main(argv: list[str] | None = None) -> int:
         print("| shape asked | images with it | groups with it |\n|---|---|---|")
         for shape, t in tally.items():
             print(f"| {shape} | {t['hits']} of {t['images']} | {t['groups_hit']} of {t['groups']} |")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(tally, f, indent=1)
+        dump_json(args.json, tally)
         return 0
     rewards: dict[str, RewardFn] = LocalRewards.from_specs(cfg.reward.rewards).fns
     if not args.no_brightness:
         rewards["brightness"] = brightness
     rows = gradient_snr(cfg, rewards, num_batches=args.batches, window_starts=args.window_start)
     print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    dump_json(args.json, rows)
     return 0
 
 

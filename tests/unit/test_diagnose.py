@@ -173,7 +173,7 @@ def test_best_of_one_is_the_evaluation_and_more_draws_never_score_less(capsys):
 
 
 def test_word_pairs_differ_in_exactly_one_word_of_their_class():
-    from learner.tools.diagnose import WORD_CLASSES, word_pairs
+    from learner.tools.words import WORD_CLASSES, word_pairs
     from services import shapes_world as sw
 
     train = set(sw.all_prompts("train"))
@@ -195,7 +195,7 @@ def test_word_pairs_differ_in_exactly_one_word_of_their_class():
 
 
 def test_word_met_on_renders():
-    from learner.tools.diagnose import word_met
+    from learner.tools.words import word_met
     from services import shapes_world as sw
 
     rng = np.random.default_rng(0)
@@ -216,7 +216,7 @@ def test_word_met_on_renders():
 
 
 def test_word_following_worked_example():
-    from learner.tools.diagnose import word_following
+    from learner.tools.words import word_following
 
     # pair 1 follows the word both ways, pair 2 ignores it (both images carry a's word), pair 3 follows a's side only
     got = word_following(met_a=[1, 1, 1], met_a_in_b=[0, 1, 0], met_b=[1, 0, 0], met_b_in_a=[0, 0, 0])
@@ -230,7 +230,8 @@ def test_word_following_worked_example():
 
 def test_a_policy_deaf_to_the_prompt_follows_no_word_and_the_cli(capsys, monkeypatch):
     from learner.tools import eval as eval_tool
-    from learner.tools.diagnose import main, word_sensitivity
+    from learner.tools.diagnose import main
+    from learner.tools.words import word_sensitivity
 
     torch.set_num_threads(1)
     cfg = load_config([], ["sampler.num_steps=4", "window.size=2"])
