@@ -44,7 +44,8 @@ from services import shapes_world
 
 TRAIN_SHIFT = 3.0  # σ sampling for training; see the module docstring
 EVAL_STEPS, EVAL_SHIFT = 25, 3.0  # `eval`: the paper's reference schedule, N = 25, shift 3
-ARCHITECTURE_FLAGS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim")  # TinyConfig
+ARCHITECTURE_FLAGS = ("patch_size", "num_layers", "num_attention_heads", "attention_head_dim",  # TinyConfig
+                      "refiner_channels")
 
 # ---------------------------------------------------------------------- flow-matching pieces (pure)
 
@@ -186,11 +187,18 @@ def cmd_policy(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"error: --sigma-band: {e}") from None
     if args.init:  # continue from a saved policy: its architecture and weights, a fresh optimizer and schedule
+        grow = sizes.pop("refiner_channels", 0)  # the one change --init allows: a refiner grown on the saved model
         if sizes:
             raise SystemExit(f"error: --init continues the saved architecture; drop "
                              f"{', '.join('--' + k.replace('_', '-') for k in sizes)}")
         policy = TinyPolicy.load(args.init)
         print(f"starting from {args.init}", flush=True)
+        if grow:
+            try:
+                policy = policy.with_refiner(grow, seed=args.seed)
+            except ValueError as e:
+                raise SystemExit(f"error: --refiner-channels: {e}") from None
+            print(f"grew a {grow}-channel pixel refiner (zero output at the start)", flush=True)
     else:
         try:
             config = TinyConfig.for_shapes_world(**sizes)
@@ -198,7 +206,8 @@ def cmd_policy(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: bad architecture: {e}") from None
         policy = TinyPolicy.from_config(config, seed=args.seed)
         print(f"architecture: patch {config.patch_size}, {config.num_layers} layers, width "
-              f"{config.num_attention_heads * config.attention_head_dim}", flush=True)
+              f"{config.num_attention_heads * config.attention_head_dim}, refiner {config.refiner_channels} "
+              f"channels", flush=True)
     n = policy.num_parameters()
     print(f"tiny policy: {n['transformer']:,} transformer + {n['text_encoder']:,} text-encoder parameters "
           f"({n['trainable']:,} trainable); {args.steps} steps x {args.batch_size}, seed {args.seed}, "

@@ -8,7 +8,8 @@
 Pieces: an offline word-level tokenizer (`tokenizers`, lower-cased, [BOS] words [EOS] padded to a fixed
 length; unknown words and over-long prompts are errors, the world is closed), a small `CLIPTextModel`
 (last hidden state -> joint attention, EOS-pooled output -> pooled projection) and an
-`SD3Transformer2DModel` with patch 4 over x in [-1, 1]. The transformer is conditioned on
+`SD3Transformer2DModel` with patch 4 over x in [-1, 1] (with `refiner_channels` > 0 plus a pixel-scale convolution
+refiner, `tiny_refiner`). The transformer is conditioned on
 timestep = 1000 * sigma, the diffusers FlowMatch convention. With guidance_scale > 1 the velocity is
 classifier-free guided as SD3's is, v = v_neg + s (v_pos - v_neg), the negative prompt the empty one ("",
 [BOS][EOS]): a base pre-trained with prompt dropout (`pretrain policy --p-uncond`) has learned it. The
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import SD3Transformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -42,6 +42,7 @@ from .base import (
     sd3_transformer_velocity,
     to_uint8_images,
 )
+from .tiny_refiner import RefinedTransformer
 from .trainable import TrainableTransformer, TransformerPolicy
 
 FORMAT = "mixgrpo-ray/tiny-policy"
@@ -67,6 +68,7 @@ class TinyConfig:
     text_layers: int = 2
     text_heads: int = 2
     text_intermediate_size: int = 256
+    refiner_channels: int = 0  # > 0: a pixel-scale convolution refiner on the velocity (`tiny_refiner`)
 
     def __post_init__(self) -> None:
         words = [w.lower() for w in self.vocab]
@@ -78,6 +80,8 @@ class TinyConfig:
             raise ValueError("TinyConfig.vocab entries must be single alphanumeric words")
         if self.sample_size % self.patch_size or self.max_length < 3:
             raise ValueError("sample_size must be a multiple of patch_size and max_length >= 3")
+        if self.refiner_channels < 0:
+            raise ValueError(f"refiner_channels must be >= 0, got {self.refiner_channels}")
         object.__setattr__(self, "vocab", tuple(words))
 
     @classmethod
@@ -101,7 +105,7 @@ def build_tokenizer(vocab: Sequence[str], max_length: int) -> Tokenizer:
     return tokenizer
 
 
-def build_modules(config: TinyConfig) -> tuple[SD3Transformer2DModel, CLIPTextModel]:
+def build_modules(config: TinyConfig) -> tuple[RefinedTransformer, CLIPTextModel]:
     """Randomly initialised (from torch's global RNG) transformer and text encoder."""
     text_config = CLIPTextConfig(
         vocab_size=len(SPECIAL_TOKENS) + len(config.vocab),
@@ -115,7 +119,8 @@ def build_modules(config: TinyConfig) -> tuple[SD3Transformer2DModel, CLIPTextMo
         eos_token_id=EOS_ID,  # pooled = first [EOS] position
         attention_dropout=0.0,
     )
-    transformer = SD3Transformer2DModel(
+    transformer = RefinedTransformer(
+        refiner_channels=config.refiner_channels,
         sample_size=config.sample_size,
         patch_size=config.patch_size,
         in_channels=3,
@@ -139,7 +144,7 @@ class TinyPolicy(TransformerPolicy):
     def __init__(
         self,
         config: TinyConfig,
-        transformer: SD3Transformer2DModel,
+        transformer: RefinedTransformer,
         text_encoder: CLIPTextModel,
         *,
         lora_rank: int = 0,
@@ -174,6 +179,21 @@ class TinyPolicy(TransformerPolicy):
             torch.manual_seed(seed)
             transformer, text_encoder = build_modules(config)
         return cls(config, transformer, text_encoder, **options)
+
+    def with_refiner(self, channels: int, seed: int = 0) -> TinyPolicy:
+        """A full-weight copy of this policy with a fresh, zero-output refiner of `channels` (its velocity is this
+        one's until the refiner trains); for `pretrain policy --init ... --refiner-channels`."""
+        if self.config.refiner_channels or self.trainable.lora_rank:
+            raise ValueError("with_refiner grows a refiner on a full-weight policy that has none")
+        config = dataclasses.replace(self.config, refiner_channels=channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            transformer, text_encoder = build_modules(config)
+        missing, unexpected = transformer.load_state_dict(self.transformer.state_dict(), strict=False)
+        if unexpected or not all(k.startswith("refiner.") for k in missing):
+            raise ValueError(f"with_refiner: weights do not match (missing {missing}, unexpected {unexpected})")
+        text_encoder.load_state_dict(self.text_encoder.state_dict())
+        return TinyPolicy(config, transformer, text_encoder, guidance_scale=self.guidance_scale)
 
     def set_weights_dtype(self, dtype: str | torch.dtype) -> TinyPolicy:
         """Hold the text encoder and the transformer in `dtype` ("float32" / "bfloat16"); a LoRA adapter stays fp32."""
