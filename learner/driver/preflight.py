@@ -135,10 +135,10 @@ def diffusers_architecture(cfg: Config) -> Architecture:
 
 def tiny_architecture(cfg: Config) -> Architecture:
     from learner.driver.build import TINY_CHECKPOINT
-    from rollout_workers.policies.tiny import TinyConfig, build_modules, read_config
+    from rollout_workers.policies.tiny import build_modules, config_from_architecture, read_config
 
-    meta = read_config(Path(cfg.model.path or TINY_CHECKPOINT))["architecture"]
-    config = TinyConfig(**{**meta, "vocab": tuple(meta["vocab"])})
+    path = Path(cfg.model.path or TINY_CHECKPOINT)
+    config = config_from_architecture(read_config(path)["architecture"], path)
     with torch.device("meta"):
         transformer, text_encoder = build_modules(config)
     tc = transformer.config

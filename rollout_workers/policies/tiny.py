@@ -68,7 +68,7 @@ class TinyConfig:
     text_layers: int = 2
     text_heads: int = 2
     text_intermediate_size: int = 256
-    refiner_channels: int = 0  # > 0: a pixel-scale convolution refiner on the velocity (`tiny_refiner`)
+    refiner_channels: int = 32  # > 0: a pixel-scale convolution refiner on the velocity (`tiny_refiner`)
 
     def __post_init__(self) -> None:
         words = [w.lower() for w in self.vocab]
@@ -211,10 +211,7 @@ class TinyPolicy(TransformerPolicy):
         """
         path = Path(path)
         meta = read_config(path)
-        try:
-            config = TinyConfig(**{**meta["architecture"], "vocab": tuple(meta["architecture"]["vocab"])})
-        except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{path / CONFIG_FILE}: bad 'architecture' ({e})") from e
+        config = config_from_architecture(meta["architecture"], path)
         _check_options(config, options)
         saved_lora = meta.get("lora")
         if saved_lora and options.get("lora_rank", 0) not in (0, saved_lora["rank"]):
@@ -355,6 +352,15 @@ def read_config(path: Path) -> dict:
     if not isinstance(meta.get("architecture"), dict):
         raise ValueError(f"{path / CONFIG_FILE}: missing 'architecture'")
     return meta
+
+
+def config_from_architecture(arch: dict, path: Path) -> TinyConfig:
+    """config.json's "architecture" -> TinyConfig. A checkpoint written before the refiner existed has no
+    "refiner_channels" key and no refiner: 0, not the current default."""
+    try:
+        return TinyConfig(**{"refiner_channels": 0, **arch, "vocab": tuple(arch["vocab"])})
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(f"{path / CONFIG_FILE}: bad 'architecture' ({e})") from e
 
 
 def _load_weights(path: Path, transformer: nn.Module, text_encoder: nn.Module) -> None:

@@ -29,7 +29,8 @@ def one_thread():
 
 def small_policy(seed: int = 0) -> TinyPolicy:
     config = TinyConfig.for_shapes_world(num_layers=1, num_attention_heads=2, attention_head_dim=8,
-                                         text_hidden_size=16, text_layers=1, text_intermediate_size=32)
+                                         text_hidden_size=16, text_layers=1, text_intermediate_size=32,
+                                         refiner_channels=0)
     return TinyPolicy.from_config(config, seed=seed)
 
 
@@ -139,3 +140,24 @@ def test_pretrain_init_grows_a_refiner(tmp_path, capsys):
     with pytest.raises(SystemExit, match="grows a refiner on a full-weight policy that has none"):
         pretrain.main(["policy", "--init", str(tmp_path / "out"), "--out", str(tmp_path / "x"), "--steps", "1",
                        "--refiner-channels", "4", "--threads", threads])
+
+
+def test_a_checkpoint_from_before_the_refiner_loads_without_one(tmp_path):
+    """config.json written before `refiner_channels` existed (no such key) is a model without a refiner, although
+    the default architecture now has one; a key of the wrong type is named."""
+    old = small_policy(seed=2)
+    old.save(tmp_path / "old")
+    meta = json.loads((tmp_path / "old" / "config.json").read_text())
+    del meta["architecture"]["refiner_channels"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    assert TinyConfig.for_shapes_world().refiner_channels == 32
+    back = TinyPolicy.load(tmp_path / "old")
+    assert back.config.refiner_channels == 0 and back.transformer.refiner is None
+    x, sigma = torch.randn(1, 3, 32, 32), torch.tensor([0.5])
+    cond = old.encode_prompts(["a red circle"])
+    with torch.no_grad():
+        assert torch.equal(back.velocity(x, sigma, cond), old.velocity(x, sigma, cond))
+    meta["architecture"]["refiner_channels"] = -3
+    (tmp_path / "old" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="bad 'architecture'.*refiner_channels must be >= 0"):
+        TinyPolicy.load(tmp_path / "old")
