@@ -129,7 +129,8 @@ def run_one(preset: str, random: bool, seed: int, args, overrides: list[str], bu
     iterations = max(1, round(budget / per_iter))
     every = budget * args.eval_every / args.iterations  # images between scorings
     cfg = load_config([preset], [f"run.seed={seed}", f"run.iterations={iterations}", "run.eval_every=0", *overrides])
-    sets = [(s, eval_prompt_list(cfg, None, args.per_category, s)) for s in range(SET_SEED0, SET_SEED0 + args.sets)]
+    first = args.first_set
+    sets = [(s, eval_prompt_list(cfg, None, args.per_category, s)) for s in range(first, first + args.sets)]
     names = [r.name for r in cfg.reward.rewards]
     rewards = random_rewards(names, 7 + seed) if random else LocalRewards.from_specs(cfg.reward.rewards)
     curve, clock = [], {"train": 0.0, "mark": time.perf_counter()}
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the budget: this many iterations of the default rollout.batch_size images")
     p.add_argument("--eval-every", type=int, default=5, help="score every this many budget iterations' images")
     p.add_argument("--sets", type=int, default=2, help="fresh held-out sets (seeds 101, 102, …)")
+    p.add_argument("--first-set", type=int, default=SET_SEED0,
+                   help="seed of the first set: sets not used to choose settings (e.g. 201) for a final table")
     p.add_argument("--per-category", type=int, default=24, help="prompts per category in each set")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "sample_efficiency.md")
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from services.config import load_config
 
+    eval_seed = load_config([], args.overrides).run.eval_seed
+    if args.first_set <= eval_seed < args.first_set + args.sets:
+        p.error(f"--first-set {args.first_set} --sets {args.sets} includes the in-run set (seed {eval_seed})")
     batch = load_config([], args.overrides).rollout.batch_size
     curves, t0 = {}, time.perf_counter()
     for method in args.methods:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     head = (f"A budget of {args.iterations} × {batch} images per method and seed (seeds {args.seeds}); held-out: "
-            f"{args.sets} fresh sets × {4 * args.per_category} prompts (seeds {SET_SEED0}…), scored every "
+            f"{args.sets} fresh sets × {4 * args.per_category} prompts (seeds {args.first_set}…), scored every "
             f"{args.eval_every} iterations; {args.threads} torch thread(s); {os.cpu_count()} CPU cores, 1-min load "
             f"average at the end {os.getloadavg()[0]:.1f}; {(time.perf_counter() - t0) / 60:.0f} min in all.\n\n")
     publish(head + markdown(rows) + f"\n\nPlot: `{args.plot.name}`.\n", args.out)

@@ -294,3 +294,12 @@ def test_sample_efficiency_gains_worked_example(tmp_path):
 
     assert images_per_iteration(load_config(["g2rpo"], [])) == 192 * 2  # each child scored at both granularities
     assert images_per_iteration(load_config(["tempflow_grpo"], [])) == 180
+
+
+def test_sample_efficiency_refuses_sets_that_include_the_in_run_set(capsys):
+    """--first-set chooses fresh sets (a final table on sets not used to pick settings); the in-run set is never one."""
+    from benchmarks.sample_efficiency import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--first-set", "1233", "--sets", "2", "--seeds", "1", "--iterations", "1"])
+    assert e.value.code == 2 and "includes the in-run set (seed 1234)" in capsys.readouterr().err
