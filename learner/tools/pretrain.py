@@ -1,8 +1,10 @@
 """Pre-train the shapes-world models, and evaluate the base policy.
 
-    python -m learner.tools.pretrain policy --out rollout_workers/assets/tiny_policy --threads 1   # ~55 min
+    python -m learner.tools.pretrain policy --out /tmp/pt/A --threads 1   # 9,000 steps from scratch, ~55 min
     python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/more --lr 1e-3
+    python -m learner.tools.pretrain policy --init /tmp/pt/A --out /tmp/ref --refiner-channels 32   # grow a refiner
     python -m learner.tools.pretrain policy --out /tmp/p2 --patch-size 2 --threads 1   # another architecture
+    # the shipped base: five stages, the commands in rollout_workers/assets/tiny_policy/README.md
     python -m learner.tools.pretrain policy --init rollout_workers/assets/tiny_policy --out /tmp/hb --sigma-band 0.7 1.0
     python -m learner.tools.pretrain reward --out reward_servers/assets/shapes_reward
     python -m learner.tools.pretrain eval --policy rollout_workers/assets/tiny_policy --json /tmp/eval.json

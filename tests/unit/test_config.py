@@ -46,8 +46,10 @@ def test_defaults_are_the_tiny_job():
     assert embedded.grpo.matching_aux == 1.0 and cfg.grpo.matching_aux == 0.0
     assert embedded.learner.num_threads == embedded.rollout.num_threads == 0  # auto: from the node's cores
     assert cfg.learner.num_threads == cfg.rollout.num_threads == 0  # every config: auto unless set
+    assert embedded.learner.lr == 2 * cfg.learner.lr  # 6e-5, chosen on the refiner base (README)
     assert embedded.model_copy(update={"grpo": embedded.grpo.model_copy(update={"matching_aux": 0.0,
                                                                                   "matching_times": 6}),
+                                       "learner": embedded.learner.model_copy(update={"lr": cfg.learner.lr}),
                                        "run": embedded.run.model_copy(update={"iterations": 60, "eval_every": 20})}) == cfg
 
 
