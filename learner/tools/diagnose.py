@@ -21,15 +21,15 @@ on fresh evaluation sets (README, "Results on the embedded default").
 
 `--shapes` (tiny): how often the training rollouts (the SDE window, groups of `grpo.group_size`) draw the shape a
 single-object prompt asks for, in the asked colour; a group without it has no advantage pointing toward it. On the
-shipped base: squares in 2 of 144 images, triangles 52 of 144, circles 78 of 120 (README, "Where the gain comes
-from"). `--recovery STEP …`: rendered single-object images noised to σ_STEP and finished by the policy's ODE; on the
-shipped base squares are kept from step 12 (σ 0.50) and 10 (σ 0.64), hardly from 8 (σ 0.75) or earlier.
+first base: squares in 2 of 144 images, triangles 52 of 144, circles 78 of 120; on the refiner base (shipped since 4
+December, `--window-start 0 4 8`) 55, 90 and 96. `--recovery STEP …`: rendered single-object images noised to σ_STEP
+and finished by the policy's ODE; on the first base squares are kept from step 12 (σ 0.50) and 10, hardly earlier.
 
 `--best-of K`: each held-out prompt of `--sets` drawn K times by the evaluation's ODE (draw 0 from the set's own
 noise, so best of 1 is the evaluation's score; draw j from seed 10000·set + j), and the macro-averaged mean of the
-best of the first k draws. On the shipped base, sets 101–102: 0.457, 0.569, 0.680, 0.763, 0.820 for k = 1 … 16.
+best of the first k draws. On the first base, sets 101–102: 0.457, 0.569, 0.680, 0.763, 0.820 for k = 1 … 16.
 
-`--words PAIRS` asks whether the policy reads each kind of word at all (`learner.tools.words`). On the shipped
+`--words PAIRS` asks whether the policy reads each kind of word at all (`learner.tools.words`). On the first
 base, 96 pairs each: colour +0.90, shape +0.06, count +0.11, relation +0.02 (README, "The base reads colour words
 only").
 
