@@ -54,6 +54,18 @@ def make_learner(policy, **kw):
     return Learner(policy, **(args | kw))
 
 
+def assert_same_update(start, a, b, rel=1e-3) -> None:
+    """Two updates of the same starting weights agree, per tensor: |Δa − Δb| ≤ rel·|Δa| (and something moved).
+    Not element-wise: Adam turns fp32 order-of-summation noise in a small gradient into a step of order lr, as in the
+    refiner's first layers while its zero-initialised last layer is still small."""
+    moved = 0.0
+    for name, s in start.items():
+        da, db = a[name] - s, b[name] - s
+        assert (da - db).norm() <= rel * da.norm(), (name, float((da - db).norm()), float(da.norm()))
+        moved += float(da.norm())
+    assert moved > 0
+
+
 PROMPTS = ["a red square", "two blue circles", "a green triangle left of a white square", "three yellow squares"]
 
 
