@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from services.config import load_config
 
-    eval_seed = load_config([], args.overrides).run.eval_seed
+    base = load_config([], args.overrides)
+    eval_seed, batch = base.run.eval_seed, base.rollout.batch_size
     if args.first_set <= eval_seed < args.first_set + args.sets:
         p.error(f"--first-set {args.first_set} --sets {args.sets} includes the in-run set (seed {eval_seed})")
-    batch = load_config([], args.overrides).rollout.batch_size
     curves, t0 = {}, time.perf_counter()
     for method in args.methods:
         preset, random = METHODS[method]

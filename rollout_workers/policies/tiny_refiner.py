@@ -30,9 +30,7 @@ class RefinedTransformer(SD3Transformer2DModel):
 
     @register_to_config
     def __init__(self, *, refiner_channels: int = 0, **sd3_config):
-        super().__init__(**sd3_config)
-        if refiner_channels < 0:
-            raise ValueError(f"refiner_channels must be >= 0, got {refiner_channels}")
+        super().__init__(**sd3_config)  # refiner_channels >= 0 is checked where it is configured, `TinyConfig`
         self.refiner = build_refiner(self.config.in_channels, self.out_channels, refiner_channels) \
             if refiner_channels else None
 

@@ -19,12 +19,7 @@ SD3 = dict(sample_size=32, patch_size=4, in_channels=3, out_channels=3, num_laye
            pos_embed_max_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def small_policy(seed: int = 0) -> TinyPolicy:
@@ -122,8 +117,8 @@ def test_with_refiner_keeps_the_velocity_trains_and_round_trips(tmp_path):
 
 
 def test_pretrain_init_grows_a_refiner(tmp_path, capsys):
-    """`--init DIR --refiner-channels C` keeps the saved weights (lr 0) and adds a zero-output refiner; the other
-    architecture flags stay refused with --init."""
+    """`--init DIR --refiner-channels C` keeps the saved weights (lr 0) and adds a zero-output refiner; growing one on
+    a model that has one is refused by name (the other architecture flags with --init: test_pretrain)."""
     start = small_policy(seed=3)
     start.save(tmp_path / "start")
     threads = str(torch.get_num_threads())
