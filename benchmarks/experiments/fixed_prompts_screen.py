@@ -1,6 +1,8 @@
 """Can the default job improve the prompts it trains on? Issue 17's over-fitting check.
 
     python benchmarks/experiments/fixed_prompts_screen.py --per-category 4 --iterations 60 --eval-every 10 --seed 1
+    python benchmarks/experiments/fixed_prompts_screen.py --per-category 1 --prompts 2 --repeats 16 --iterations 30 \
+        --sets 0 'reward.rewards=[{name: shapes_verifier, weight: 1.0}]'     # two prompts, each 32 images/iteration
 
 The default job (`tiny_cpu`, in-process, one thread) trains on a fixed set of train-split prompts only
 (`--per-category` per category, drawn with seed --prompt-seed, written to a prompts file and used through
@@ -10,7 +12,10 @@ evaluation's ODE) on
 - the trained prompts from their set's own noise (seed --prompt-seed),
 - the same prompts from --noise-seeds other noises (their mean): what the policy learned about the prompts and
   not about one draw of them,
-- the fresh held-out sets 101… (`--sets`, 48 prompts per category), as `benchmarks/sample_efficiency.py` does.
+- the fresh held-out sets 101… (`--sets`, 48 prompts per category), as `benchmarks/sample_efficiency.py` does;
+- and it reports the training rollouts' mean reward per interval (each reward's own mean), what the update climbs.
+`--prompts N` keeps the first N of the draw (single, counting, … in category order); `--repeats R` scores every
+trained prompt R times per noise seed, each copy its own noise (a few prompts need more than one image each).
 
 If RL sharpened the policy toward what each prompt asks, the trained prompts would rise the most. Measured (README,
 "The base reads colour words only"): they do not. Everything after the script's own flags goes to the config as
@@ -27,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +44,22 @@ FRESH_SET0 = 101
 
 def run(per_category: int, iterations: int, eval_every: int, seed: int, *, prompt_seed: int = 7,
         noise_seeds: tuple[int, ...] = (7001, 7002, 7003, 7004), sets: int = 2, fresh_per_category: int = 48,
-        overrides: tuple[str, ...] = (), workdir: str | None = None, log=print) -> dict:
-    """-> {"prompts", "curve": [{"iterations", "own_noise", "other_noise", "fresh"}]}, scored at iteration 0,
-    every `eval_every` and at the end."""
+        num_prompts: int | None = None, repeats: int = 1, overrides: tuple[str, ...] = (),
+        workdir: str | None = None, log=print) -> dict:
+    """-> {"prompts", "curve": [{"iterations", "own_noise", "other_noise", "fresh", "train_reward"}], "reward_means":
+    the learner's per-iteration mean of each reward}, scored at
+    iteration 0, every `eval_every` and at the end (fresh: None without sets; train_reward: the interval's mean
+    training reward per reward name, {} before training)."""
     from learner import evaluation
     from learner.driver.inprocess import run_inprocess
     from learner.evaluation.prompts import heldout_prompts, shapes_prompts
     from reward_servers.client import LocalRewards
     from services.config import load_config
 
-    prompts = shapes_prompts("train", per_category, prompt_seed)
+    if repeats < 1 or (num_prompts is not None and num_prompts < 1):
+        raise ValueError(f"repeats and num_prompts must be >= 1, got {repeats}, {num_prompts}")
+    prompts = shapes_prompts("train", per_category, prompt_seed)[:num_prompts]
+    scored = [p for p in prompts for _ in range(repeats)]
     folder = Path(workdir or tempfile.mkdtemp(prefix="fixed_prompts_"))
     path = folder / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
@@ -61,19 +73,39 @@ def run(per_category: int, iterations: int, eval_every: int, seed: int, *, promp
                                    verifier=True)["overall"]["verifier_score"]
 
     curve, t0 = [], time.perf_counter()
+    train_rewards: list[dict] = []  # one entry per scored rollout batch and reward, in order
+
+    def recorded(name: str, fn):
+        def score_batch(images, prompts_):
+            out = np.asarray(fn(images, prompts_), dtype=np.float32)
+            train_rewards.append({"name": name, "mean": float(out.mean())})
+            return out
+        return score_batch
 
     def observe(m: int, learner) -> None:
         done = m + 1
         if done in (0, iterations) or done % eval_every == 0:
-            row = {"iterations": done, "own_noise": score(learner.policy, prompts, prompt_seed),
-                   "other_noise": statistics.mean(score(learner.policy, prompts, s) for s in noise_seeds),
-                   "fresh": statistics.mean(score(learner.policy, ps, s) for s, ps in fresh)}
+            since = train_rewards[seen[0]:]
+            seen[0] = len(train_rewards)
+            means = {n: statistics.mean(r["mean"] for r in since if r["name"] == n)
+                     for n in sorted({r["name"] for r in since})}
+            row = {"iterations": done, "own_noise": score(learner.policy, scored, prompt_seed),
+                   "other_noise": statistics.mean(score(learner.policy, scored, s) for s in noise_seeds),
+                   "fresh": statistics.mean(score(learner.policy, ps, s) for s, ps in fresh) if fresh else None,
+                   "train_reward": means}
             curve.append(row)
+            fresh_text = f"; fresh sets {row['fresh']:.3f}" if fresh else ""
+            train_text = ", ".join(f"{n} {v:.3f}" for n, v in means.items())
             log(f"{done} iterations: trained prompts {row['own_noise']:.3f} (their noise), {row['other_noise']:.3f} "
-                f"({len(noise_seeds)} other noises); fresh sets {row['fresh']:.3f}  ({time.perf_counter() - t0:.0f} s)")
+                f"({len(noise_seeds)} other noises){fresh_text}; training rollouts since the last: "
+                f"{train_text or '-'}  ({time.perf_counter() - t0:.0f} s)")
 
-    run_inprocess(cfg, LocalRewards.from_specs(cfg.reward.rewards), observe)
-    return {"prompts": prompts, "curve": curve}
+    seen = [0]
+    sink = LocalRewards.from_specs(cfg.reward.rewards)
+    stats, _, _ = run_inprocess(cfg, LocalRewards({n: recorded(n, f) for n, f in sink.fns.items()}), observe)
+    return {"prompts": prompts, "curve": curve,
+            "reward_means": [{k[len("reward_mean/"):]: v for k, v in st.items() if k.startswith("reward_mean/")}
+                             for st in stats]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="the run seed")
     p.add_argument("--prompt-seed", type=int, default=7, help="the trained prompts' draw and their own noise")
     p.add_argument("--noise-seeds", type=int, nargs="+", default=[7001, 7002, 7003, 7004])
-    p.add_argument("--sets", type=int, default=2, help="fresh held-out sets (seeds 101, 102, …)")
+    p.add_argument("--sets", type=int, default=2, help="fresh held-out sets (seeds 101, 102, …; 0: none)")
+    p.add_argument("--prompts", type=int, default=None, help="train on the first N of the drawn prompts only")
+    p.add_argument("--repeats", type=int, default=1, help="score each trained prompt R times per noise seed")
     p.add_argument("--fresh-per-category", type=int, default=48)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. learner.lr=1e-4")
@@ -94,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     result = run(args.per_category, args.iterations, args.eval_every, args.seed, prompt_seed=args.prompt_seed,
                  noise_seeds=tuple(args.noise_seeds), sets=args.sets, fresh_per_category=args.fresh_per_category,
+                 num_prompts=args.prompts, repeats=args.repeats,
                  overrides=tuple(args.overrides))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
