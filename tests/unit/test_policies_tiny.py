@@ -366,5 +366,7 @@ def test_classifier_free_guidance_against_two_plain_calls():
                                rtol=1e-5, atol=1e-5)
     guided.velocity(x, sigma, cond).sum().backward()
     (3.0 * plain.velocity(x, sigma, plain.encode_prompts(PROMPTS))).sum().backward()
+    # fp32 summation order differs between the batched (cond, uncond) forward and the plain one: per tensor, an
+    # absolute tolerance of 1e-4 of its largest gradient (a wrong factor s would miss by 2/3 of every value)
     for a, b in zip(guided.trainable_parameters(), plain.trainable_parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6 + 1e-4 * float(b.grad.abs().max()))
