@@ -13,7 +13,8 @@ evaluation's ODE) on
 - the same prompts from --noise-seeds other noises (their mean): what the policy learned about the prompts and
   not about one draw of them,
 - the fresh held-out sets 101… (`--sets`, 48 prompts per category), as `benchmarks/sample_efficiency.py` does;
-- and it reports the training rollouts' mean reward per interval (each reward's own mean), what the update climbs.
+- and, after the run, the training rollouts' mean reward per interval (the learner's per-iteration means), what the
+  update climbs.
 `--prompts N` keeps the first N of the draw (single, counting, … in category order); `--repeats R` scores every
 trained prompt R times per noise seed, each copy its own noise (a few prompts need more than one image each).
 
@@ -32,7 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,39 +73,28 @@ def run(per_category: int, iterations: int, eval_every: int, seed: int, *, promp
                                    verifier=True)["overall"]["verifier_score"]
 
     curve, t0 = [], time.perf_counter()
-    train_rewards: list[dict] = []  # one entry per scored rollout batch and reward, in order
-
-    def recorded(name: str, fn):
-        def score_batch(images, prompts_):
-            out = np.asarray(fn(images, prompts_), dtype=np.float32)
-            train_rewards.append({"name": name, "mean": float(out.mean())})
-            return out
-        return score_batch
 
     def observe(m: int, learner) -> None:
         done = m + 1
         if done in (0, iterations) or done % eval_every == 0:
-            since = train_rewards[seen[0]:]
-            seen[0] = len(train_rewards)
-            means = {n: statistics.mean(r["mean"] for r in since if r["name"] == n)
-                     for n in sorted({r["name"] for r in since})}
             row = {"iterations": done, "own_noise": score(learner.policy, scored, prompt_seed),
                    "other_noise": statistics.mean(score(learner.policy, scored, s) for s in noise_seeds),
-                   "fresh": statistics.mean(score(learner.policy, ps, s) for s, ps in fresh) if fresh else None,
-                   "train_reward": means}
+                   "fresh": statistics.mean(score(learner.policy, ps, s) for s, ps in fresh) if fresh else None}
             curve.append(row)
             fresh_text = f"; fresh sets {row['fresh']:.3f}" if fresh else ""
-            train_text = ", ".join(f"{n} {v:.3f}" for n, v in means.items())
             log(f"{done} iterations: trained prompts {row['own_noise']:.3f} (their noise), {row['other_noise']:.3f} "
-                f"({len(noise_seeds)} other noises){fresh_text}; training rollouts since the last: "
-                f"{train_text or '-'}  ({time.perf_counter() - t0:.0f} s)")
+                f"({len(noise_seeds)} other noises){fresh_text}  ({time.perf_counter() - t0:.0f} s)")
 
-    seen = [0]
-    sink = LocalRewards.from_specs(cfg.reward.rewards)
-    stats, _, _ = run_inprocess(cfg, LocalRewards({n: recorded(n, f) for n, f in sink.fns.items()}), observe)
-    return {"prompts": prompts, "curve": curve,
-            "reward_means": [{k[len("reward_mean/"):]: v for k, v in st.items() if k.startswith("reward_mean/")}
-                             for st in stats]}
+    stats, _, _ = run_inprocess(cfg, LocalRewards.from_specs(cfg.reward.rewards), observe)
+    reward_means = [{k[len("reward_mean/"):]: v for k, v in st.items() if k.startswith("reward_mean/")}
+                    for st in stats]
+    for before, row in zip([0, *(r["iterations"] for r in curve)], curve, strict=False):
+        its = reward_means[before:row["iterations"]]  # the iterations since the last scoring
+        row["train_reward"] = {n: statistics.mean(m[n] for m in its) for n in (its[0] if its else {})}
+        if its:
+            log(f"iterations {before + 1}-{row['iterations']}: training rollouts "
+                + ", ".join(f"{n} {v:.3f}" for n, v in row["train_reward"].items()))
+    return {"prompts": prompts, "curve": curve, "reward_means": reward_means}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,8 @@ def test_trains_on_the_fixed_prompts_and_scores_them_three_ways(tmp_path):
     assert (tmp_path / "prompts.txt").read_text().split("\n")[:-1] == prompts
     source = PromptSource("file", 3, str(tmp_path / "prompts.txt"), shapes_grammar=True)
     assert {p for i in range(2) for p in source.for_iteration(i, 2)} <= set(prompts)  # what the rollouts drew from
-    assert [r["iterations"] for r in result["curve"]] == [0, 1, 2] and len(lines) == 3
+    assert [r["iterations"] for r in result["curve"]] == [0, 1, 2] and len(lines) == 5  # 3 scorings, 2 intervals
+    assert lines[3].startswith("iterations 1-1: training rollouts") and lines[4].startswith("iterations 2-2:")
     for r in result["curve"]:
         assert all(0.0 <= r[k] <= 1.0 for k in ("own_noise", "other_noise", "fresh"))
     # iteration 0 is the base: the same numbers as the evaluation of the shipped policy
@@ -50,7 +51,7 @@ def test_a_few_prompts_scored_repeatedly_and_the_training_rewards_per_interval(t
     assert result["prompts"] == shapes_prompts("train", 1, 11)[:2]  # single, counting
     assert [r["iterations"] for r in result["curve"]] == [0, 2, 3]
     assert all(r["fresh"] is None for r in result["curve"]) and result["curve"][0]["train_reward"] == {}
-    # each interval's training reward is the mean of the learner's own per-iteration means (one batch each)
+    # each interval's training reward is the mean of the learner's per-iteration means over that interval
     means = result["reward_means"]
     assert len(means) == 3
     for row, its in ((result["curve"][1], means[0:2]), (result["curve"][2], means[2:3])):
