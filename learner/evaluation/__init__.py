@@ -25,9 +25,11 @@ from services.config import Config, RewardSpec
 from .prompts import file_prompts, heldout_prompts, run_prompts, shapes_prompts
 from .sampling import AdapterOff, initial_noise, sample_images
 from .scoring import (
+    HEADROOM,
     ScoreFn,
     eval_record,
     headline,
+    headroom,
     image_requirements,
     image_scores,
     macro_stderr,
@@ -99,7 +101,7 @@ def evaluate_shard(policy, prompts: Sequence[str], shard: tuple[int, int] | None
 def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool, grid: int = 0, **settings) -> dict:
     """`evaluate_shard` results covering the whole set once (any order) → `evaluate`'s dict; `settings` (num_steps,
     shift, seed, hybrid_fraction) are recorded in it; shards with "requirements" add `requirement_rates` and
-    `shape_confusion`."""
+    `shape_confusion` and `headroom`."""
     parts = sorted(parts, key=lambda r: r["shard"][0])
     bounds = [tuple(r["shard"]) for r in parts]
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != len(prompts) or any(
@@ -111,6 +113,7 @@ def combine(prompts: Sequence[str], parts: Sequence[Mapping], *, verifier: bool,
     if all("requirements" in r for r in parts):
         rows = [row for r in parts for row in r["requirements"]]
         result["requirements"], result["shape_confusion"] = requirement_rates(prompts, rows), shape_confusion(rows)
+        result["headroom"] = headroom(prompts, rows)
     if grid > 0:
         idx = grid_indices(len(prompts), grid)
         cells = {i: im for r in parts for i, im in r["grid"].items()}
@@ -139,8 +142,8 @@ def evaluate(policy, prompts: Sequence[str], *, num_steps: int, shift: float, se
 
 
 __all__ = [
-    "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard", "file_prompts", "grid_indices",
-    "headline", "heldout_prompts", "image_requirements", "image_scores", "initial_noise", "macro_stderr",
-    "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts", "sample_images",
-    "score_images", "settings", "shape_confusion", "shapes_prompts", "shards", "summarize",
+    "HEADROOM", "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard", "file_prompts",
+    "grid_indices", "headline", "headroom", "heldout_prompts", "image_requirements", "image_scores", "initial_noise",
+    "macro_stderr", "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts",
+    "sample_images", "score_images", "settings", "shape_confusion", "shapes_prompts", "shards", "summarize",
 ]

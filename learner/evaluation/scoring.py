@@ -130,9 +130,36 @@ def shape_confusion(rows: Sequence[Sequence[int]]) -> dict[str, dict[str, int]]:
     return out
 
 
+HEADROOM = (("as drawn", ()), ("every colour", ("colour",)), ("every relation", ("relation",)),
+            ("colour + relation", ("colour", "relation")), ("no extras", ("extras",)),
+            ("colour + relation + no extras", ("colour", "relation", "extras")), ("every shape", ("shape",)),
+            ("every count", ("count",)), ("shape + count", ("shape", "count")))
+"""`headroom`'s rows: a name and the requirements granted in it."""
+
+
+def headroom(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> dict[str, float]:
+    """`image_requirements` rows → the macro-averaged verifier score if the named requirements were always met and
+    everything else stayed as drawn (`HEADROOM`): "every colour" gives each required object its colour point,
+    "every relation" each relation prompt its point, "no extras" drops the extras from the denominator. "as drawn"
+    is the evaluation's own verifier_score. What a policy that perfects only some requirements could reach: e.g.
+    an update that learns colour and position but not shape stops at "colour + relation"."""
+    rows = np.asarray(rows, np.float64).reshape(len(prompts), 9)
+    cats = [shapes_world.category(p) for p in prompts]
+    objects, has_relation = rows[:, 0], rows[:, 4] >= 0
+    out = {}
+    for name, granted in HEADROOM:
+        points = sum(objects if k in granted else rows[:, j] for k, j in (("colour", 1), ("shape", 2), ("count", 3)))
+        points = points + np.where(has_relation, 1.0 if "relation" in granted else rows[:, 4].clip(0), 0.0)
+        total = 3 * objects + has_relation + (0.0 if "extras" in granted else rows[:, 5])
+        score = points / total
+        out[name] = float(np.mean([score[[i for i, c in enumerate(cats) if c == cat]].mean()
+                                   for cat in dict.fromkeys(cats)]))
+    return out
+
+
 def requirements_table(results: Mapping[str, Mapping]) -> str:
     """{label: result with "requirements"} → one Markdown table, a row per (label, category); and where the result
-    has "shape_confusion", a second table of it."""
+    has "shape_confusion", a second table of it, and where it has "headroom", a third."""
     lines = ["| set | category | n | " + " | ".join(REQUIREMENTS) + " |", "|---|---|---|" + "---|" * len(REQUIREMENTS)]
     for label, r in results.items():
         for cat, m in r["requirements"].items():
@@ -146,6 +173,12 @@ def requirements_table(results: Mapping[str, Mapping]) -> str:
         for label, conf in confusions.items():
             lines += [f"| {label} | {asked} | " + " | ".join(str(row[n]) for n in names) + " |"
                       for asked, row in conf.items()]
+    rooms = {label: r["headroom"] for label, r in results.items() if "headroom" in r}
+    if rooms:
+        lines += ["", "| set | verifier_score if … | " + " | ".join(n for n, _ in HEADROOM) + " |",
+                  "|---|---|" + "---:|" * len(HEADROOM)]
+        lines += [f"| {label} | | " + " | ".join(f"{room[n]:.3f}" for n, _ in HEADROOM) + " |"
+                  for label, room in rooms.items()]
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@ scoring with worked examples, the run's settings per backend, and the eval recor
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -259,6 +261,30 @@ def test_requirement_rates_worked_example():
     assert "| held-out | circle | 0 | 0 | 1 | 1 | 0 |" in table
 
 
+def test_headroom_worked_example():
+    """The verifier score with some requirements granted: a red circle drawn as a red triangle (1 point of 3, one
+    extra: 1/4), a blue square drawn right (3/3), a position prompt with both colours, one shape, no count, the
+    relation wrong and two extras (3/9). Categories are macro-averaged: (single mean + position) / 2."""
+    prompts = ["a red circle", "a blue square", "a red circle left of a blue square"]
+    rows = [[1, 1, 0, 0, -1, 1, 1, -1, -1], [1, 1, 1, 1, -1, 0, 1, -1, -1], [2, 2, 1, 0, 0, 2, 3, -1, -1]]
+    room = evaluation.headroom(prompts, rows)
+    assert [n for n, _ in evaluation.HEADROOM] == list(room)
+
+    def macro(single_a, single_b, position):
+        return ((single_a + single_b) / 2 + position) / 2
+
+    assert room["as drawn"] == pytest.approx(macro(1 / 4, 1, 3 / 9))
+    assert room["every colour"] == pytest.approx(room["as drawn"])  # every colour was already there
+    assert room["every relation"] == pytest.approx(macro(1 / 4, 1, 4 / 9))
+    assert room["no extras"] == pytest.approx(macro(1 / 3, 1, 3 / 7))
+    assert room["colour + relation + no extras"] == pytest.approx(macro(1 / 3, 1, 4 / 7))
+    assert room["every shape"] == pytest.approx(macro(2 / 4, 1, 4 / 9))
+    assert room["shape + count"] == pytest.approx(macro(3 / 4, 1, 6 / 9))
+    table = evaluation.requirements_table({"held-out": {"requirements": evaluation.requirement_rates(prompts, rows),
+                                                         "headroom": room}})
+    assert f"| held-out | | {room['as drawn']:.3f} | {room['every colour']:.3f} |" in table
+
+
 def test_the_breakdown_survives_sharding_and_matches_the_images():
     """The requirement rates of a sharded evaluation are those of one process, and they are the verifier's counts
     on the very images the scores came from (recomputed here from the sampled images)."""
@@ -285,6 +311,21 @@ def test_the_breakdown_survives_sharding_and_matches_the_images():
             key = (spec.objects[0][1], mine[0] if len(mine) == 1 else "none" if not mine else "several")
             drawn[key] = drawn.get(key, 0) + 1
     assert {(a, d): k for a, row in whole["shape_confusion"].items() for d, k in row.items() if k} == drawn
+    # the headroom through the verifier's own verdict: the requirements granted on its Requirements, then re-scored
+    cats = [shapes_world.category(p) for p in prompts]
+
+    def granted(r, **kw):
+        return dataclasses.replace(r, **kw).verdict.score
+
+    for name, fn in [("as drawn", lambda r: r.verdict.score),
+                     ("colour + relation", lambda r: granted(r, colour=r.objects,
+                                                             relation=None if r.relation is None else True)),
+                     ("no extras", lambda r: granted(r, extras=0)),
+                     ("shape + count", lambda r: granted(r, shape=r.objects, count=r.objects))]:
+        per_image = np.array([fn(r) for r in reqs])
+        macro = np.mean([per_image[[i for i, c in enumerate(cats) if c == cat]].mean() for cat in dict.fromkeys(cats)])
+        assert whole["headroom"][name] == pytest.approx(macro), name
+    assert whole["headroom"]["as drawn"] == pytest.approx(whole["overall"]["verifier_score"])
     assert "requirements" not in evaluation.evaluate(policy, prompts, **kw)  # only on request
     with pytest.raises(ValueError, match="shapes verifier"):
         evaluation.evaluate_shard(policy, prompts, (0, 4), num_steps=4, shift=3.0, seed=9, verifier=False,
