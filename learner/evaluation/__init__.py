@@ -142,8 +142,9 @@ def evaluate(policy, prompts: Sequence[str], *, num_steps: int, shift: float, se
 
 
 __all__ = [
-    "HEADROOM", "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard", "file_prompts",
-    "grid_indices", "headline", "headroom", "heldout_prompts", "image_requirements", "image_scores", "initial_noise",
-    "macro_stderr", "markdown_table", "requirement_rates", "requirements_table", "reward_specs", "run_prompts",
-    "sample_images", "score_images", "settings", "shape_confusion", "shapes_prompts", "shards", "summarize",
+    "HEADROOM", "AdapterOff", "ScoreFn", "combine", "eval_record", "evaluate", "evaluate_shard",
+    "file_prompts", "grid_indices", "headline", "headroom", "heldout_prompts", "image_requirements",
+    "image_scores", "initial_noise", "macro_stderr", "markdown_table", "requirement_rates",
+    "requirements_table", "reward_specs", "run_prompts", "sample_images", "score_images", "settings",
+    "shape_confusion", "shapes_prompts", "shards", "summarize",
 ]

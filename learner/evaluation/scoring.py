@@ -138,17 +138,19 @@ HEADROOM = (("as drawn", ()), ("every colour", ("colour",)), ("every relation", 
 
 
 def headroom(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> dict[str, float]:
-    """`image_requirements` rows → the macro-averaged verifier score if the named requirements were always met and
-    everything else stayed as drawn (`HEADROOM`): "every colour" gives each required object its colour point,
-    "every relation" each relation prompt its point, "no extras" drops the extras from the denominator. "as drawn"
-    is the evaluation's own verifier_score. What a policy that perfects only some requirements could reach: e.g.
-    an update that learns colour and position but not shape stops at "colour + relation"."""
+    """`image_requirements` rows → the macro-averaged verifier score with the named requirements' points granted and
+    everything else as drawn (`HEADROOM`): "every colour" gives each required object its colour point, "every
+    relation" each relation prompt its point, "no extras" drops the extras from the denominator; "as drawn" is the
+    evaluation's own verifier_score. A per-requirement counterfactual: the knock-on effects are not followed
+    (a colour fixed would often fix the count and remove an extra too; a relation needs the right shapes), so a
+    row is neither an upper nor a lower bound, only a measure of where the points are lost."""
     rows = np.asarray(rows, np.float64).reshape(len(prompts), 9)
     cats = [shapes_world.category(p) for p in prompts]
     objects, has_relation = rows[:, 0], rows[:, 4] >= 0
     out = {}
     for name, granted in HEADROOM:
-        points = sum(objects if k in granted else rows[:, j] for k, j in (("colour", 1), ("shape", 2), ("count", 3)))
+        points = sum(objects if k in granted else rows[:, j]
+                     for k, j in (("colour", 1), ("shape", 2), ("count", 3)))
         points = points + np.where(has_relation, 1.0 if "relation" in granted else rows[:, 4].clip(0), 0.0)
         total = 3 * objects + has_relation + (0.0 if "extras" in granted else rows[:, 5])
         score = points / total
@@ -175,9 +177,9 @@ def requirements_table(results: Mapping[str, Mapping]) -> str:
                       for asked, row in conf.items()]
     rooms = {label: r["headroom"] for label, r in results.items() if "headroom" in r}
     if rooms:
-        lines += ["", "| set | verifier_score if … | " + " | ".join(n for n, _ in HEADROOM) + " |",
-                  "|---|---|" + "---:|" * len(HEADROOM)]
-        lines += [f"| {label} | | " + " | ".join(f"{room[n]:.3f}" for n, _ in HEADROOM) + " |"
+        lines += ["", "| verifier_score with these points granted: set | " + " | ".join(n for n, _ in HEADROOM) + " |",
+                  "|---|" + "---:|" * len(HEADROOM)]
+        lines += [f"| {label} | " + " | ".join(f"{room[n]:.3f}" for n, _ in HEADROOM) + " |"
                   for label, room in rooms.items()]
     return "\n".join(lines)
 

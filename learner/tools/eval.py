@@ -17,9 +17,9 @@ held-out sets: the in-run set is seed `run.eval_seed`.
 
 `--breakdown` (tiny) adds what the verifier counted, per category: the fraction of required objects drawn in the
 right colour, in the right shape and in exactly the right number, of relations that hold, and the extra and
-detected objects per image, so a score's change can be read as which requirement moved; and the headroom, the score
-the same images would get if some requirements were always met (`evaluation.headroom`): on the shipped base, sets
-101–102, colour and relation perfect would add +0.052, which is where the default job's gain stops.
+detected objects per image, so a score's change can be read as which requirement moved; and the headroom, the
+score the same images would get with some requirements' points granted (`evaluation.headroom`): where the points
+are lost (README, "Why the gain stops near +0.05").
 
 Hybrid inference (MixGRPO paper, Sec. "hybrid inference"): the trained model integrates the first
 round(F·N) ODE steps, where the layout is decided, and the base model (the run's starting checkpoint)
