@@ -9,6 +9,7 @@ list does not tilt it towards its biggest category.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -143,20 +144,25 @@ def headroom(prompts: Sequence[str], rows: Sequence[Sequence[int]]) -> dict[str,
     relation" each relation prompt its point, "no extras" drops the extras from the denominator; "as drawn" is the
     evaluation's own verifier_score. A per-requirement counterfactual: the knock-on effects are not followed
     (a colour fixed would often fix the count and remove an extra too; a relation needs the right shapes), so a
-    row is neither an upper nor a lower bound, only a measure of where the points are lost."""
-    rows = np.asarray(rows, np.float64).reshape(len(prompts), 9)
-    cats = [shapes_world.category(p) for p in prompts]
-    objects, has_relation = rows[:, 0], rows[:, 4] >= 0
-    out = {}
-    for name, granted in HEADROOM:
-        points = sum(objects if k in granted else rows[:, j]
-                     for k, j in (("colour", 1), ("shape", 2), ("count", 3)))
-        points = points + np.where(has_relation, 1.0 if "relation" in granted else rows[:, 4].clip(0), 0.0)
-        total = 3 * objects + has_relation + (0.0 if "extras" in granted else rows[:, 5])
-        score = points / total
-        out[name] = float(np.mean([score[[i for i, c in enumerate(cats) if c == cat]].mean()
-                                   for cat in dict.fromkeys(cats)]))
-    return out
+    row is neither an upper nor a lower bound, only a measure of where the points are lost. Scored by the verifier's
+    own rule (`shapes_world.Requirements.verdict`) and macro-averaged as `summarize` does."""
+    if len(rows) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(rows)} requirement rows")
+    drawn = [shapes_world.Requirements(o, c, s, n, None if rel < 0 else bool(rel), e, f)
+             for o, c, s, n, rel, e, f, *_ in rows]
+    scores = {name: [_granted(r, granted).verdict.score for r in drawn] for name, granted in HEADROOM}
+    return summarize(prompts, scores, verifier=True)["overall"]
+
+
+def _granted(r: shapes_world.Requirements, granted: Sequence[str]) -> shapes_world.Requirements:
+    """`r` with the points of `granted` given: colour / shape / count for every required object, the relation where
+    the prompt has one, no extras."""
+    change = {k: r.objects for k in ("colour", "shape", "count") if k in granted}
+    if "relation" in granted and r.relation is not None:
+        change["relation"] = True
+    if "extras" in granted:
+        change["extras"] = 0
+    return dataclasses.replace(r, **change)
 
 
 def requirements_table(results: Mapping[str, Mapping]) -> str:
