@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
                     if why:
                         rows.append({"params": n, "path": path, "workers": workers, "skipped": why})
                     print("  " + markdown(rows[-1:]).splitlines()[-1], flush=True)
+                    if args.out:  # kept row by row: a run cut short by a time bound still leaves its rows
+                        args.out.parent.mkdir(parents=True, exist_ok=True)
+                        args.out.write_text(f"(in progress: {len(rows)} configurations so far)\n\n{markdown(rows)}\n")
     finally:
         store = ray.cluster_resources().get("object_store_memory", 0)
         ray.shutdown()
