@@ -64,7 +64,8 @@ def retry_after_s(value: str | None) -> float | None:
 class LocalRewards:
     """A reward sink scoring in this process with plain functions (images, prompts) → scores: no Ray, no HTTP.
 
-    For in-process tools and reference runs; `from_specs` uses the same scorers the Serve replicas run.
+    For in-process tools and reference runs; `from_specs` builds the same scorers, with the same options, that the
+    Serve replicas run (`reward_servers/worker.py`).
     `submit` returns an already completed Future, like `RewardClient.submit`'s.
     """
 
@@ -75,7 +76,7 @@ class LocalRewards:
     def from_specs(cls, specs: Iterable[RewardSpec]) -> LocalRewards:
         from reward_servers.scorers import build_scorer
 
-        return cls({s.name: build_scorer(s.name, s.model_path).score for s in specs})
+        return cls({s.name: build_scorer(s.name, s.model_path, **s.options).score for s in specs})
 
     def submit(self, name: str, images: np.ndarray, prompts: Sequence[str]) -> Future[np.ndarray]:
         fut: Future[np.ndarray] = Future()

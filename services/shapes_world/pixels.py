@@ -47,9 +47,17 @@ class Requirements:
     found: int
 
     @property
+    def points(self) -> int:
+        return self.colour + self.shape + self.count + bool(self.relation)
+
+    @property
+    def total(self) -> int:
+        """The most points the prompt can give: 3 per required object, 1 for a relation."""
+        return 3 * self.objects + (self.relation is not None)
+
+    @property
     def verdict(self) -> Verdict:
-        points = self.colour + self.shape + self.count + bool(self.relation)
-        total = 3 * self.objects + (self.relation is not None)
+        points, total = self.points, self.total
         return Verdict(score=points / (total + self.extras), strict=points == total and self.extras == 0)
 
 

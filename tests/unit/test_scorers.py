@@ -75,6 +75,37 @@ def test_shapes_verifier_matches_verify_on_renders_and_corruptions(shapes_batch,
     assert (scores < 1.0).all()
 
 
+def test_local_rewards_build_each_scorer_with_its_options(corrupted):
+    """The in-process path (sample_efficiency, diagnose, the screens) scores what a Serve replica would: the spec's
+    options reach the scorer (they were once dropped there, and a `strict` screen ran the partial verifier)."""
+    from reward_servers.client import LocalRewards
+    from services.config.sections import RewardSpec
+
+    images, prompts = corrupted
+    strict = LocalRewards.from_specs([RewardSpec(name="shapes_verifier", options={"strict": True})])
+    partial = LocalRewards.from_specs([RewardSpec(name="shapes_verifier")])
+    got = strict.submit("shapes_verifier", images, prompts).result()
+    expected = [float(sw.verify(p, im).strict) for p, im in zip(prompts, images)]
+    assert got.tolist() == expected == [0.0] * len(prompts)  # every corruption fails the strict pass …
+    assert (partial.submit("shapes_verifier", images, prompts).result() > 0).any()  # … not the partial score
+    with pytest.raises(TypeError, match="shapes_verifier"):
+        LocalRewards.from_specs([RewardSpec(name="shapes_verifier", options={"strictness": 1})])
+
+
+def test_verifier_extras_weight_worked_example():
+    """points / (max points + w × extras): a red circle asked as "a red square" has 1 point of 3 and one extra."""
+    rng = np.random.default_rng(0)
+    circle = sw.render("a red circle", rng)[None]
+    two = sw.render("a red circle and a blue triangle", rng)[None]  # one named object, one extra for "a red circle"
+    for w, square, one_of_two in [(1.0, 1 / 4, 3 / 4), (3.0, 1 / 6, 3 / 6), (0.0, 1 / 3, 1.0)]:
+        scorer = build_scorer("shapes_verifier", extras_weight=w)
+        assert scorer.score(circle, ["a red square"])[0] == pytest.approx(square)
+        assert scorer.score(two, ["a red circle"])[0] == pytest.approx(one_of_two)
+    assert build_scorer("shapes_verifier").score(two, ["a red circle"])[0] == sw.verify("a red circle", two[0]).score
+    with pytest.raises(ValueError, match="extras_weight"):
+        build_scorer("shapes_verifier", extras_weight=-1)
+
+
 def test_shapes_scorers_refuse_bad_prompts_and_sizes(shapes_batch):
     images, prompts = shapes_batch
     for name in ("shapes_verifier", "shapes_reward"):
