@@ -11,11 +11,12 @@
 # jsonschema==4.26.0 jsonschema-specifications referencing rpds-py importlib-metadata
 set -euo pipefail
 wheels=$1 out=$2
+ls "$wheels"/*.whl >/dev/null 2>&1 || { echo "no wheels in $wheels" >&2; exit 1; }
 site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
 for w in "$wheels"/*.whl; do python3 -m zipfile -e "$w" "$site"; done
 rm -rf "$site"/ray/jars "$site"/ray/rllib "$site"/ray/llm
 find "$site" -name __pycache__ -prune -exec rm -rf {} +
-chmod +x "$site"/ray/core/src/ray/*/* 2>/dev/null || true
+chmod +x "$site"/ray/core/src/ray/raylet/raylet "$site"/ray/core/src/ray/gcs/gcs_server  # zip drops the mode bits
 tar cJf "$out" -C "$site" .
-rm -rf "$site"
 ls -la "$out"

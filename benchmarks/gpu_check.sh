@@ -3,7 +3,7 @@
 # $OUT (or ./gpu_out), each part bounded so that one slow part cannot eat the others' time.
 #
 # What it cost on one H200 (2026-12-04): unpacking the site 10 s; the gpu tier 94 s; the SD3.5-Medium comparison
-# about 60 s to build the random-weight pipeline and start Ray, then per method ~45 s of start-up and evaluations
+# 35–60 s to build the random-weight pipeline and start Ray, then per method ~45 s of start-up and evaluations
 # plus its iterations (DanceGRPO 55 + 44 s, MixGRPO 23 + 20 s, Flash ~17 s each). A call runs 600 s at most and a
 # session has 15 minutes of device time, so use two calls, the second at once while the machine is warm:
 #
@@ -17,7 +17,8 @@ set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ]; then
-  mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
+  mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site || { echo "could not unpack .whl/site.tar.xz"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -25,20 +26,34 @@ python3 -c "import torch, ray, diffusers, transformers, peft; print('torch', tor
 torch.cuda.device_count(), 'GPUs; ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
+echo "settings: TESTS=${TESTS:-1} SYNC=${SYNC:-1} COMPARE=${COMPARE:-1} ARCH=${ARCH:-sd3_5_medium} METHODS=${METHODS:-default}" \
+  "ITERATIONS=${ITERATIONS:-2} GPU_TESTS_S=${GPU_TESTS_S:-200} SYNC_S=${SYNC_S:-90} COMPARE_S=${COMPARE_S:-480}" | tee -a "$OUT/gpu.txt"
+# after each part: no Ray process a bound cut short keeps the GPU (the tarball installs no `ray` command)
+ray_stop() { python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1; }
 # the gpu tier only: collecting the whole suite would import the CPU tiers' optional test tools
-[ "${TESTS:-1}" = 1 ] && timeout ${GPU_TESTS_S:-200} python3 -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
-[ "${SYNC:-1}" = 1 ] && timeout ${SYNC_S:-90} python3 benchmarks/weight_sync.py --device cuda --dtype bf16 --sizes 1e8 2.5e9 --max-params 3e9 \
-  --workers 1 --repeats 2 --out "$OUT/weight_sync_gpu.md" 2>&1 | grep -v "^INFO\|logging.cc" | tail -15
+[ "${TESTS:-1}" = 1 ] && timeout -k 15 ${GPU_TESTS_S:-200} python3 -m pytest tests/gpu -m gpu -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -40
+ray_stop
+[ "${SYNC:-1}" = 1 ] && timeout -k 15 ${SYNC_S:-90} python3 benchmarks/weight_sync.py --device cuda --dtype bf16 --sizes 1e8 2.5e9 --max-params 3e9 \
+  --workers 1 --repeats 2 --out "$OUT/weight_sync_gpu.md" 2>&1 | grep -v "^INFO\|logging.cc" | tee "$OUT/weight_sync.log" | tail -15
+ray_stop
 ARCH=${ARCH:-sd3_5_medium}
-[ "${COMPARE:-1}" = 1 ] && timeout ${COMPARE_S:-480} python3 benchmarks/compare_methods.py --architecture $ARCH --device cuda \
-  --methods ${METHODS:-dance_grpo mixgrpo mixgrpo_flash mixgrpo_flash_star} --iterations ${ITERATIONS:-2} \
-  --workdir /tmp/arch_$ARCH --out "$OUT/compare_$ARCH.md" 2>&1 | grep -v "^INFO\|logging.cc" | tee "$OUT/compare.log" | tail -30
-# each run's iterations as they were logged, also when the table above was cut short by the timeout
-ARCH=$ARCH python3 - <<'PY' 2>&1 | tee -a "$OUT/compare.log"
+if [ "${COMPARE:-1}" = 1 ]; then
+  rm -rf "/tmp/arch_$ARCH"  # metrics.jsonl appends: a rerun on a warm machine must not mix two runs
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv >> "$OUT/gpu.txt"
+  timeout -k 15 ${COMPARE_S:-480} python3 benchmarks/compare_methods.py --architecture $ARCH --device cuda \
+    --methods ${METHODS:-dance_grpo mixgrpo mixgrpo_flash mixgrpo_flash_star} --iterations ${ITERATIONS:-2} \
+    --workdir /tmp/arch_$ARCH --out "$OUT/compare_$ARCH.md" 2>&1 | grep -v "^INFO\|logging.cc" | tee "$OUT/compare.log" | tail -30
+  # each run's iterations as they were logged, also when the table above was cut short by the timeout
+  ARCH=$ARCH python3 - <<'PY' 2>&1 | tee -a "$OUT/compare.log"
 import json, os, pathlib
 for f in sorted(pathlib.Path(f"/tmp/arch_{os.environ['ARCH']}").glob("*/metrics.jsonl")):
-    recs = [json.loads(line) for line in f.read_text().splitlines()]
-    train = [r for r in recs if r["kind"] == "train"]
+    recs = []
+    for line in f.read_text().splitlines():  # a line cut by the kill is skipped, not fatal
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            pass
+    train = [r for r in recs if r.get("kind") == "train"]
     for a, b in zip([None] + train, train):
         t = b["rollout_timings"]
         print(f.parent.name, "iter", b["iteration"], "s/iter", None if a is None else round(b["time"] - a["time"], 2),
@@ -47,5 +62,7 @@ for f in sorted(pathlib.Path(f"/tmp/arch_{os.environ['ARCH']}").glob("*/metrics.
               "image_evals", b["image_evals"], "steps/row", b["steps_per_row"], "ratio_dev", b["first_ratio_dev"],
               "version", b["weight_version"])
 PY
+  ray_stop
+fi
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv >> "$OUT/gpu.txt"
 ls -la "$OUT"

@@ -284,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                     print("  " + markdown(rows[-1:]).splitlines()[-1], flush=True)
                     if args.out:  # kept row by row: a run cut short by a time bound still leaves its rows
                         args.out.parent.mkdir(parents=True, exist_ok=True)
-                        args.out.write_text(f"(in progress: {len(rows)} configurations so far)\n\n{markdown(rows)}\n")
+                        partial = args.out.with_name(args.out.name + ".part")
+                        partial.write_text(f"(in progress: {len(rows)} configurations so far)\n\n{markdown(rows)}\n")
+                        os.replace(partial, args.out)  # whole or not at all, also under a kill
     finally:
         store = ray.cluster_resources().get("object_store_memory", 0)
         ray.shutdown()

@@ -24,6 +24,8 @@ class ShapesVerifier:
             raise ValueError(f"shapes_verifier is rule-based; model_path must not be set (got {model_path!r})")
         if not 0.0 <= float(extras_weight) <= 100.0:
             raise ValueError(f"shapes_verifier extras_weight must be in [0, 100], got {extras_weight!r}")
+        if strict and float(extras_weight) != 1.0:
+            raise ValueError("shapes_verifier: strict scores 0/1 and ignores extras_weight; set one of them")
         self.strict, self.extras_weight = bool(strict), float(extras_weight)
 
     def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
@@ -36,8 +38,8 @@ class ShapesVerifier:
         if self.strict:
             return np.array([float(r.verdict.strict) for r in counts], dtype=np.float32)
         w = self.extras_weight
-        return np.array([r.verdict.score if w == 1.0 else r.points / (r.total + w * r.extras) for r in counts],
-                        dtype=np.float32)
+        scores = [r.verdict.score if w == 1.0 else r.points / (r.total + w * r.extras) for r in counts]
+        return np.array(scores, dtype=np.float32)
 
     def info(self) -> dict[str, object]:
         return {"architecture": "rule verifier (services.shapes_world.verify)", "strict": self.strict, "extras_weight": self.extras_weight,

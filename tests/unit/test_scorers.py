@@ -104,6 +104,8 @@ def test_verifier_extras_weight_worked_example():
     assert build_scorer("shapes_verifier").score(two, ["a red circle"])[0] == sw.verify("a red circle", two[0]).score
     with pytest.raises(ValueError, match="extras_weight"):
         build_scorer("shapes_verifier", extras_weight=-1)
+    with pytest.raises(ValueError, match="strict"):
+        build_scorer("shapes_verifier", strict=True, extras_weight=3)
 
 
 def test_shapes_scorers_refuse_bad_prompts_and_sizes(shapes_batch):
