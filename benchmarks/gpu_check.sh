@@ -7,9 +7,9 @@
 # plus its iterations (DanceGRPO 55 + 44 s, MixGRPO 23 + 20 s, Flash ~17 s each). A call runs 600 s at most and a
 # session has 15 minutes of device time, so use two calls, the second at once while the machine is warm:
 #
-#   TESTS=1 SYNC=1 COMPARE=0 bash benchmarks/gpu_check.sh     # ~3 min: the gpu tier, weight sync (1e8, 2.5e9)
-#   TESTS=0 SYNC=0 bash benchmarks/gpu_check.sh               # ~8 min: DanceGRPO, MixGRPO, Flash, Flash*, 2 iterations
-#   TESTS=0 SYNC=0 ARCH=flux_dev METHODS="mixgrpo_flash" ITERATIONS=2 bash benchmarks/gpu_check.sh   # FLUX, untimed yet
+#   TESTS=1 SYNC=1 CFGB=1 COMPARE=0 bash benchmarks/gpu_check.sh   # ~4 min: gpu tier, weight sync, cfg_backward
+#   TESTS=0 SYNC=0 CFGB=0 bash benchmarks/gpu_check.sh        # ~8 min: DanceGRPO, MixGRPO, Flash, Flash*, 2 iterations
+#   TESTS=0 SYNC=0 CFGB=0 ARCH=flux_dev METHODS="mixgrpo_flash" ITERATIONS=2 bash benchmarks/gpu_check.sh   # FLUX, untimed yet
 #
 # A machine without network that lacks Ray, diffusers or the Serve stack gets them from .whl/site.tar.xz when it
 # is there (benchmarks/device_site.sh packs it; carry `.whl` with the working tree).
@@ -26,7 +26,7 @@ python3 -c "import torch, ray, diffusers, transformers, peft; print('torch', tor
 torch.cuda.device_count(), 'GPUs; ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
-echo "settings: TESTS=${TESTS:-1} SYNC=${SYNC:-1} COMPARE=${COMPARE:-1} ARCH=${ARCH:-sd3_5_medium} METHODS=${METHODS:-default}" \
+echo "settings: TESTS=${TESTS:-1} SYNC=${SYNC:-1} CFGB=${CFGB:-1} COMPARE=${COMPARE:-1} ARCH=${ARCH:-sd3_5_medium} METHODS=${METHODS:-default}" \
   "ITERATIONS=${ITERATIONS:-2} GPU_TESTS_S=${GPU_TESTS_S:-200} SYNC_S=${SYNC_S:-90} COMPARE_S=${COMPARE_S:-480}" | tee -a "$OUT/gpu.txt"
 # after each part: no Ray process a bound cut short keeps the GPU (the tarball installs no `ray` command)
 ray_stop() { python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1; }
@@ -36,6 +36,9 @@ ray_stop
 [ "${SYNC:-1}" = 1 ] && timeout -k 15 ${SYNC_S:-90} python3 benchmarks/weight_sync.py --device cuda --dtype bf16 --sizes 1e8 2.5e9 --max-params 3e9 \
   --workers 1 --repeats 2 --out "$OUT/weight_sync_gpu.md" 2>&1 | grep -v "^INFO\|logging.cc" | tee "$OUT/weight_sync.log" | tail -15
 ray_stop
+# the learner's step under CFG, reference way against ours, at SD3.5-Medium's real per-GPU shape (~1 min)
+[ "${CFGB:-1}" = 1 ] && timeout -k 15 ${CFGB_S:-150} python3 benchmarks/cfg_backward.py --device cuda --layers 24 \
+  --size 512 --text 333 --checkpointing --rows 3 --out "$OUT/cfg_backward_gpu.md" 2>&1 | tail -6
 ARCH=${ARCH:-sd3_5_medium}
 if [ "${COMPARE:-1}" = 1 ]; then
   rm -rf "/tmp/arch_$ARCH"  # metrics.jsonl appends: a rerun on a warm machine must not mix two runs

@@ -16,8 +16,9 @@ weights are read or allocated). What each role holds (learner/driver/build.py):
 
 Activations, per transformer block (Korthikanti et al., 2022, with memory-efficient attention, i.e. without the
 s² term): 34·s·b·h bytes in bf16 (twice that in fp32), s tokens, b rows, h hidden; with gradient checkpointing
-2·s·b·h bytes per block plus one block's 34·s·b·h. b = micro_batch_size × window steps per backward
-(× 2 with classifier-free guidance: SD3, tiny). Inference keeps about INFERENCE_LIVE_TENSORS such (s, b, h) tensors
+2·s·b·h bytes per block plus one block's 34·s·b·h. b = micro_batch_size × window steps per backward (the
+learner runs classifier-free guidance's negative branch without a graph; a rollout's b doubles with it: SD3,
+tiny). Inference keeps about INFERENCE_LIVE_TENSORS such (s, b, h) tensors
 alive. These are estimates, stated so: the check refuses only what is clearly too big, and reports the parts.
 """
 
@@ -194,7 +195,7 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
     window = cfg.window.size if cfg.sampler.branching == "none" else 1  # branched: one transition per row
     learner.parts["window latents (fp32)"] = cfg.rollout.batch_size * window * arch.latent_numel * 4 * 2 / GB
     steps = lc.timesteps_per_backward or window
-    learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * min(steps, window) * cfg_rows,
+    learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * min(steps, window),
                                                  checkpointing=m.gradient_checkpointing, bf16=m.autocast_bf16)
 
     # rollout worker

@@ -262,6 +262,19 @@ def test_sd3_classifier_free_guidance(sd3_dir):
     (3.0 * plain.velocity(x, sigma, plain.encode_prompts(PROMPTS)).sum()).backward()
     for a, b in zip(guided.trainable_parameters(), plain.trainable_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    # sampling runs both branches as one batch of 2B; under autograd only the B conditional rows build a graph
+    calls = []
+    hook = guided.pipe.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["hidden_states"].shape[0], torch.is_grad_enabled())),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            sampled = guided.velocity(x, sigma, cond)
+        trained = guided.velocity(x, sigma, cond)
+    finally:
+        hook.remove()
+    assert calls == [(4, False), (2, False), (2, True)]
+    torch.testing.assert_close(trained, sampled, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["sd3", "flux"])

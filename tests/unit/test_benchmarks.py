@@ -303,3 +303,15 @@ def test_sample_efficiency_refuses_sets_that_include_the_in_run_set(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--first-set", "1233", "--sets", "2", "--seeds", "1", "--iterations", "1"])
     assert e.value.code == 2 and "includes the in-run set (seed 1234)" in capsys.readouterr().err
+
+
+def test_cfg_backward_times_both_ways_with_the_same_gradient(tmp_path, capsys):
+    """benchmarks/cfg_backward.py: one real SD3.5-Medium block at a toy size; both rows present, the gradients agree."""
+    from benchmarks.cfg_backward import main as cfg_backward
+
+    out = tmp_path / "cfg.md"
+    assert cfg_backward(["--layers", "1", "--size", "32", "--text", "4", "--repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| one 2B batch, negative detached (reference) |" in text and "| negative without a graph, B rows (ours) |" in text
+    difference = float(text.split("largest relative difference ")[1].split()[0])
+    assert difference < 1e-4
