@@ -42,5 +42,5 @@ class ShapesVerifier:
         return np.array(scores, dtype=np.float32)
 
     def info(self) -> dict[str, object]:
-        return {"architecture": "rule verifier (services.shapes_world.verify)", "strict": self.strict, "extras_weight": self.extras_weight,
-                "image_size": shapes_world.IMAGE_SIZE}
+        return {"architecture": "rule verifier (services.shapes_world.verify)", "strict": self.strict,
+                "extras_weight": self.extras_weight, "image_size": shapes_world.IMAGE_SIZE}
