@@ -37,9 +37,7 @@ class ShapesVerifier:
         counts = [shapes_world.requirements(p, img) for p, img in zip(prompts, images, strict=True)]
         if self.strict:
             return np.array([float(r.verdict.strict) for r in counts], dtype=np.float32)
-        w = self.extras_weight
-        scores = [r.verdict.score if w == 1.0 else r.points / (r.total + w * r.extras) for r in counts]
-        return np.array(scores, dtype=np.float32)
+        return np.array([r.score(self.extras_weight) for r in counts], dtype=np.float32)
 
     def info(self) -> dict[str, object]:
         return {"architecture": "rule verifier (services.shapes_world.verify)", "strict": self.strict,

@@ -55,10 +55,13 @@ class Requirements:
         """The most points the prompt can give: 3 per required object, 1 for a relation."""
         return 3 * self.objects + (self.relation is not None)
 
+    def score(self, extras_weight: float = 1.0) -> float:
+        """points / (total + extras_weight × extras): `verify`'s partial credit at the default weight 1."""
+        return self.points / (self.total + extras_weight * self.extras)
+
     @property
     def verdict(self) -> Verdict:
-        points, total = self.points, self.total
-        return Verdict(score=points / (total + self.extras), strict=points == total and self.extras == 0)
+        return Verdict(score=self.score(), strict=self.points == self.total and self.extras == 0)
 
 
 @dataclass(frozen=True)
