@@ -14,7 +14,7 @@
 # A machine without network that lacks Ray, diffusers or the Serve stack gets them from .whl/site.tar.xz when it
 # is there (benchmarks/device_site.sh packs it; carry `.whl` with the working tree).
 set -u
-OUT=${OUT:-gpu_out}
+OUT=${OUT:-gpu_out} ARCH=${ARCH:-sd3_5_medium}
 mkdir -p "$OUT"
 if [ -f .whl/site.tar.xz ]; then
   mkdir -p /tmp/site && tar xJf .whl/site.tar.xz -C /tmp/site || { echo "could not unpack .whl/site.tar.xz"; exit 1; }
@@ -26,7 +26,7 @@ python3 -c "import torch, ray, diffusers, transformers, peft; print('torch', tor
 torch.cuda.device_count(), 'GPUs; ray', ray.__version__, 'diffusers', diffusers.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 nproc | sed 's/^/cores: /' | tee -a "$OUT/gpu.txt"
-echo "settings: TESTS=${TESTS:-1} SYNC=${SYNC:-1} CFGB=${CFGB:-1} COMPARE=${COMPARE:-1} ARCH=${ARCH:-sd3_5_medium} METHODS=${METHODS:-default}" \
+echo "settings: TESTS=${TESTS:-1} SYNC=${SYNC:-1} CFGB=${CFGB:-1} COMPARE=${COMPARE:-1} ARCH=$ARCH METHODS=${METHODS:-default}" \
   "ITERATIONS=${ITERATIONS:-2} GPU_TESTS_S=${GPU_TESTS_S:-200} SYNC_S=${SYNC_S:-90} COMPARE_S=${COMPARE_S:-480}" | tee -a "$OUT/gpu.txt"
 # after each part: no Ray process a bound cut short keeps the GPU (the tarball installs no `ray` command)
 ray_stop() { python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1; }
@@ -39,7 +39,6 @@ ray_stop
 # the learner's step under CFG, reference way against ours, at SD3.5-Medium's real per-GPU shape (~1 min)
 [ "${CFGB:-1}" = 1 ] && timeout -k 15 ${CFGB_S:-150} python3 benchmarks/cfg_backward.py --device cuda --layers 24 \
   --size 512 --text 333 --checkpointing --rows 3 --out "$OUT/cfg_backward_gpu.md" 2>&1 | tail -6
-ARCH=${ARCH:-sd3_5_medium}
 if [ "${COMPARE:-1}" = 1 ]; then
   rm -rf "/tmp/arch_$ARCH"  # metrics.jsonl appends: a rerun on a warm machine must not mix two runs
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv >> "$OUT/gpu.txt"
