@@ -2,10 +2,12 @@
 # The prepared GPU run for a session that is lent a machine (device tool: `run`). Everything it measures lands in
 # $OUT (or ./gpu_out), each part bounded so that one slow part cannot eat the others' time.
 #
-# What it cost on one H200 (2026-12-04): unpacking the site 10 s; the gpu tier 94 s; the SD3.5-Medium comparison
-# 35–60 s to build the random-weight pipeline and start Ray, then per method ~45 s of start-up and evaluations
-# plus its iterations (DanceGRPO 55 + 44 s, MixGRPO 23 + 20 s, Flash ~17 s each). A call runs 600 s at most and a
-# session has 15 minutes of device time, so use two calls, the second at once while the machine is warm:
+# What it cost on one H200 (2026-12-04, two sessions): unpacking the site 10 s; the gpu tier 57–94 s; cfg_backward
+# ~50 s; the SD3.5-Medium comparison 35–60 s to build the random-weight pipeline and start Ray, then per method ~45 s
+# of start-up and evaluations plus its iterations. At learner micro-batch 3 × 4 those were DanceGRPO 47 + 45 s,
+# MixGRPO 19 + 17 s, Flash 15 + 13 s and Flash* 14 + 13 s: 385 s for the four methods. The learner now runs at
+# 12 × 1 on a GPU, where MixGRPO took 13 + 11 s, so expect less. A call runs 600 s at most and a session has
+# 15 minutes of device time, so use two calls, the second at once while the machine is warm:
 #
 #   TESTS=1 SYNC=1 CFGB=1 COMPARE=0 bash benchmarks/gpu_check.sh   # ~4 min: gpu tier, weight sync, cfg_backward
 #   TESTS=0 SYNC=0 CFGB=0 bash benchmarks/gpu_check.sh        # ~8 min: DanceGRPO, MixGRPO, Flash, Flash*, 2 iterations

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.compare_methods import (
+    LEARNER_MICRO_BATCH,
     PAPER_METHODS,
     PAPER_OVERRIDES,
     PAPER_SHAPE,
@@ -274,6 +275,8 @@ def test_architecture_mode_is_the_papers_per_gpu_shape_for_every_method(architec
         assert cfg.model.height == (720 if architecture == "flux_dev" else 512)
         if preset == "dance_grpo":
             assert cfg.grpo.train_fraction == 0.6
+    for micro, accumulation in LEARNER_MICRO_BATCH.values():  # one optimizer step per group on either device
+        assert micro * accumulation == 12
 
 
 def test_sample_efficiency_gains_worked_example(tmp_path):
