@@ -71,3 +71,18 @@ def test_two_iterations_of_the_sd3_architecture_on_one_gpu(ray_cluster, sd3_dir,
     assert [r["weight_version"] for r in train] == [1, 2]  # every broadcast verified by version and checksum
     assert all(r["first_ratio_dev"] < 1e-3 for r in train)
     assert [e["iteration"] for e in recs if e["kind"] == "eval"] == [-1, 1]
+
+
+def test_the_weight_fingerprint_is_the_same_number_on_the_gpu_as_on_the_cpu():
+    from services.broadcast import WeightPacket, tensor_fingerprint, verify_loaded, weights_checksum
+
+    torch.manual_seed(0)
+    state = {"a": torch.randn(4097, 33), "b": torch.randn(300, dtype=torch.bfloat16), "c": torch.arange(5, dtype=torch.uint8),
+             "d": torch.randn(40_000_000, dtype=torch.bfloat16)}  # d: three levels of folding, two chunks
+    cuda = {k: v.cuda() for k, v in state.items()}
+    for k in state:
+        assert int(tensor_fingerprint(cuda[k])) == int(tensor_fingerprint(state[k])), k
+    packet = WeightPacket.build(3, cuda)  # a GPU sender: the fingerprint, taken on the GPU
+    assert packet.checksum == weights_checksum(state, "fp") and packet.checksum.startswith("fp:")
+    verify_loaded(packet, cuda, 3)  # a GPU receiver
+    verify_loaded(packet, packet.state, 3)  # a CPU one
