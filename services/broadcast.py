@@ -72,6 +72,8 @@ def tensor_fingerprint(t: Tensor) -> Tensor:
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if raw.numel() % 2:
         raw = torch.nn.functional.pad(raw, (0, 1))
+    elif raw.storage_offset() % 2:  # a byte view that starts mid-word: int16 needs its own copy
+        raw = raw.clone()
     words = raw.view(torch.int16)
     r1, r2 = _multipliers(t.device)
     step = CHUNK_BLOCKS * K1

@@ -41,6 +41,7 @@ def python_fingerprint(t: torch.Tensor) -> int:
     lambda: torch.tensor(-2.5),                                             # 0-d
     lambda: torch.randint(-2**31, 2**31 - 1, (2 * K1 * K2 + 3,), dtype=torch.int32),  # three levels of folding
     lambda: torch.zeros(0),                                                 # empty
+    lambda: torch.arange(9, dtype=torch.uint8)[1:],                         # a view that starts mid-word
 ])
 def test_the_fingerprint_is_the_independent_formulas_number(make):
     torch.manual_seed(0)
