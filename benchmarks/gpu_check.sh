@@ -7,10 +7,11 @@
 # of start-up and evaluations plus its iterations. At learner micro-batch 3 × 4 those were DanceGRPO 47 + 45 s,
 # MixGRPO 19 + 17 s, Flash 15 + 13 s and Flash* 14 + 13 s: 385 s for the four methods. The learner now runs at
 # 12 × 1 on a GPU, where MixGRPO took 13 + 11 s, so expect less. A call runs 600 s at most and a session has
-# 15 minutes of device time, so use two calls, the second at once while the machine is warm:
+# 15 minutes of device time, so make each call at once after the last, while the machine is warm. What is still
+# unmeasured, in order (cfg_backward has its GPU numbers: CFGB=0 unless its code changes):
 #
-#   TESTS=1 SYNC=1 CFGB=1 COMPARE=0 bash benchmarks/gpu_check.sh   # ~4 min: gpu tier, weight sync, cfg_backward
-#   TESTS=0 SYNC=0 CFGB=0 bash benchmarks/gpu_check.sh        # ~8 min: DanceGRPO, MixGRPO, Flash, Flash*, 2 iterations
+#   TESTS=1 SYNC=1 CFGB=0 COMPARE=0 bash benchmarks/gpu_check.sh   # ~3 min: gpu tier (the fp checksum on CUDA), weight sync
+#   TESTS=0 SYNC=0 CFGB=0 bash benchmarks/gpu_check.sh        # ~5 min: the four methods at micro-batch 12, 2 iterations
 #   TESTS=0 SYNC=0 CFGB=0 ARCH=flux_dev METHODS="mixgrpo_flash" ITERATIONS=2 bash benchmarks/gpu_check.sh   # FLUX, untimed yet
 #
 # A machine without network that lacks Ray, diffusers or the Serve stack gets them from .whl/site.tar.xz when it
