@@ -61,7 +61,7 @@ def preflight(cfg: Config) -> None:
     """Before any actor starts: read the prompt files (a bad one is an error naming it, not a dead actor) and
     estimate each role's GPU memory from the model's configs (a config that cannot fit is refused, naming the
     fields to change: learner/driver/preflight.py)."""
-    from learner.driver.preflight import check_memory, table
+    from learner.driver.preflight import check_memory, micro_batch_advice, table
     from learner.evaluation import run_prompts
     from services.prompts import PromptSource
 
@@ -75,6 +75,8 @@ def preflight(cfg: Config) -> None:
     estimates = check_memory(cfg)
     if any(r.capacity_gb is not None for r in estimates):
         print(f"memory preflight (estimates):\n{table(estimates)}", flush=True)
+        if advice := micro_batch_advice(cfg):
+            print(advice, flush=True)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
     estimates = estimate_memory(cfg)      # [RoleMemory(role, capacity_gb, parts {name: GB}), ...]
     check_memory(cfg)                     # ConfigError naming the fields to change when a role cannot fit
+    micro_batch_advice(cfg)               # a line when the learner's forward is too small for its GPU, or None
 
 Parameter counts come from the configs in `model.path` (the modules are built on the `meta` device: no
 weights are read or allocated). What each role holds (learner/driver/build.py):
@@ -263,6 +264,50 @@ def check_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemo
     if problems:
         raise ConfigError("memory preflight: " + "\n  ".join(problems) + "\n\n" + table(estimates))
     return estimates
+
+
+# Tokens per learner forward that keep one H200 busy. SD3.5-Medium's LoRA step (1,357 tokens a row) cost, per sample,
+# 0.112 s at 3 samples (4 k tokens), 0.062 s at 6 (8 k) and 0.056 s at 12 (16 k): benchmarks/README.md, 4 December.
+BUSY_TOKENS = 16_000
+UNDERFED_TOKENS = BUSY_TOKENS // 2
+
+
+def suggested_micro_batch(cfg: Config, arch: Architecture | None = None) -> int | None:
+    """A `learner.micro_batch_size` for a learner on a GPU: the smallest whose forward holds BUSY_TOKENS tokens, or
+    else the largest that fits, among those whose learner estimate fits the GPU and that keep the samples per
+    optimizer step (micro-batch × accumulation, with the accumulation a multiple of the learner's ranks, which
+    each step's micro-batches are dealt across). None for a learner on the CPU, or when none fits."""
+    arch = arch or (tiny_architecture(cfg) if cfg.model.backend == "tiny" else diffusers_architecture(cfg))
+    lc = cfg.learner
+    if estimate_memory(cfg, arch)[0].capacity_gb is None:
+        return None
+    per_step = lc.micro_batch_size * lc.gradient_accumulation_steps
+    fitting = []
+    for micro in (d for d in range(1, per_step + 1) if per_step % d == 0 and (per_step // d) % lc.num_workers == 0):
+        trial = cfg.model_copy(deep=True)
+        trial.learner.micro_batch_size, trial.learner.gradient_accumulation_steps = micro, per_step // micro
+        if estimate_memory(trial, arch)[0].fits:
+            fitting.append(micro)
+    tokens = arch.image_tokens + arch.text_tokens
+    busy = [m for m in fitting if m * tokens >= BUSY_TOKENS]
+    return busy[0] if busy else (fitting[-1] if fitting else None)
+
+
+def micro_batch_advice(cfg: Config, arch: Architecture | None = None) -> str | None:
+    """A line for the run's output when the learner's forward holds under UNDERFED_TOKENS tokens on a GPU that
+    would take a larger micro-batch (the same samples per optimizer step); an estimate, so a suggestion, never a
+    change. Else None."""
+    arch = arch or (tiny_architecture(cfg) if cfg.model.backend == "tiny" else diffusers_architecture(cfg))
+    lc = cfg.learner
+    tokens = lc.micro_batch_size * (arch.image_tokens + arch.text_tokens)
+    suggestion = suggested_micro_batch(cfg, arch) if tokens < UNDERFED_TOKENS else None
+    if suggestion is None or suggestion <= lc.micro_batch_size:
+        return None
+    per_step = lc.micro_batch_size * lc.gradient_accumulation_steps
+    return (f"learner: micro-batch {lc.micro_batch_size} runs {tokens:,} tokens per forward, too few to keep a GPU "
+            f"busy; learner.micro_batch_size={suggestion} learner.gradient_accumulation_steps={per_step // suggestion} "
+            f"fits by the estimate and keeps {per_step} samples per optimizer step (on one H200, SD3.5-Medium's "
+            f"update ran 3.1x faster at 12 samples than at 3)")
 
 
 def resource_demand(cfg: Config) -> dict[str, tuple[float, list[str]]]:

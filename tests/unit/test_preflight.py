@@ -12,14 +12,17 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DMod
 from transformers import CLIPTextConfig, T5Config
 
 from learner.driver.preflight import (
+    BUSY_TOKENS,
     Architecture,
     activation_gb,
     check_memory,
     diffusers_architecture,
     estimate_memory,
     lora_rank1_params,
+    micro_batch_advice,
     resource_demand,
     resource_shortfall,
+    suggested_micro_batch,
 )
 from services.config import ConfigError, load_config
 
@@ -155,3 +158,47 @@ def test_resources_the_cluster_lacks_are_named_with_their_fields(sd35_medium):
                   "reward.rewards.0.num_replicas × num_gpus), the cluster has 0"
     assert resource_shortfall(cfg, {"CPU": 21.0, "GPU": 8.0}) is None
     assert "21 CPU asked" in resource_shortfall(cfg, {"CPU": 20.0, "GPU": 8.0})
+
+
+def test_the_micro_batch_suggestion_keeps_each_step_and_feeds_the_gpu(sd35_medium, flux_dev):
+    # the measured case: SD3.5-Medium at the benchmark's 3 × 4 on half an H200 (1,357 tokens a row: 4,071 a forward)
+    h200 = ["cluster.gpu_memory_gb=143", "learner.num_gpus=0.5", "rollout.num_gpus=0.5", "grpo.group_size=12",
+            "rollout.batch_size=12", "learner.micro_batch_size=3", "learner.gradient_accumulation_steps=4"]
+    cfg = load_config(["sd3_5_medium", "mixgrpo"], [f"model.path={sd35_medium}", *h200])
+    assert suggested_micro_batch(cfg) == 12  # 12 × 1,357 = 16,284 tokens ≥ BUSY_TOKENS; 6 × 1,357 falls short
+    assert "learner.micro_batch_size=12 learner.gradient_accumulation_steps=1" in micro_batch_advice(cfg)
+    assert "4,071 tokens" in micro_batch_advice(cfg)
+    # the SD3.5 preset's 9 (12,213 tokens) already feeds the GPU: no line
+    assert micro_batch_advice(load_config(["sd3_5_medium", "mixgrpo"], [f"model.path={sd35_medium}"])) is None
+    # FLUX's preset, 3 × 32 (2,025 + 512 tokens a row): 96 per step; 8 is the smallest divisor of 96 that feeds it
+    flux = flux_cfg(flux_dev)
+    assert BUSY_TOKENS > 6 * 2537 and 8 * 2537 >= BUSY_TOKENS and suggested_micro_batch(flux) == 8
+    # over 8 learner ranks the accumulation must stay a multiple of 8: 96 / 8 = 12 is, so 8 stays out and 12 is next
+    ranks = flux_cfg(flux_dev, "learner.num_workers=8", "learner.micro_batch_size=3", "learner.gradient_accumulation_steps=32")
+    assert suggested_micro_batch(ranks) == 12
+    # what it suggests fits, and the next larger candidate would not be needed or would not fit
+    for c in (cfg, flux, ranks):
+        s = suggested_micro_batch(c)
+        per_step = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
+        trial = c.model_copy(deep=True)
+        trial.learner.micro_batch_size, trial.learner.gradient_accumulation_steps = s, per_step // s
+        assert per_step % s == 0 and check_memory(trial)
+    # a small GPU: nothing feeds it, so the largest that fits (the estimate per sample: 3.5 GB / 3 at 720 px)
+    small = flux_cfg(flux_dev, "cluster.gpu_memory_gb=34")
+    s = suggested_micro_batch(small)
+    assert 3 <= s < 8 and s * 2537 < BUSY_TOKENS
+    # a learner on the CPU: no suggestion
+    assert suggested_micro_batch(load_config([])) is None and micro_batch_advice(load_config([])) is None
+
+
+def test_the_run_prints_the_micro_batch_line_after_the_memory_table(sd35_medium, tmp_path, capsys):
+    from learner.main import preflight
+
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    cfg = load_config(["sd3_5_medium", "mixgrpo"], [
+        f"model.path={sd35_medium}", f"rollout.prompts_file={tmp_path / 'p.txt'}",
+        f"run.eval_prompts_file={tmp_path / 'p.txt'}", "run.eval_prompts=2", "learner.micro_batch_size=3",
+        "learner.gradient_accumulation_steps=4", "grpo.group_size=12", "rollout.batch_size=12"])
+    preflight(cfg)
+    out = capsys.readouterr().out
+    assert out.index("memory preflight (estimates):") < out.index("learner: micro-batch 3 runs 4,071 tokens")
