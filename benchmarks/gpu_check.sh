@@ -10,7 +10,7 @@
 # 15 minutes of device time, so make each call at once after the last, while the machine is warm. What is still
 # unmeasured, in order (cfg_backward has its GPU numbers: CFGB=0 unless its code changes):
 #
-#   TESTS=1 SYNC=1 CFGB=0 COMPARE=0 bash benchmarks/gpu_check.sh   # ~3 min: gpu tier (the fp checksum on CUDA), weight sync
+#   TESTS=1 SYNC=1 CFGB=0 COMPARE=0 bash benchmarks/gpu_check.sh   # ~4 min: gpu tier (the fp checksum on CUDA), weight sync, checksums
 #   TESTS=0 SYNC=0 CFGB=0 bash benchmarks/gpu_check.sh        # ~5 min: the four methods at micro-batch 12, 2 iterations
 #   TESTS=0 SYNC=0 CFGB=0 ARCH=flux_dev METHODS="mixgrpo_flash" ITERATIONS=2 bash benchmarks/gpu_check.sh   # FLUX, untimed yet
 #
@@ -39,6 +39,9 @@ ray_stop
 [ "${SYNC:-1}" = 1 ] && timeout -k 15 ${SYNC_S:-90} python3 benchmarks/weight_sync.py --device cuda --dtype bf16 --sizes 1e8 2.5e9 --max-params 3e9 \
   --workers 1 --repeats 2 --out "$OUT/weight_sync_gpu.md" 2>&1 | grep -v "^INFO\|logging.cc" | tee "$OUT/weight_sync.log" | tail -15
 ray_stop
+# the two checksums side by side on the GPU: blake2b after a copy to the host against the fingerprint on the device
+[ "${SYNC:-1}" = 1 ] && timeout -k 10 ${CHECKSUMS_S:-60} python3 benchmarks/checksums.py --device cuda --dtype bf16 \
+  --sizes 1e8 2.5e9 --repeats 2 --out "$OUT/checksums_gpu.md" 2>&1 | tail -6
 # the learner's step under CFG, reference way against ours, at SD3.5-Medium's real per-GPU shape (~1 min)
 [ "${CFGB:-1}" = 1 ] && timeout -k 15 ${CFGB_S:-150} python3 benchmarks/cfg_backward.py --device cuda --layers 24 \
   --size 512 --text 333 --checkpointing --rows 3 --out "$OUT/cfg_backward_gpu.md" 2>&1 | tail -6
