@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         b2, fp = statistics.median(times["b2"]), statistics.median(times["fp"])
         mib = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
         lines.append(f"| {size:.0e} | {mib:,.0f} | {b2:.3f} | {fp:.3f} | {fp / b2:.2f} |")
+        if args.out:  # row by row: a bound that cuts the next size keeps this one
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text("\n".join(lines) + "\n(in progress)\n")
     publish("\n".join(lines), args.out)
     return 0
 

@@ -101,7 +101,7 @@ def round_orders(labels: list[str], rounds: int) -> list[list[str]]:
 
 
 # (micro-batch, accumulation) of the learner: one optimizer step over the group's 12 samples either way. On a GPU
-# in one backward: at 3 samples per micro-batch an H200 ran MixGRPO's SD3.5-Medium update at 8.57 s against 2.76 s
+# in one micro-batch: at 3 samples per micro-batch an H200 ran MixGRPO's SD3.5-Medium update at 8.57 s against 2.76 s
 # at 12 (4 December, benchmarks/README.md), small batches leaving it idle; on the CPU 3 keeps activations small.
 LEARNER_MICRO_BATCH = {"cuda": (12, 1), "cpu": (3, 4)}
 

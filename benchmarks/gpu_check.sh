@@ -41,7 +41,7 @@ ray_stop
 ray_stop
 # the two checksums side by side on the GPU: blake2b after a copy to the host against the fingerprint on the device
 [ "${SYNC:-1}" = 1 ] && timeout -k 10 ${CHECKSUMS_S:-60} python3 benchmarks/checksums.py --device cuda --dtype bf16 \
-  --sizes 1e8 2.5e9 --repeats 2 --out "$OUT/checksums_gpu.md" 2>&1 | tail -6
+  --sizes 1e8 2.5e9 --repeats 2 --out "$OUT/checksums_gpu.md" 2>&1 | tee "$OUT/checksums.log" | tail -6
 # the learner's step under CFG, reference way against ours, at SD3.5-Medium's real per-GPU shape (~1 min)
 [ "${CFGB:-1}" = 1 ] && timeout -k 15 ${CFGB_S:-150} python3 benchmarks/cfg_backward.py --device cuda --layers 24 \
   --size 512 --text 333 --checkpointing --rows 3 --out "$OUT/cfg_backward_gpu.md" 2>&1 | tail -6

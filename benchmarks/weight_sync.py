@@ -14,7 +14,8 @@ path shares the GPUs fractionally.
 Both paths do what a training run does each iteration (`learner/driver/rollouts.py` `broadcast`, `services/broadcast.py`),
 on plain fp32 tensors in Ray actors instead of a model:
 
-- object store: the sender builds one `WeightPacket` (CPU tensors + blake2b checksum) and returns it; the
+- object store: the sender builds one `WeightPacket` (CPU tensors + the checksum: blake2b of CPU weights, the
+  device fingerprint of GPU ones, taken before the copy) and returns it; the
   driver hands its ObjectRef to every worker, which pulls it, copies it into its own tensors and verifies
   version and checksum (`verify_loaded`).
 - collective: a torch.distributed gloo group (sender rank 0, workers 1…N, formed once, not timed);

@@ -9,8 +9,9 @@ Two checksums, each named in the string it returns ("scheme:32 hex digits"), bot
 bytes in name order:
 - `b2`, for weights on the CPU: blake2b over the bytes;
 - `fp`, for weights on a GPU: a fingerprint computed where the tensors are (`tensor_fingerprint`), so that
-  checking a sync costs no copy to the host and no CPU-side hashing. On one H200, the two blake2b passes were
-  0.80 of the 0.93 s a 100 M-parameter object-store broadcast took (benchmarks/README.md).
+  checking a sync costs no copy to the host and no CPU-side hashing. On one H200, the sender's pack + blake2b and
+  the worker's copy to the host + blake2b took 0.80 of the 0.93 s a 100 M-parameter object-store broadcast took
+  (benchmarks/README.md). Weights gathered to the host first (FSDP's full state) are on the CPU: `b2`.
 A receiver verifies with the sender's scheme, whichever device it holds its weights on.
 """
 
@@ -39,14 +40,18 @@ CHUNK_BLOCKS = 4096  # level-1 blocks per pass: bounds the int64 temporaries at 
 
 
 def _splitmix64(seed: int, n: int, below: int) -> list[int]:
-    """n integers in [1, below) from SplitMix64: pure Python, so every process and device draws the same."""
-    out, x, mask = [], seed, (1 << 64) - 1
-    for _ in range(n):
+    """n distinct integers in [1, below) from SplitMix64: pure Python, so every process and device draws the same.
+    Distinct: two positions with one multiplier would not tell their contents apart when swapped."""
+    out, seen, x, mask = [], set(), seed, (1 << 64) - 1
+    while len(out) < n:
         x = (x + 0x9E3779B97F4A7C15) & mask
         z = x
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        out.append(1 + (z ^ (z >> 31)) % (below - 1))
+        value = 1 + (z ^ (z >> 31)) % (below - 1)
+        if value not in seen:
+            seen.add(value)
+            out.append(value)
     return out
 
 
@@ -192,7 +197,9 @@ class CollectiveChannel:
         # the sender's checksum ("scheme:" and 32 hex characters) as bytes: what every receiver must end up holding
         digest = torch.zeros(DIGEST_CHARS, dtype=torch.uint8, device=self.device)
         if self.rank == 0:
-            digest = torch.tensor(list(weights_checksum(state).encode()), dtype=torch.uint8, device=self.device)
+            checksum = weights_checksum(state)
+            assert len(checksum) == DIGEST_CHARS, checksum  # every rank receives exactly DIGEST_CHARS bytes
+            digest = torch.tensor(list(checksum.encode()), dtype=torch.uint8, device=self.device)
         self._broadcast(digest)
         return int(header.item()), bytes(digest.cpu().tolist()).decode()
 

@@ -266,10 +266,19 @@ def check_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemo
     return estimates
 
 
-# Tokens per learner forward that keep one H200 busy. SD3.5-Medium's LoRA step (1,357 tokens a row) cost, per sample,
-# 0.112 s at 3 samples (4 k tokens), 0.062 s at 6 (8 k) and 0.056 s at 12 (16 k): benchmarks/README.md, 4 December.
+# Tokens per learner forward that keep one H200 busy. SD3.5-Medium's learner step under CFG (24 blocks at 512 px,
+# 1,357 tokens a row, every weight's gradient: benchmarks/cfg_backward.py) cost per sample 0.112 s at 3 samples (4 k
+# tokens), 0.062 s at 6 (8 k) and 0.056 s at 12 (16 k): benchmarks/README.md, 4 December.
 BUSY_TOKENS = 16_000
 UNDERFED_TOKENS = BUSY_TOKENS // 2
+
+
+def learner_forward_tokens(cfg: Config, arch: Architecture, micro_batch: int | None = None) -> int:
+    """Tokens in one learner forward: micro-batch × the window steps per backward (as `estimate_memory` counts its
+    rows) × (image + text) tokens a row."""
+    window = cfg.window.size if cfg.sampler.branching == "none" else 1
+    steps = min(cfg.learner.timesteps_per_backward or window, window)
+    return (micro_batch or cfg.learner.micro_batch_size) * steps * (arch.image_tokens + arch.text_tokens)
 
 
 def suggested_micro_batch(cfg: Config, arch: Architecture | None = None) -> int | None:
@@ -288,18 +297,19 @@ def suggested_micro_batch(cfg: Config, arch: Architecture | None = None) -> int 
         trial.learner.micro_batch_size, trial.learner.gradient_accumulation_steps = micro, per_step // micro
         if estimate_memory(trial, arch)[0].fits:
             fitting.append(micro)
-    tokens = arch.image_tokens + arch.text_tokens
-    busy = [m for m in fitting if m * tokens >= BUSY_TOKENS]
+    busy = [m for m in fitting if learner_forward_tokens(cfg, arch, m) >= BUSY_TOKENS]
     return busy[0] if busy else (fitting[-1] if fitting else None)
 
 
 def micro_batch_advice(cfg: Config, arch: Architecture | None = None) -> str | None:
     """A line for the run's output when the learner's forward holds under UNDERFED_TOKENS tokens on a GPU that
     would take a larger micro-batch (the same samples per optimizer step); an estimate, so a suggestion, never a
-    change. Else None."""
-    arch = arch or (tiny_architecture(cfg) if cfg.model.backend == "tiny" else diffusers_architecture(cfg))
+    change. Else None; always None for the tiny model, whose rows are too small for the measurement to apply."""
+    if cfg.model.backend == "tiny":
+        return None
+    arch = arch or diffusers_architecture(cfg)
     lc = cfg.learner
-    tokens = lc.micro_batch_size * (arch.image_tokens + arch.text_tokens)
+    tokens = learner_forward_tokens(cfg, arch)
     suggestion = suggested_micro_batch(cfg, arch) if tokens < UNDERFED_TOKENS else None
     if suggestion is None or suggestion <= lc.micro_batch_size:
         return None

@@ -78,10 +78,15 @@ def test_the_weight_fingerprint_is_the_same_number_on_the_gpu_as_on_the_cpu():
 
     torch.manual_seed(0)
     state = {"a": torch.randn(4097, 33), "b": torch.randn(300, dtype=torch.bfloat16), "c": torch.arange(5, dtype=torch.uint8),
-             "d": torch.randn(40_000_000, dtype=torch.bfloat16)}  # d: three levels of folding, two chunks
+             "d": torch.randn(40_000_000, dtype=torch.bfloat16)}  # d: three levels of folding, three chunks
     cuda = {k: v.cuda() for k, v in state.items()}
     for k in state:
         assert int(tensor_fingerprint(cuda[k])) == int(tensor_fingerprint(state[k])), k
+    # a byte view that starts mid-word, a transposed (non-contiguous) view
+    for t in (torch.arange(9, dtype=torch.uint8)[1:], state["a"].t()):
+        assert int(tensor_fingerprint(t.cuda())) == int(tensor_fingerprint(t))
+    mixed = {"a": cuda["a"], "b": state["b"]}  # one state on two devices: the fingerprint, each where it is
+    assert weights_checksum(mixed) == weights_checksum({"a": state["a"], "b": state["b"]}, "fp")
     packet = WeightPacket.build(3, cuda)  # a GPU sender: the fingerprint, taken on the GPU
     assert packet.checksum == weights_checksum(state, "fp") and packet.checksum.startswith("fp:")
     verify_loaded(packet, cuda, 3)  # a GPU receiver

@@ -18,6 +18,7 @@ from learner.driver.preflight import (
     check_memory,
     diffusers_architecture,
     estimate_memory,
+    learner_forward_tokens,
     lora_rank1_params,
     micro_batch_advice,
     resource_demand,
@@ -189,6 +190,17 @@ def test_the_micro_batch_suggestion_keeps_each_step_and_feeds_the_gpu(sd35_mediu
     assert 3 <= s < 8 and s * 2537 < BUSY_TOKENS
     # a learner on the CPU: no suggestion
     assert suggested_micro_batch(load_config([])) is None and micro_batch_advice(load_config([])) is None
+    # the whole window of 4 steps in one forward (timesteps_per_backward 0): 3 × 4 × 1,357 = 16,284 tokens, fed
+    whole = load_config(["sd3_5_medium", "mixgrpo"], [f"model.path={sd35_medium}", *h200,
+                                                      "learner.timesteps_per_backward=0", "window.size=4"])
+    assert learner_forward_tokens(whole, diffusers_architecture(whole)) == 3 * 4 * 1357
+    assert micro_batch_advice(whole) is None and suggested_micro_batch(whole) == 3
+    # an underfed forward with nothing larger that fits: no line (31 GB holds FLUX's learner at 3, 30.7 GB, not at 4)
+    tight = flux_cfg(flux_dev, "cluster.gpu_memory_gb=31")
+    assert suggested_micro_batch(tight) == 3 and micro_batch_advice(tight) is None
+    # the tiny model on a GPU: its rows are far from the measured ones, so no line
+    tiny_gpu = load_config([], ["model.device=cuda", "rollout.num_gpus=0.5", "learner.num_gpus=0.5"])
+    assert suggested_micro_batch(tiny_gpu) is not None and micro_batch_advice(tiny_gpu) is None
 
 
 def test_the_run_prints_the_micro_batch_line_after_the_memory_table(sd35_medium, tmp_path, capsys):

@@ -62,10 +62,11 @@ def test_each_scheme_notices_a_flipped_bit_a_swap_a_rename_a_dtype_and_a_shape(s
     base = weights_checksum(state, scheme)
     assert base.startswith(scheme + ":") and len(base) == DIGEST_CHARS
     flipped = state["a.weight"].clone()
-    flipped.view(torch.int32)[K1 + 7] ^= 1  # the lowest bit of one float in the second block
+    flipped.view(torch.int32)[K1 + 7] ^= 1  # the lowest bit of one float (in level-1 block 2: a float is 2 words)
     swapped = state["a.weight"].clone()
     swapped[[3, 4]] = swapped[[4, 3]]
-    blocks = state["a.weight"].clone().view(3, K1)[[1, 0, 2]].reshape(-1)  # two whole level-1 blocks trade places
+    # the first two runs of K1 floats trade places: level-1 blocks 0-1 with 2-3 (K1 floats are 2·K1 words)
+    blocks = state["a.weight"].clone().view(3, K1)[[1, 0, 2]].reshape(-1)
     variants = [
         {**state, "a.weight": flipped}, {**state, "a.weight": swapped}, {**state, "a.weight": blocks},
         {"a.weight": state["a.weight"], "b.bias2": state["b.bias"]},
@@ -75,6 +76,21 @@ def test_each_scheme_notices_a_flipped_bit_a_swap_a_rename_a_dtype_and_a_shape(s
     sums = [weights_checksum(v, scheme) for v in variants]
     assert base not in sums and len(set(sums)) == len(sums)
     assert weights_checksum(dict(reversed(list(state.items()))), scheme) == base  # name order, not insertion order
+
+
+def test_the_multipliers_are_distinct_so_no_two_positions_can_trade_contents_unnoticed():
+    assert len(set(R1_VALUES)) == K1 and len(set(R2_VALUES)) == K2
+    assert 0 < min(R1_VALUES) and max(R1_VALUES) < P and 0 < min(R2_VALUES) and max(R2_VALUES) < 2**20
+    # a swap of two level-1 blocks far apart, and a +1 / -1 pair at the same offset in them: the cases a repeated
+    # level-2 multiplier (positions 188 and 434 of an earlier draw) let through
+    words = torch.randint(-2**15, 2**15, (435 * K1,), generator=torch.Generator().manual_seed(3), dtype=torch.int16)
+    base = int(tensor_fingerprint(words))
+    swapped = words.clone().view(435, K1)
+    swapped[[188, 434]] = swapped[[434, 188]]
+    paired = words.clone().view(435, K1)
+    paired[188, 5] += 1
+    paired[434, 5] -= 1
+    assert base != int(tensor_fingerprint(swapped)) and base != int(tensor_fingerprint(paired))
 
 
 def test_the_scheme_follows_the_weights_device_and_the_receiver_uses_the_senders():
