@@ -11,7 +11,8 @@ bytes in name order:
 - `fp`, for weights on a GPU: a fingerprint computed where the tensors are (`tensor_fingerprint`), so that
   checking a sync costs no copy to the host and no CPU-side hashing. On one H200, the sender's pack + blake2b and
   the worker's copy to the host + blake2b took 0.80 of the 0.93 s a 100 M-parameter object-store broadcast took
-  (benchmarks/README.md). Weights gathered to the host first (FSDP's full state) are on the CPU: `b2`.
+  (benchmarks/README.md). The fingerprint is linear mod P, so a sharded tensor's ranks can each add their part
+  (`fingerprint_part`): an FSDP learner checksums its shards where they are, not the state it gathers to the host.
 A receiver verifies with the sender's scheme, whichever device it holds its weights on.
 """
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -89,6 +90,47 @@ def tensor_fingerprint(t: Tensor) -> Tensor:
     return level.reshape(())
 
 
+def _coefficients(blocks: Tensor, total_blocks: int, r2: Tensor) -> Tensor:
+    """Each level-1 block's multiplier through the further levels (mod P): the product over the levels `_fold` runs
+    on `total_blocks` residues of R2 at the block's place within its level's block."""
+    coef, index, length = torch.ones_like(blocks), blocks, total_blocks
+    while length > 1:
+        coef = torch.remainder(coef * r2[index % K2], P)
+        index, length = index // K2, -(-length // K2)
+    return coef
+
+
+def fingerprint_part(words: Tensor, start: int, total: int) -> Tensor:
+    """What the int16 `words` at positions start … start + len − 1 of a tensor's `total` words add to its
+    fingerprint: a 0-d int64 tensor in [0, P) on their device. The fingerprint is linear mod P, so the parts of a
+    partition of the words, summed mod P, give `tensor_fingerprint` (each rank of a sharded tensor adds its own)."""
+    r1, r2 = _multipliers(words.device)
+    total_blocks = max(1, -(-total // K1))
+    out = torch.zeros((), dtype=torch.int64, device=words.device)
+    step = CHUNK_BLOCKS * K1
+    for i in range(0, words.numel(), step):
+        piece = words[i:i + step].to(torch.int64)
+        pos = torch.arange(start + i, start + i + piece.numel(), device=words.device)
+        first = (start + i) // K1
+        sums = torch.zeros(int(pos[-1]) // K1 - first + 1, dtype=torch.int64, device=words.device)
+        sums.index_add_(0, pos // K1 - first, piece * r1[pos % K1])  # each block's part: |sum| < 2^58
+        blocks = torch.arange(first, first + sums.numel(), device=words.device)
+        weighted = torch.remainder(torch.remainder(sums, P) * _coefficients(blocks, total_blocks, r2), P)
+        out = torch.remainder(out + weighted.sum(), P)
+    return out
+
+
+def checksum_of_prints(state: Mapping[str, Tensor], prints: Sequence[int]) -> str:
+    """The `fp` checksum of `state` from its tensors' fingerprints, given in name order (from shards, say)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(state):
+        t = state[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    if state:
+        h.update(torch.tensor(list(prints), dtype=torch.int64).numpy().tobytes())
+    return f"fp:{h.hexdigest()}"
+
+
 def weights_checksum(state: Mapping[str, Tensor], scheme: str | None = None) -> str:
     """"scheme:digest" over names, dtypes, shapes and bytes, in name order (module docstring). `scheme` None: `fp`
     when a tensor is on a GPU, else `b2`."""
@@ -96,17 +138,19 @@ def weights_checksum(state: Mapping[str, Tensor], scheme: str | None = None) -> 
         scheme = "fp" if any(t.device.type != "cpu" for t in state.values()) else "b2"
     if scheme not in SCHEMES:
         raise ValueError(f"unknown checksum scheme {scheme!r}; expected one of {SCHEMES}")
-    h = hashlib.blake2b(digest_size=16)
     names = sorted(state)
+    if scheme == "fp":
+        if not names:
+            return checksum_of_prints(state, [])
+        # one transfer of every tensor's fingerprint
+        return checksum_of_prints(state, torch.stack([tensor_fingerprint(state[n]).to(state[names[0]].device)
+                                                      for n in names]).cpu().tolist())
+    h = hashlib.blake2b(digest_size=16)
     for name in names:
         t = state[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if scheme == "b2":
-            h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # in place, 0-d too
-    if scheme == "fp" and names:  # one transfer of every tensor's fingerprint
-        prints = torch.stack([tensor_fingerprint(state[n]).to(state[names[0]].device) for n in names]).cpu()
-        h.update(prints.numpy().tobytes())
-    return f"{scheme}:{h.hexdigest()}"
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # in place, 0-d too
+    return f"b2:{h.hexdigest()}"
 
 
 DIGEST_CHARS = 35  # "b2:" or "fp:" and 32 hex digits
@@ -123,10 +167,11 @@ class WeightPacket:
         return reduce_dataclass(self)
 
     @classmethod
-    def build(cls, version: int, state: Mapping[str, Tensor]) -> WeightPacket:
-        # a snapshot: policies hand out tensors that share storage with their live weights. The checksum is taken
-        # where the weights are (a GPU's: `fp`, with no host-side hashing), before the copy.
-        checksum = weights_checksum(state)
+    def build(cls, version: int, state: Mapping[str, Tensor], checksum: str | None = None) -> WeightPacket:
+        """`checksum`: the state's, when the caller has it (an FSDP learner's, from its shards); else taken here,
+        where the weights are (a GPU's: `fp`, with no host-side hashing), before the copy."""
+        # a snapshot: policies hand out tensors that share storage with their live weights
+        checksum = checksum or weights_checksum(state)
         cpu = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
         return cls(version, checksum, cpu, sum(t.numel() * t.element_size() for t in cpu.values()))
 
@@ -182,8 +227,9 @@ class CollectiveChannel:
     def _broadcast(self, tensor: Tensor) -> None:
         self.group.broadcast(tensor, 0).wait()
 
-    def broadcast(self, state: dict[str, Tensor], version: int) -> tuple[int, str]:
+    def broadcast(self, state: dict[str, Tensor], version: int, checksum: str | None = None) -> tuple[int, str]:
         """Send (rank 0) or receive (others) `state` in place, in name order; returns (version, checksum).
+        `checksum` (rank 0): the state's when the caller has it, else taken here.
 
         The receivers' tensors must have the sender's shapes and dtypes (the learner sends in the workers' dtype).
         """
@@ -197,7 +243,7 @@ class CollectiveChannel:
         # the sender's checksum ("scheme:" and 32 hex characters) as bytes: what every receiver must end up holding
         digest = torch.zeros(DIGEST_CHARS, dtype=torch.uint8, device=self.device)
         if self.rank == 0:
-            checksum = weights_checksum(state)
+            checksum = checksum or weights_checksum(state)
             assert len(checksum) == DIGEST_CHARS, checksum  # every rank receives exactly DIGEST_CHARS bytes
             digest = torch.tensor(list(checksum.encode()), dtype=torch.uint8, device=self.device)
         self._broadcast(digest)

@@ -14,6 +14,7 @@ the weight broadcast to rollout workers has a group of its own (services/broadca
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -94,10 +95,62 @@ def shard_transformer(transformer: nn.Module) -> None:
 
 
 def full_state(transformer: nn.Module) -> dict[str, torch.Tensor]:
-    """The sharded transformer's whole state on the CPU (a collective: every rank calls it; all receive it)."""
+    """The sharded transformer's whole state on the CPU (a collective: every rank calls it; rank 0 receives it, the
+    others an empty dict: torch's `cpu_offload` with `full_state_dict`)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(transformer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def sharded_fingerprints(transformer: nn.Module, names: Sequence[str], dtype: torch.dtype | None) -> list[int]:
+    """Each named parameter's `fp` fingerprint (services/broadcast.py), in `dtype` when given and the parameter is
+    floating point, from the shards where they are (a collective: every rank calls; all receive the list): each
+    rank adds what its Shard(0) rows contribute at their global offset, so nobody fingerprints the gathered state.
+    A parameter that is not sharded is counted by rank 0 alone."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from services.broadcast import P, fingerprint_part
+
+    params = dict(transformer.named_parameters())
+    parts = []
+    for name in names:
+        p = params[name]
+        if isinstance(p, DTensor):
+            local = p.to_local()
+            shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            if tuple(local.shape) != tuple(shape) or any(offset[1:]):
+                raise RuntimeError(f"{name}: a shard of shape {tuple(local.shape)} at {offset}, not Shard(0) rows")
+            first = offset[0] if local.dim() else 0
+        else:
+            local, first = p, 0
+        t = local.detach()
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        row = math.prod(p.shape[1:])  # elements a row (from the global shape: a rank may hold no rows)
+        words_per_element = t.element_size() // 2  # float weights: 2 or 4 bytes an element
+        total = -(-p.numel() * t.element_size() // 2)
+        if isinstance(p, DTensor) or dist.get_rank() == 0:
+            words = t.contiguous().reshape(-1).view(torch.uint8).view(torch.int16)
+            parts.append(fingerprint_part(words, first * row * words_per_element, total))
+        else:
+            parts.append(torch.zeros((), dtype=torch.int64, device=t.device))
+    summed = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    dist.all_reduce(summed)  # each part < P: K of them sum far below 2^63
+    return torch.remainder(summed, P).tolist()
+
+
+def sharded_checksum(transformer: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> str | None:
+    """The gathered `state`'s `fp` checksum, its fingerprints taken from the shards (`sharded_fingerprints`; every
+    rank calls). Rank 0 holds the state (`full_state` leaves the others an empty one), so it alone gets the string."""
+    from services.broadcast import checksum_of_prints
+
+    names = sorted(n for n, _ in transformer.named_parameters())
+    prints = sharded_fingerprints(transformer, names, dtype)
+    if dist.get_rank() != 0:
+        return None
+    if sorted(state) != names:
+        raise RuntimeError(f"the gathered state's names are not the transformer's parameters: {sorted(state)[:3]} …")
+    return checksum_of_prints(state, prints)
 
 
 def load_full_state(transformer: nn.Module, state: dict[str, torch.Tensor]) -> None:

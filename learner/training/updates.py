@@ -32,7 +32,7 @@ from services.types import RolloutBatch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
-from .group import RankGroup, adamw
+from .group import RankGroup, adamw, full_state, sharded_checksum
 from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
 from .selection import Selection, row_steps, steps_per_row, window_selection
 from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
@@ -62,15 +62,14 @@ class Learner:
         if not params:
             raise ValueError("the policy has no trainable parameters")
         self.optim_kwargs = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas)}
-        self.optimizer = adamw(params, self.optim_kwargs)
-        self.params = params
+        self.optimizer, self.params = adamw(params, self.optim_kwargs), params
         self.group: RankGroup | None = None  # a K-rank learner (join_group), else one process
         self.sharding = "none"
         self.grad_clip, self.mb, self.accum = grad_clip, micro_batch_size, gradient_accumulation_steps
         self.clip_range, self.adv_clip_max = clip_range, adv_clip_max
         self.reward_weights, self.aggregation = dict(reward_weights), reward_aggregation
         self.train_fraction, self.epochs, self.eta, self.sde_kind = train_fraction, num_inner_epochs, eta, sde_kind
-        self.seed = seed
+        self.seed, self.version, self.iteration = seed, 0, -1
         check_options(objective, matching, branching, train_selection, matching_aux, aux)
         self.objective, self.awm = objective, matching  # self.awm: the matching objectives' spec (awm or nft)
         self.branching = branching  # TempFlow-GRPO / G²RPO: one transition per row, advantages per branch step
@@ -82,8 +81,6 @@ class Learner:
         # the lagged policy φ: NFT's v_old, which the workers sample with; AWM's regularisation target (objectives.py)
         self.lagged = ({k: v.detach().clone() for k, v in policy.trainable_state_dict().items()}
                        if matching is not None and matching.has_lagged else None)
-        self.version = 0
-        self.iteration = -1
 
     # ------------------------------------------------------------------------------ update
     def advantages(self, batch: RolloutBatch) -> torch.Tensor:
@@ -322,8 +319,6 @@ class Learner:
         """The trainable weights whole, on the CPU (gathered from the shards under FSDP: every rank must call)."""
         if self.sharding != "fsdp":
             return self.policy.trainable_state_dict()
-        from .group import full_state
-
         names = {n for n, _ in self.policy.transformer.named_parameters()}
         return {k: v for k, v in full_state(self.policy.transformer).items() if k in names}
 
@@ -335,8 +330,15 @@ class Learner:
             return state
         return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
 
+    def published_checksum(self, state: dict[str, torch.Tensor]) -> str | None:
+        """FSDP: `state`'s `fp` checksum from the shards (a collective), not the gathered state's; else None."""
+        if self.sharding != "fsdp" or self.objective == "nft":  # NFT publishes its lagged copy, not the shards
+            return None
+        return sharded_checksum(self.policy.transformer, state, self.sync_dtype)
+
     def get_weights(self) -> WeightPacket:
-        return WeightPacket.build(self.version, self.published_state())
+        state = self.published_state()
+        return WeightPacket.build(self.version, state, self.published_checksum(state))
 
     def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
         """Join the weight-broadcast group as rank 0 (collective weight sync)."""
@@ -345,9 +347,10 @@ class Learner:
     def send_weights(self) -> tuple[int, str] | None:
         """Broadcast to the workers (rank 0; the other ranks of an FSDP learner only help gather the state)."""
         state = self.published_state()
+        checksum = self.published_checksum(state)
         if self.group is not None and self.group.rank != 0:
             return None
-        return self.channel.broadcast(state, self.version)
+        return self.channel.broadcast(state, self.version, checksum)
 
     def save(self, root: str, extra: dict | None = None) -> str | None:
         """Write a checkpoint (rank 0 of a K-rank learner; the others take part in gathering shards) -> its path.

@@ -18,6 +18,7 @@ from learner.driver.actors import LearnerActor
 from learner.driver.build import build_learner, build_worker
 from learner.driver.loop import run_loop
 from reward_servers.client import LocalRewards
+from services.broadcast import weights_checksum
 from tests.integration.conftest import shared_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
@@ -63,6 +64,8 @@ def test_two_ranks_hold_what_one_learner_holds_after_two_updates(ray_cluster, sm
     assert packets[1] is None and packets[0].version == 2
     for k, v in one.trainable_state().items():
         torch.testing.assert_close(packets[0].state[k], v, rtol=1e-5, atol=1e-6)
+    # FSDP: the checksum is the fingerprint the ranks took of their shards, and it is the gathered state's
+    assert packets[0].checksum == weights_checksum(packets[0].state, "fp" if sharding == "fsdp" else "b2")
 
 
 def test_a_two_rank_run_resumes_exactly_on_two_ranks_then_on_one(ray_cluster, small_checkpoint, tmp_path):  # noqa: F811

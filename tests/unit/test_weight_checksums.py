@@ -17,6 +17,8 @@ from services.broadcast import (
     P,
     WeightPacket,
     WeightSyncError,
+    checksum_of_prints,
+    fingerprint_part,
     tensor_fingerprint,
     verify_loaded,
     weights_checksum,
@@ -93,6 +95,24 @@ def test_the_multipliers_are_distinct_so_no_two_positions_can_trade_contents_unn
     assert base != int(tensor_fingerprint(swapped)) and base != int(tensor_fingerprint(paired))
 
 
+@pytest.mark.parametrize("total,cuts", [
+    (5, [2]),                                   # one level-1 block
+    (3 * K1 + 7, [1, K1, K1 + 1, 2 * K1 + 3]),  # cuts on and off the blocks' edges
+    (K1 * K2 + 5, [K1 * K2 // 3, K1 * K2]),     # a second level, a part of one word at its end
+    (2 * K1 * K2 + 3, [K1 * K2 + 11]),          # K2 + 1 … blocks: three levels
+    (100, [0, 0, 50]),                          # empty parts
+])
+def test_parts_of_a_tensor_add_up_to_its_fingerprint(total, cuts):
+    """What a rank of a sharded tensor computes from its rows alone (learner/training/group.py)."""
+    words = torch.randint(-2**15, 2**15, (total,), generator=torch.Generator().manual_seed(total), dtype=torch.int16)
+    bounds = [0, *cuts, total]
+    parts = [int(fingerprint_part(words[a:b], a, total)) for a, b in zip(bounds, bounds[1:])]
+    assert sum(parts) % P == int(tensor_fingerprint(words))
+    state = {"w": words, "b": words[:5].clone()}
+    prints = [int(tensor_fingerprint(state[n])) for n in sorted(state)]
+    assert checksum_of_prints(state, prints) == weights_checksum(state, "fp")
+
+
 def test_the_scheme_follows_the_weights_device_and_the_receiver_uses_the_senders():
     torch.manual_seed(2)
     state = {"w": torch.randn(1000)}
@@ -107,3 +127,42 @@ def test_the_scheme_follows_the_weights_device_and_the_receiver_uses_the_senders
         verify_loaded((4, "md5:" + "0" * 32), state, 4)
     with pytest.raises(ValueError, match="unknown checksum scheme 'md5'"):
         weights_checksum(state, "md5")
+
+
+def _sharded_ranks(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from learner.training.group import full_state, sharded_checksum, sharded_fingerprints
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    # rows 5, 3 and 1 over two ranks: uneven shards, and rank 1 holds no row of the last layer's weight or bias
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.Linear(3, 1))
+    fully_shard(model)
+    names = sorted(n for n, _ in model.named_parameters())
+    prints = sharded_fingerprints(model, names, torch.bfloat16)
+    state = full_state(model)  # rank 0's; the other rank gets an empty dict
+    checksum = sharded_checksum(model, {k: v.to(torch.bfloat16) for k, v in state.items()}, torch.bfloat16)
+    if rank == 0:
+        torch.save({"prints": prints, "state": state, "checksum": checksum}, out)
+    else:
+        assert state == {} and checksum is None
+    dist.destroy_process_group()
+
+
+def test_fsdp_ranks_fingerprint_their_shards_into_the_gathered_states_numbers(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.redis_server import free_port
+
+    mp.spawn(_sharded_ranks, args=(free_port(), str(tmp_path / "out.pt")), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    names = sorted(got["state"])
+    assert len(names) == 6
+    bf16 = {n: got["state"][n].to(torch.bfloat16) for n in names}
+    assert got["prints"] == [int(tensor_fingerprint(bf16[n])) for n in names]
+    assert got["checksum"] == weights_checksum(bf16, "fp")
