@@ -32,8 +32,8 @@ from services.wire import reduce_dataclass
 SCHEMES = ("b2", "fp")
 # The fingerprint: a tensor's bytes as signed 16-bit words (a zero byte pads an odd count), folded by
 # multiplier vectors, modulo the prime P. Level 1 takes blocks of K1 words against R1 (|word · r| < 2^46, a block's
-# sum < 2^58); each further level takes blocks of K2 residues against R2 (< 2^51 each, a block < 2^62), until one
-# residue is left. Every step is exact int64 arithmetic, so any device gives the same number. A linear hash: not
+# sum < 2^58); each further level takes blocks of K2 residues against R2, until one residue is left: a level-1
+# block's residue times the product of its R2 multipliers (`_coefficients`, each product < 2^51 before its mod). Every step is exact int64 arithmetic, so any device gives the same number. A linear hash: not
 # for adversaries, but any one changed word changes it, and two that cancel need a coincidence mod P.
 P = 2**31 - 1
 K1, K2 = 4096, 2048
@@ -65,34 +65,25 @@ def _multipliers(device: torch.device) -> tuple[Tensor, Tensor]:
             torch.tensor(R2_VALUES, dtype=torch.int64, device=device))
 
 
-def _fold(values: Tensor, r: Tensor) -> Tensor:
-    """Σ over blocks of len(r) values of value · r, mod P (the last block zero-padded)."""
-    k = r.numel()
-    blocks = -(-values.numel() // k)
-    padded = torch.nn.functional.pad(values, (0, blocks * k - values.numel()))
-    return torch.remainder((padded.view(blocks, k) * r).sum(1), P)
-
-
-def tensor_fingerprint(t: Tensor) -> Tensor:
-    """The fingerprint of one tensor's bytes (module docstring): a 0-d int64 tensor on `t`'s device, in [0, P)."""
+def tensor_words(t: Tensor) -> Tensor:
+    """A tensor's bytes as the fingerprint reads them: little-endian int16 words, a zero byte padding an odd count."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if raw.numel() % 2:
         raw = torch.nn.functional.pad(raw, (0, 1))
     elif raw.storage_offset() % 2:  # a byte view that starts mid-word: int16 needs its own copy
         raw = raw.clone()
-    words = raw.view(torch.int16)
-    r1, r2 = _multipliers(t.device)
-    step = CHUNK_BLOCKS * K1
-    level = torch.cat([_fold(words[i:i + step].to(torch.int64), r1) for i in range(0, words.numel(), step)]) \
-        if words.numel() else torch.zeros(1, dtype=torch.int64, device=t.device)
-    while level.numel() > 1:
-        level = _fold(level, r2)
-    return level.reshape(())
+    return raw.view(torch.int16)
+
+
+def tensor_fingerprint(t: Tensor) -> Tensor:
+    """The fingerprint of one tensor's bytes (module docstring): a 0-d int64 tensor on `t`'s device, in [0, P)."""
+    words = tensor_words(t)
+    return fingerprint_part(words, 0, words.numel())
 
 
 def _coefficients(blocks: Tensor, total_blocks: int, r2: Tensor) -> Tensor:
-    """Each level-1 block's multiplier through the further levels (mod P): the product over the levels `_fold` runs
-    on `total_blocks` residues of R2 at the block's place within its level's block."""
+    """Each level-1 block's multiplier through the further levels (mod P): the product, over the levels that fold
+    `total_blocks` residues down to one, of R2 at the block's place within its level's block."""
     coef, index, length = torch.ones_like(blocks), blocks, total_blocks
     while length > 1:
         coef = torch.remainder(coef * r2[index % K2], P)
@@ -103,20 +94,22 @@ def _coefficients(blocks: Tensor, total_blocks: int, r2: Tensor) -> Tensor:
 def fingerprint_part(words: Tensor, start: int, total: int) -> Tensor:
     """What the int16 `words` at positions start … start + len − 1 of a tensor's `total` words add to its
     fingerprint: a 0-d int64 tensor in [0, P) on their device. The fingerprint is linear mod P, so the parts of a
-    partition of the words, summed mod P, give `tensor_fingerprint` (each rank of a sharded tensor adds its own)."""
+    partition of the words, summed mod P, give the whole's (`tensor_fingerprint` is the one part that is all of
+    it; each rank of a sharded tensor adds its own). Level-1 blocks are whole K1 words from position 0: a part that
+    starts or ends inside one is padded with zero words there, which add nothing."""
     r1, r2 = _multipliers(words.device)
     total_blocks = max(1, -(-total // K1))
     out = torch.zeros((), dtype=torch.int64, device=words.device)
     step = CHUNK_BLOCKS * K1
-    for i in range(0, words.numel(), step):
-        piece = words[i:i + step].to(torch.int64)
-        pos = torch.arange(start + i, start + i + piece.numel(), device=words.device)
-        first = (start + i) // K1
-        sums = torch.zeros(int(pos[-1]) // K1 - first + 1, dtype=torch.int64, device=words.device)
-        sums.index_add_(0, pos // K1 - first, piece * r1[pos % K1])  # each block's part: |sum| < 2^58
-        blocks = torch.arange(first, first + sums.numel(), device=words.device)
-        weighted = torch.remainder(torch.remainder(sums, P) * _coefficients(blocks, total_blocks, r2), P)
-        out = torch.remainder(out + weighted.sum(), P)
+    a, end = start, start + words.numel()
+    while a < end:  # chunks [a, b) on block edges (but the first's start), bounding the int64 temporaries
+        b = min(end, (a // step + 1) * step)
+        piece = words[a - start:b - start].to(torch.int64)
+        piece = torch.nn.functional.pad(piece, (a % K1, -b % K1)).view(-1, K1)
+        sums = torch.remainder((piece * r1).sum(1), P)  # each block: |sum| < 2^58
+        blocks = torch.arange(a // K1, a // K1 + sums.numel(), device=words.device)
+        out = torch.remainder(out + torch.remainder(sums * _coefficients(blocks, total_blocks, r2), P).sum(), P)
+        a = b
     return out
 
 

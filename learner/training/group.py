@@ -110,7 +110,7 @@ def sharded_fingerprints(transformer: nn.Module, names: Sequence[str], dtype: to
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    from services.broadcast import P, fingerprint_part
+    from services.broadcast import P, fingerprint_part, tensor_words
 
     params = dict(transformer.named_parameters())
     parts = []
@@ -130,8 +130,7 @@ def sharded_fingerprints(transformer: nn.Module, names: Sequence[str], dtype: to
         words_per_element = t.element_size() // 2  # float weights: 2 or 4 bytes an element
         total = -(-p.numel() * t.element_size() // 2)
         if isinstance(p, DTensor) or dist.get_rank() == 0:
-            words = t.contiguous().reshape(-1).view(torch.uint8).view(torch.int16)
-            parts.append(fingerprint_part(words, first * row * words_per_element, total))
+            parts.append(fingerprint_part(tensor_words(t), first * row * words_per_element, total))
         else:
             parts.append(torch.zeros((), dtype=torch.int64, device=t.device))
     summed = torch.stack(parts) if parts else torch.zeros(0, dtype=torch.int64)
