@@ -167,6 +167,17 @@ def _capacity(cfg: Config, num_gpus: float, device_auto_gpu: bool) -> float | No
     return cfg.cluster.gpu_memory_gb * min(num_gpus, 1.0)
 
 
+def trained_transitions(cfg: Config) -> int:
+    """Window transitions each row trains: the window's size, or one when the sampler branches (TempFlow, G²RPO)."""
+    return cfg.window.size if cfg.sampler.branching == "none" else 1
+
+
+def steps_per_forward(cfg: Config) -> int:
+    """Window steps the learner stacks into one forward of a micro-batch (`learner.timesteps_per_backward`, 0: all)."""
+    window = trained_transitions(cfg)
+    return min(cfg.learner.timesteps_per_backward or window, window)
+
+
 def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemory]:
     """Every role's estimate (GB) against the memory of the GPU it asks for (None for a CPU role)."""
     from learner.driver.build import inference_dtype
@@ -193,10 +204,9 @@ def estimate_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleM
     learner.parts["AdamW moments (fp32)"] = trained * 8 / GB
     if cfg.grpo.kl_beta > 0 and m.lora_rank == 0:
         learner.parts["KL reference copy (fp32)"] = transformer * 4 / GB
-    window = cfg.window.size if cfg.sampler.branching == "none" else 1  # branched: one transition per row
+    window = trained_transitions(cfg)
     learner.parts["window latents (fp32)"] = cfg.rollout.batch_size * window * arch.latent_numel * 4 * 2 / GB
-    steps = lc.timesteps_per_backward or window
-    learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * min(steps, window),
+    learner.parts["activations"] = activation_gb(arch, lc.micro_batch_size * steps_per_forward(cfg),
                                                  checkpointing=m.gradient_checkpointing, bf16=m.autocast_bf16)
 
     # rollout worker
@@ -274,11 +284,9 @@ UNDERFED_TOKENS = BUSY_TOKENS // 2
 
 
 def learner_forward_tokens(cfg: Config, arch: Architecture, micro_batch: int | None = None) -> int:
-    """Tokens in one learner forward: micro-batch × the window steps per backward (as `estimate_memory` counts its
-    rows) × (image + text) tokens a row."""
-    window = cfg.window.size if cfg.sampler.branching == "none" else 1
-    steps = min(cfg.learner.timesteps_per_backward or window, window)
-    return (micro_batch or cfg.learner.micro_batch_size) * steps * (arch.image_tokens + arch.text_tokens)
+    """Tokens in one learner forward: micro-batch × the window steps per forward (the rows `estimate_memory` counts
+    activations for) × (image + text) tokens a row."""
+    return (micro_batch or cfg.learner.micro_batch_size) * steps_per_forward(cfg) * (arch.image_tokens + arch.text_tokens)
 
 
 def suggested_micro_batch(cfg: Config, arch: Architecture | None = None) -> int | None:
