@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import publish  # noqa: E402 (needs the path above)
+from benchmarks.common import publish, synchronize  # noqa: E402 (needs the path above)
 from benchmarks.real_arch import sd3_5_medium_transformer  # noqa: E402
 from rollout_workers.policies.base import sd3_transformer_velocity  # noqa: E402
 
@@ -81,12 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     def step(fn) -> tuple[float, list[torch.Tensor]]:
         for q in params:
             q.grad = None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         ((fn(transformer, x, sigma, cond, device, bf16) - target) ** 2).mean().backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         return time.perf_counter() - t0, [q.grad.detach().clone() for q in params]
 
     times = {"one 2B batch, negative detached (reference)": [], "negative without a graph, B rows (ours)": []}

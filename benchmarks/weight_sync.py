@@ -45,7 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import publish  # noqa: E402 (needs the path above)
+from benchmarks.common import publish, synchronize  # noqa: E402 (needs the path above)
 from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded  # noqa: E402
 
 GiB = 2**30
@@ -102,11 +102,6 @@ def _weights(sizes: list[int], fill: bool, device: str, dtype: str) -> dict[str,
             for i, n in enumerate(sizes)}
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @ray.remote(num_cpus=0.25)
 class Sender:
     """The learner's side: owns the weights; a new version before each sync."""
@@ -143,7 +138,7 @@ class Sender:
     def send_weights(self) -> float:
         t = time.perf_counter()
         self.channel.broadcast(self.state, self.version)
-        _synchronize(self.device)
+        synchronize(self.device)
         return time.perf_counter() - t
 
 
@@ -158,7 +153,7 @@ class Receiver:
         t0 = time.perf_counter()
         for name, tensor in self.state.items():
             tensor.copy_(packet.state[name])
-        _synchronize(self.device)
+        synchronize(self.device)
         t1 = time.perf_counter()
         verify_loaded(packet, self.state, packet.version)
         self.version = packet.version
@@ -170,7 +165,7 @@ class Receiver:
     def receive(self) -> dict:
         t0 = time.perf_counter()
         version, checksum = self.channel.broadcast(self.state, -1)  # in place, like the worker's state dict
-        _synchronize(self.device)
+        synchronize(self.device)
         t1 = time.perf_counter()
         verify_loaded((version, checksum), self.state, version)
         self.version = version
