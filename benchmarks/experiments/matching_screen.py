@@ -16,7 +16,7 @@
 
 Everything after `--` goes to `benchmarks/sample_efficiency.py`. It is an experiment, not a config field: it patches
 `learner.training.objectives.awm_loss` (positive, shuffled) or `learner.training.updates.matching_micro_loss` (dpo) in
-this process only. Measured on seed 1 (README, "The headroom"), none of the three beat the default, so none was built
+this process only. Measured on seed 1 (results/alignment_experiments.md, "The headroom"), none of the three beat the default, so none was built
 into the learner.
 """
 

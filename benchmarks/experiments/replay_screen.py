@@ -10,7 +10,7 @@ flow-matching error of --replay-rows buffered images at times drawn from the rol
 accepts, is trained on more than once). Everything after `--` goes to `benchmarks/sample_efficiency.py`.
 
 It is an experiment, not a config field: it patches `Learner.update` and `Learner._micro_step` in this process
-only. Measured on seed 1 (README, "What each lever did"), it lowered the fresh-set gain at every weight tried, so it
+only. Measured on seed 1 (results/alignment_experiments.md, "What each lever did"), it lowered the fresh-set gain at every weight tried, so it
 was not built into the learner.
 """
 

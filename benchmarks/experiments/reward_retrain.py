@@ -15,7 +15,7 @@ prompts), and 256 held-out-prompt samples of each for the reported ρ.
 each policy (`pretrain.policy_samples`: half full-step ODE, half mixed ODE-SDE with a random window; `--seed`), the
 number the issue asks for, measured on samples no reward was trained with.
 
-Measured (README, "What each lever did"): retraining on the shipped base's samples raises ρ from 0.31 to 0.49 on its
+Measured (results/alignment_experiments.md, "What each lever did"): retraining on the shipped base's samples raises ρ from 0.31 to 0.49 on its
 held-out samples, and from 0.21 to 0.42 on a trained policy's, but the default job trained with it gains less on
 fresh sets (three seeds), so the shipped reward was kept.
 """

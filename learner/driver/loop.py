@@ -42,7 +42,7 @@ from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollou
 # steps free every activation, so its evaluations paid page faults that DanceGRPO's (which keeps its latents) did
 # not (4.89 against 3.92 CPU-ms per evaluation at the paper's shape, 4.03 with these); the learner, idle while the
 # workers sample, maps its activations again at the start of every update (MixGRPO's update 1.77 -> 1.50 s, DanceGRPO's
-# 7.19 -> 6.74 s): benchmarks/README.md.
+# 7.19 -> 6.74 s): benchmarks/results/compare_methods_paper_history.md.
 ACTOR_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
 
 

@@ -19,7 +19,7 @@ held-out sets: the in-run set is seed `run.eval_seed`.
 right colour, in the right shape and in exactly the right number, of relations that hold, and the extra and
 detected objects per image, so a score's change can be read as which requirement moved; and the headroom, the
 score the same images would get with some requirements' points granted (`evaluation.headroom`): where the points
-are lost (README, "Why the gain stops near +0.05").
+are lost (benchmarks/results/alignment_experiments.md, "Why the gain stops near +0.05").
 
 Hybrid inference (MixGRPO paper, Sec. "hybrid inference"): the trained model integrates the first
 round(F·N) ODE steps, where the layout is decided, and the base model (the run's starting checkpoint)

@@ -168,7 +168,7 @@ def test_resume_after_a_crash_past_the_last_checkpoint_with_a_persistent_window_
 
 def test_actors_keep_freed_memory(ray_cluster, small_checkpoint, tmp_path, monkeypatch):
     """The rollout and learner actors start with glibc's trim/mmap thresholds raised (the page faults of
-    benchmarks/README.md); a value set in the driver's environment wins over the default."""
+    benchmarks/results/compare_methods_paper_history.md); a value set in the driver's environment wins over the default."""
     import os
 
     import ray
