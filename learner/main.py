@@ -21,13 +21,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# `python learner/main.py` puts learner/ on sys.path, not the repository root. The root goes first, so the driver
+# runs this checkout's packages, as its actors do (`ray_session`), and not another checkout's `pip install -e`.
+if sys.path[:1] != [str(REPO_ROOT)]:
+    sys.path.insert(0, str(REPO_ROOT))
+
 try:
     from services.config import ClusterConfig, Config, ConfigError, dump_config, load_config
-except ModuleNotFoundError as e:  # `python learner/main.py` puts learner/ on sys.path, not the repository root
-    sys.exit(f"error: cannot import the project's packages ({e}); run `pip install -e .` in the repository root "
-             "(or put the root on PYTHONPATH; `ray job submit --working-dir .` does)")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+except ModuleNotFoundError as e:  # a dependency is missing
+    sys.exit(f"error: cannot import the project's packages ({e}); run `pip install -e .` in the repository root")
 EMBEDDED_DEFAULT = "tiny_cpu"  # the preset a run without --config takes
 
 
@@ -109,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.json")
-    print(f"MixGRPO-Ray: method={cfg.run.method} backend={cfg.model.backend} iterations={cfg.run.iterations} "
-          f"→ {out}", flush=True)
+    from learner.outputs.metrics import eval_change, eval_summary, method_label
+
+    print(f"MixGRPO-Ray: method={method_label(cfg.model_dump(mode='json'))} backend={cfg.model.backend} "
+          f"iterations={cfg.run.iterations} → {out}", flush=True)
     from learner.driver.loop import run_loop
-    from learner.outputs.metrics import eval_change, eval_summary
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 

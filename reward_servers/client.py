@@ -19,6 +19,7 @@ a proxy that reports each request's latency to the run's dashboard metrics.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -202,6 +203,9 @@ class RewardClient:
             if name not in self._handles:
                 from ray import serve
 
+                # importing ray.serve sets its logger to INFO; a handle's router then logs a line per process into
+                # the job's output. Warnings still show.
+                logging.getLogger("ray.serve").setLevel(logging.WARNING)
                 try:
                     self._handles[name] = serve.get_deployment_handle(f"reward_{name}", app_name=self.app_name)
                 except Exception as e:  # no such app/deployment: a configuration error, not retried

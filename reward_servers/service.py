@@ -7,6 +7,7 @@ external service (transport=http), and take them down afterwards.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 from services.config import RewardConfig
@@ -22,9 +23,12 @@ def reward_service(cfg: RewardConfig, *, keep: bool = False):
 
     from .app import build_app
 
-    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port})
-    # per-request access logs would drown the training progress in the job's output (they stay in the
-    # replica log files under /tmp/ray/session_latest/logs/serve)
+    # Serve's own INFO lines (the controller's and proxy's, and the driver's "Started Serve", "Connecting to existing
+    # Serve app … will not be applied" after serve.start, "Deleting app") and per-request access logs would drown the
+    # training progress in the job's output; they stay in the log files under /tmp/ray/session_latest/logs/serve,
+    # and warnings still show
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, logging_config={"log_level": "WARNING"})
     handle = serve.run(build_app(cfg.rewards, cfg.server), name=cfg.server.app_name,
                        route_prefix=cfg.server.route_prefix,
                        logging_config={"enable_access_log": False, "log_level": "WARNING"})
@@ -35,4 +39,5 @@ def reward_service(cfg: RewardConfig, *, keep: bool = False):
     finally:
         if not keep:
             serve.delete(cfg.server.app_name)
-            serve.shutdown()
+            if not serve.status().applications:  # on a shared cluster other apps keep their Serve instance
+                serve.shutdown()

@@ -95,3 +95,10 @@ def eval_change(base: dict | None, final: dict | None) -> str:
 
 def eval_when(rec: dict) -> str:
     return "before training" if rec["iteration"] < 0 else f"after iteration {rec['iteration'] + 1}"
+
+
+def method_label(config: dict) -> str:
+    """The method a resolved config (its JSON form) runs, as the banner and the report name it: the preset's
+    method, plus AWM's matching term when `grpo.matching_aux` adds it (the embedded default)."""
+    method, aux = config.get("run", {}).get("method"), config.get("grpo", {}).get("matching_aux", 0)
+    return f"{method} + AWM's matching term (grpo.matching_aux={aux:g})" if aux else str(method)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .grids import list_grids, load_grid
-from .metrics import MetricsLog, eval_columns
+from .metrics import MetricsLog, eval_columns, method_label
 
 PHASES = {"rollout sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
           "update": (None, "update_s"), "broadcast": (None, "broadcast_s")}
@@ -198,7 +198,7 @@ def _header(run_dir: Path) -> str:
         return f"# Run report: {run_dir.name}\n"
     cfg = json.loads(cfg_path.read_text())
     run, model, win = cfg.get("run", {}), cfg.get("model", {}), cfg.get("window", {})
-    return (f"# Run report: {run_dir.name}\n\nmethod **{run.get('method')}**, backend **{model.get('backend')}**, "
+    return (f"# Run report: {run_dir.name}\n\nmethod **{method_label(cfg)}**, backend **{model.get('backend')}**, "
             f"{run.get('iterations')} iterations configured, window {win.get('strategy')} "
             f"(size {win.get('size')}, shift every {win.get('shift_interval')}), "
             f"{cfg.get('sampler', {}).get('num_steps')} sampling steps, seed {run.get('seed')}\n")

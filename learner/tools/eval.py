@@ -37,7 +37,7 @@ import torch
 
 from learner import evaluation
 from learner.driver.build import policy_from_config
-from learner.training import latest_checkpoint, load_checkpoint
+from learner.training import CheckpointError, latest_checkpoint, load_checkpoint
 from services import shapes_world
 from services.config import Config, ConfigError, load_config
 
@@ -113,6 +113,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(Path(args.run) / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"--run {args.run}: no checkpoint in {Path(args.run) / 'checkpoints'}")
+    if not (ckpt / "state.json").is_file():  # before the models load: a wrong path fails at once
+        raise FileNotFoundError(f"--checkpoint {ckpt}: not a checkpoint folder (no state.json there; checkpoints are "
+                                "<run>/checkpoints/iter_XXXXXX)")
     return cfg, ckpt
 
 
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                                      shift=args.shift, seed=args.seed, per_category=args.per_category,
                                      prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split,
                                      breakdown=args.breakdown)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{result['checkpoint'] or 'base model'}: {result['num_steps']}-step ODE, shift {result['shift']}, "

@@ -85,7 +85,7 @@ def test_lora_base_is_the_policy_with_its_adapter_off(small_checkpoint, tmp_path
         assert not torch.allclose(trained.velocity(x, sigma, cond), start.velocity(x, sigma, cond))
 
 
-def test_eval_cli_writes_json(small_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_eval_cli_writes_json(small_checkpoint, tmp_path, capsys, monkeypatch):  # noqa: F811
     make_run(tmp_path, f"model.path={small_checkpoint}")
     out = tmp_path / "eval.json"
     assert evaluation.main(["--run", str(tmp_path), "--per-category", "1", "--num-steps", "4", "--json", str(out)]) == 0
@@ -103,6 +103,9 @@ def test_eval_cli_writes_json(small_checkpoint, tmp_path, capsys):  # noqa: F811
     with pytest.raises(ConfigError, match="tiny backend only"):  # named before any model is loaded
         evaluation.evaluate_checkpoint(sd3, None, breakdown=True)
     assert evaluation.main(["--run", str(tmp_path / "nowhere")]) == 2
+    monkeypatch.setattr(evaluation, "load_models", lambda *a, **k: pytest.fail("a wrong path loads no model"))
+    assert evaluation.main(["--run", str(tmp_path), "--checkpoint", str(tmp_path / "checkpoints" / "iter_999")]) == 2
+    assert "not a checkpoint folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("lora", [0, 4])

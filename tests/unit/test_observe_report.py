@@ -109,6 +109,18 @@ def test_report_renders_plots_and_summary(run_dir):
     assert "method **mixgrpo**" in text
 
 
+def test_the_method_label_names_the_matching_term_when_it_is_on(run_dir):
+    from learner.outputs.metrics import method_label
+    from services.config import load_config
+
+    assert method_label({"run": {"method": "mixgrpo"}, "grpo": {"matching_aux": 0.0}}) == "mixgrpo"
+    default = load_config(["tiny_cpu"], []).model_dump(mode="json")  # the embedded default adds the term
+    assert method_label(default) == "mixgrpo + AWM's matching term (grpo.matching_aux=1)"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**cfg, "grpo": {"matching_aux": 0.5}}))
+    assert "method **mixgrpo + AWM's matching term (grpo.matching_aux=0.5)**" in report.write_report(run_dir).read_text()
+
+
 def test_report_cli_and_observer_errors(tmp_path, capsys):
     from learner.tools import report as report_cli
 
