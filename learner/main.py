@@ -68,8 +68,14 @@ def preflight(cfg: Config) -> None:
     from learner.evaluation import run_prompts
     from services.prompts import PromptSource
 
-    PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file, shapes_grammar=cfg.model.backend == "tiny")
-    run_prompts(cfg)
+    readers = {"rollout.prompts_file": lambda: PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
+                                                            shapes_grammar=cfg.model.backend == "tiny"),
+               "run.eval_prompts_file": lambda: run_prompts(cfg)}
+    for field, read in readers.items():
+        try:
+            read()
+        except (FileNotFoundError, ValueError) as e:  # name the field to change, not only the path
+            raise ConfigError(f"{field}: {e}") from None
     if cfg.run.wandb_project:
         try:
             import wandb  # noqa: F401

@@ -214,3 +214,18 @@ def test_the_run_prints_the_micro_batch_line_after_the_memory_table(sd35_medium,
     preflight(cfg)
     out = capsys.readouterr().out
     assert out.index("memory preflight (estimates):") < out.index("learner: micro-batch 3 runs 4,071 tokens")
+
+
+def test_a_missing_or_bad_prompts_file_is_an_error_naming_its_field(sd35_medium, tmp_path):
+    from learner.main import preflight
+
+    good, bad = tmp_path / "p.txt", tmp_path / "bad.txt"
+    good.write_text("a cat\na dog\n")
+    bad.write_bytes(b"a cat\n\xff\xfe not utf-8\n")
+    base = ["sd3_5_medium", "mixgrpo"]
+    common = [f"model.path={sd35_medium}", "run.eval_prompts=2"]
+    with pytest.raises(ConfigError, match=r"^rollout\.prompts_file: prompts file .*nowhere\.txt does not exist"):
+        preflight(load_config(base, [*common, f"rollout.prompts_file={tmp_path / 'nowhere.txt'}",
+                                     f"run.eval_prompts_file={good}"]))
+    with pytest.raises(ConfigError, match=r"^run\.eval_prompts_file: .*bad\.txt: not UTF-8"):
+        preflight(load_config(base, [*common, f"rollout.prompts_file={good}", f"run.eval_prompts_file={bad}"]))
