@@ -128,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
 
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
-    with ray_session(cfg.cluster), reward_service(cfg.reward):
-        observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
-                                      config=cfg.model_dump(mode="json"))
-        result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
+    try:
+        with ray_session(cfg.cluster), reward_service(cfg.reward):
+            observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
+                                          config=cfg.model_dump(mode="json"))
+            result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
+    except ConfigError as e:  # found on the cluster (a Serve app of the same name): the run did not start
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out {final}; outputs in {out}", flush=True)
     change = eval_change(result.get("base_eval"), result["final_eval"])

@@ -180,7 +180,8 @@ def create_http_app(backends: Mapping[str, Backend], specs: Mapping[str, RewardS
         t0 = time.perf_counter()
         if name not in backends:
             raise ApiError(404, "unknown_reward", f"unknown reward {name!r}; served rewards: {sorted(backends)}")
-        limits = {"max_side": server.image_size_limit, "max_images": server.max_images_per_request}
+        limits = {"max_side": server.image_size_limit, "max_images": server.max_images_per_request,
+                  "max_decoded_bytes": server.max_decoded_bytes}
         try:  # raw arrays decode in microseconds; PNG decoding goes to a thread to keep the loop free
             images, prompts = (decode_request(body, **limits) if body.images is None
                                else await asyncio.to_thread(decode_request, body, **limits))

@@ -109,9 +109,9 @@ def _check_dims(h: int, w: int, max_side: int, what: str) -> None:
         raise PayloadError(422, f"{what} is {h}x{w} pixels; height and width must be in [1, {max_side}]")
 
 
-def decode_png(text: str, index: int, max_side: int) -> np.ndarray:
-    """One base64 image file -> (H, W, 3) uint8. 422 for bad base64, non-images, non-RGB, oversize."""
-    what = f"images[{index}]"
+def _image_file(text: str, what: str, max_side: int) -> tuple[bytes, int, int]:
+    """A base64 image file -> (its bytes, height, width), read from its header: no pixel is decoded. 422 for bad
+    base64, non-images, formats other than PNG/JPEG/WebP, non-RGB modes and oversize."""
     raw = _b64(text, what)
     try:
         with Image.open(io.BytesIO(raw)) as img:
@@ -121,18 +121,44 @@ def decode_png(text: str, index: int, max_side: int) -> np.ndarray:
             if img.mode != "RGB":
                 raise PayloadError(422, f"{what} has mode {img.mode} ({len(img.getbands())} channels); "
                                         "images must be RGB with 3 channels")
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            return raw, img.height, img.width
+    except UnidentifiedImageError:
+        raise PayloadError(422, f"{what} is not an image file (send PNG, JPEG or WebP)") from None
+    except (OSError, Image.DecompressionBombError) as e:
         raise PayloadError(422, f"{what} is not a readable image file ({type(e).__name__}: {e})") from None
 
 
-def decode_images(items: list[str], max_side: int) -> np.ndarray:
-    """Base64 image files (all the same size) -> (B, H, W, 3) uint8."""
-    images = [decode_png(t, i, max_side) for i, t in enumerate(items)]
-    sizes = {im.shape for im in images}
+def _pixels(raw: bytes, what: str) -> np.ndarray:
+    """A checked image file's bytes -> (H, W, 3) uint8."""
+    try:
+        with Image.open(io.BytesIO(raw)) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, Image.DecompressionBombError) as e:  # a header that reads and a body that does not
+        raise PayloadError(422, f"{what} is not a readable image file ({type(e).__name__}: {e})") from None
+
+
+def decode_png(text: str, index: int, max_side: int) -> np.ndarray:
+    """One base64 image file -> (H, W, 3) uint8. 422 for bad base64, non-images, non-RGB, oversize."""
+    what = f"images[{index}]"
+    raw, _, _ = _image_file(text, what, max_side)
+    return _pixels(raw, what)
+
+
+def decode_images(items: list[str], max_side: int, max_decoded_bytes: int | None = None) -> np.ndarray:
+    """Base64 image files (all the same size) -> (B, H, W, 3) uint8. Every header is read first: mixed sizes and a
+    request whose pixels would take more than `max_decoded_bytes` (413) are refused before any pixel is decoded,
+    so a few MB of compressed images cannot make the server allocate gigabytes."""
+    files = [_image_file(t, f"images[{i}]", max_side) for i, t in enumerate(items)]
+    sizes = sorted({(h, w, 3) for _, h, w in files})
     if len(sizes) > 1:
-        raise PayloadError(422, f"all images in a request must have the same size, got {sorted(sizes)}")
-    return np.stack(images)
+        raise PayloadError(422, f"all images in a request must have the same size, got {sizes}")
+    h, w, _ = sizes[0]
+    decoded = len(files) * h * w * 3
+    if max_decoded_bytes is not None and decoded > max_decoded_bytes:
+        raise PayloadError(413, f"{len(files)} images of {h}x{w} pixels decode to {decoded / 2**20:.0f} MiB; at most "
+                                f"{max_decoded_bytes / 2**20:.0f} MiB per request (reward.server.max_decoded_bytes): "
+                                "send fewer or smaller images")
+    return np.stack([_pixels(raw, f"images[{i}]") for i, (raw, _, _) in enumerate(files)])
 
 
 def decode_array(payload: ArrayPayload, max_side: int, max_images: int) -> np.ndarray:
@@ -161,7 +187,8 @@ def decode_array(payload: ArrayPayload, max_side: int, max_images: int) -> np.nd
     return np.round(arr * 255.0).astype(np.uint8)
 
 
-def decode_request(req: ScoreRequest, *, max_side: int, max_images: int) -> tuple[np.ndarray, list[str]]:
+def decode_request(req: ScoreRequest, *, max_side: int, max_images: int, max_decoded_bytes: int | None = None,
+                   ) -> tuple[np.ndarray, list[str]]:
     """Validated request -> (images (B, H, W, 3) uint8, B prompts). Raises PayloadError."""
     n = len(req.images) if req.images is not None else req.array.shape[0]
     if n == 0 or not req.prompts:
@@ -171,7 +198,7 @@ def decode_request(req: ScoreRequest, *, max_side: int, max_images: int) -> tupl
     if len(req.prompts) != n:
         raise PayloadError(422, f"got {len(req.prompts)} prompts for {n} images; counts must match")
     if req.images is not None:
-        images = decode_images(req.images, max_side)
+        images = decode_images(req.images, max_side, max_decoded_bytes)
     else:
         images = decode_array(req.array, max_side, max_images)
     return images, list(req.prompts)

@@ -8,9 +8,10 @@ external service (transport=http), and take them down afterwards.
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 
-from services.config import RewardConfig
+from services.config import ConfigError, RewardConfig
 
 
 @contextmanager
@@ -29,6 +30,7 @@ def reward_service(cfg: RewardConfig, *, keep: bool = False):
     # and warnings still show
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, logging_config={"log_level": "WARNING"})
+    refuse_a_running_app(cfg.server.app_name)
     handle = serve.run(build_app(cfg.rewards, cfg.server), name=cfg.server.app_name,
                        route_prefix=cfg.server.route_prefix,
                        logging_config={"enable_access_log": False, "log_level": "WARNING"})
@@ -41,3 +43,22 @@ def reward_service(cfg: RewardConfig, *, keep: bool = False):
             serve.delete(cfg.server.app_name)
             if not serve.status().applications:  # on a shared cluster other apps keep their Serve instance
                 serve.shutdown()
+
+
+def refuse_a_running_app(name: str, wait_s: float = 30.0) -> None:
+    """A job never replaces a Serve app it did not deploy: `serve.run` under a running app's name would redeploy it
+    with this job's rewards and settings (dropping a standalone service's token), and the job's end would delete it.
+    An app still being deleted is waited for. Raises ConfigError naming the ways out."""
+    from ray import serve
+
+    deadline = time.monotonic() + wait_s
+    while (status := serve.status().applications.get(name)) is not None and str(status.status).endswith("DELETING"):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if status is not None:
+        raise ConfigError(
+            f"a Serve app named {name!r} already runs on this cluster ({str(status.status).split('.')[-1]}), "
+            "deployed by another job or `python -m reward_servers`; this job would replace it and delete it at its "
+            f"end. Use that service (reward.server.transport=http reward.server.url=http://<host>:<port>) or give "
+            f"this job its own app: reward.server.app_name=<name> and a free reward.server.route_prefix")

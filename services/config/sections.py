@@ -206,6 +206,9 @@ class RewardServerConfig(_Section):
     max_images_per_request: int = Field(512, ge=1)
     image_size_limit: int = Field(2048, ge=8)
     """Largest accepted image height or width."""
+    max_decoded_bytes: int = Field(512 * 2**20, ge=2**20)
+    """Most bytes one request's image files may decode to (B·H·W·3), checked from their headers before any pixel
+    is decoded: a 413 past it. 512 MiB holds 170 images of 1024², or 512 images up to 591²."""
     transport: Literal["handle", "http"] = "handle"
     """How rollout workers reach the scorers: Serve handles in-cluster, or HTTP to an external service."""
     url: str | None = None

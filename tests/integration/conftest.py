@@ -27,3 +27,22 @@ def shared_reward_service(cfg):
             pass
         _DEPLOYED[name] = key
     yield
+
+
+@contextmanager
+def own_reward_service(cfg):
+    """`reward_service(cfg)` for a test that deploys its own rewards: the app `shared_reward_service` may have left
+    under the same name is deleted first (the service refuses to deploy over a running app)."""
+    from ray import serve
+
+    from reward_servers.service import reward_service
+
+    try:
+        running = cfg.server.app_name in serve.status().applications
+    except Exception:  # Serve not started
+        running = False
+    if running:
+        serve.delete(cfg.server.app_name)
+        _DEPLOYED.pop(cfg.server.app_name, None)
+    with reward_service(cfg) as handle:
+        yield handle

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from learner.driver.loop import run_loop
-from reward_servers.service import reward_service
+from tests.integration.conftest import own_reward_service
 from tests.integration.test_faults import assert_same_training, reference_run
 from tests.integration.test_learner_fault import learner_pids
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint, train_records  # noqa: F401
@@ -81,7 +81,7 @@ def test_chaos_soak_loses_nothing(ray_cluster, small_checkpoint, tmp_path):  # n
     plan, done, stop = schedule(), [], threading.Event()
     assert len(plan) == 9 and {k for _, k in plan} == set(KINDS)
     t0 = time.monotonic()
-    with reward_service(cfg.reward):
+    with own_reward_service(cfg.reward):
         thread = threading.Thread(target=chaos, args=(tmp_path / "metrics.jsonl", "t-chaos", cfg.reward.server.app_name,
                                                       list(plan), done, stop), daemon=True)
         thread.start()

@@ -10,8 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from learner.driver.loop import run_loop
 from learner.outputs.observers import default_observers
-from reward_servers.service import reward_service
 from services.telemetry import run_tag
+from tests.integration.conftest import own_reward_service
 from tests.integration.test_trainer_ray import small_cfg, small_checkpoint  # noqa: F401
 from tests.tb_events import read_events
 
@@ -89,7 +89,7 @@ def test_short_run_is_observable(ray_cluster, small_checkpoint, tmp_path):  # no
     run_id = run_tag(str(out), "run")  # what learner/main.py uses; the actors derive the same from the config
     node = ray_cluster.nodes()[0]
     scraper = Scraper(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics", run_id)
-    with reward_service(cfg.reward):
+    with own_reward_service(cfg.reward):
         run_loop(cfg, out, run_id, observers=[WaitForMetrics(scraper), *default_observers(out, run_id)])
 
     missing = [n for n, ls in EXPECTED.items() if scraper.value(n, **ls) is None]

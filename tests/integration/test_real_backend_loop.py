@@ -16,8 +16,8 @@ from learner.driver.build import policy_from_config
 from learner.driver.loop import run_loop
 from learner.outputs.grids import PAD, default_scale
 from reward_servers.client import LocalRewards
-from reward_servers.service import reward_service
 from services.config import load_config
+from tests.integration.conftest import own_reward_service
 from tests.integration.test_policies_diffusers import SIZE, sd3_dir  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,7 @@ def sd3_cfg(model_dir, out):
 
 def test_sd3_loop_trains_and_evaluates_with_the_configured_reward(ray_cluster, sd3_dir, tmp_path):  # noqa: F811
     cfg = sd3_cfg(sd3_dir, tmp_path)
-    with reward_service(cfg.reward):
+    with own_reward_service(cfg.reward):
         result = run_loop(cfg, tmp_path, "t-sd3")
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]

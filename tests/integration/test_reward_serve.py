@@ -164,7 +164,7 @@ BAD_INPUTS = {  # case: (body, reward name, headers, status, error code, words i
     "invalid_base64": ({"prompts": ["a red circle"], "images": ["%%%"]}, "shapes_reward", None, 422,
                        "invalid_payload", "not valid base64"),
     "not_an_image": ({"prompts": ["a red circle"], "images": [base64.b64encode(b"GIF? no").decode()]},
-                     "shapes_reward", None, 422, "invalid_payload", "not a readable image"),
+                     "shapes_reward", None, 422, "invalid_payload", "not an image file"),
     "wrong_size": ({"prompts": ["a red circle"], "images": [_png("RGB", (16, 16))]}, "shapes_reward", None, 422,
                    "rejected_by_scorer", "32x32"),
     "wrong_channels_png": ({"prompts": ["a red circle"], "images": [_png("RGBA")]}, "shapes_reward", None, 422,

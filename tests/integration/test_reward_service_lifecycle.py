@@ -1,4 +1,5 @@
-"""The job's reward service leaves a shared cluster's other Serve apps running, and takes Serve down when it was alone.
+"""The job's reward service leaves a shared cluster's other Serve apps running, never deploys over one of them, and
+takes Serve down when it was alone.
 
 A job on a long-lived cluster (`ray job submit`) deploys its rewards as one Serve app; when it ends it deletes that
 app. Shutting Serve down then would stop every other team's app on the cluster, so it only happens when no app is
@@ -11,7 +12,7 @@ import socket
 
 import pytest
 
-from services.config import load_config
+from services.config import ConfigError, load_config
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +44,13 @@ def test_the_job_deletes_its_app_and_keeps_serve_for_the_others(ray_cluster):
         with reward_service(cfg.reward) as handle:
             assert handle is not None and set(serve.status().applications) == {"another-team", "job-rewards"}
         assert set(serve.status().applications) == {"another-team"}  # the job's app is gone, the other one is not
+        assert other.remote(None).result(timeout_s=30) == "still here"
+        # a job whose app name is taken (another job, `python -m reward_servers`) refuses instead of replacing it
+        taken = load_config([], [f"reward.server.port={port}", "reward.server.app_name=another-team"])
+        with pytest.raises(ConfigError, match=r"a Serve app named 'another-team' already runs .*reward\.server\.app_name"):
+            with reward_service(taken.reward):
+                pytest.fail("deployed over a running app")
+        assert set(serve.status().applications) == {"another-team"}
         assert other.remote(None).result(timeout_s=30) == "still here"
         serve.delete("another-team")
         with reward_service(cfg.reward):  # alone on the cluster: Serve goes down with the job's app

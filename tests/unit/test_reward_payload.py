@@ -48,7 +48,7 @@ def test_png_and_array_payloads_roundtrip(shapes_batch):
 
 @pytest.mark.parametrize("item, match", [
     ("not base64!!", "not valid base64"),
-    (base64.b64encode(b"hello, not an image").decode(), "not a readable image"),
+    (base64.b64encode(b"hello, not an image").decode(), r"not an image file \(send PNG, JPEG or WebP\)$"),
     (_b64png(Image.new("L", (32, 32))), "mode L .1 channels"),
     (_b64png(Image.new("RGBA", (32, 32))), "mode RGBA .4 channels"),
     (_b64png(Image.new("RGB", (32, 32)), "GIF"), "GIF file"),
@@ -65,6 +65,21 @@ def test_mixed_image_sizes_are_refused():
     items = [_b64png(np.zeros((32, 32, 3), np.uint8)), _b64png(np.zeros((16, 16, 3), np.uint8))]
     with pytest.raises(PayloadError, match="same size"):
         decode_images(items, 2048)
+
+
+def test_images_whose_pixels_would_pass_the_limit_are_413_before_any_is_decoded(monkeypatch):
+    from reward_servers import payload
+
+    big = _b64png(np.zeros((1024, 1024, 3), np.uint8))  # 3 MiB of pixels in a few kB of PNG
+    assert len(big) < 20_000
+    monkeypatch.setattr(payload, "_pixels", lambda raw, what: pytest.fail("decoded pixels of a refused request"))
+    with pytest.raises(PayloadError, match=r"^9 images of 1024x1024 pixels decode to 27 MiB; at most 24 MiB") as e:
+        decode_images([big] * 9, 2048, max_decoded_bytes=24 * 2**20)
+    assert e.value.status == 413
+    with pytest.raises(PayloadError, match="same size"):  # mixed sizes: refused from the headers too
+        decode_images([big, _b64png(np.zeros((32, 32, 3), np.uint8))], 2048, max_decoded_bytes=24 * 2**20)
+    monkeypatch.undo()
+    assert decode_images([big] * 8, 2048, max_decoded_bytes=24 * 2**20).shape == (8, 1024, 1024, 3)  # 24 MiB: at it
 
 
 def _array(arr: np.ndarray, **override) -> ArrayPayload:
