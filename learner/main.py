@@ -43,6 +43,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def default_runs_root(repo_root: Path) -> Path:
+    """Where a run without `run.output_dir` writes: <checkout>/runs, except when the checkout is a Ray job's unpacked
+    working_dir (`ray job submit --working-dir`), which Ray deletes after the job with everything in it: then
+    ~/mixgrpo-runs on the node the driver runs on."""
+    if "runtime_resources" in repo_root.parts or any(part.startswith("_ray_pkg_") for part in repo_root.parts):
+        return Path.home() / "mixgrpo-runs"
+    return repo_root / "runs"
+
+
 def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     """The config and output folder of a new run, or of the run being resumed."""
     if args.resume:
@@ -53,7 +62,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
             raise ConfigError("--resume takes the run's own config.json; pass only dotted overrides")
         return load_config([out / "config.json"], args.overrides), out, True
     cfg = load_config(args.config or [EMBEDDED_DEFAULT], args.overrides)
-    out = Path(cfg.run.output_dir or REPO_ROOT / "runs" / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(cfg.run.output_dir or default_runs_root(REPO_ROOT) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ConfigError(f"run.output_dir {out} already holds checkpoints: use --resume {out} or another folder")
     cfg.run.output_dir = str(out)
@@ -122,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"MixGRPO-Ray: method={method_label(cfg.model_dump(mode='json'))} backend={cfg.model.backend} "
           f"iterations={cfg.run.iterations} → {out}", flush=True)
+    if default_runs_root(REPO_ROOT) != REPO_ROOT / "runs" and out.parent == default_runs_root(REPO_ROOT):
+        print(f"note: run.output_dir is not set and this job runs from Ray's unpacked working_dir, which Ray deletes "
+              f"after the job; outputs go to {out} on this node instead (set run.output_dir to choose)", flush=True)
     from learner.driver.loop import run_loop
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service

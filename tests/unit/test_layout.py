@@ -117,3 +117,11 @@ def test_the_driver_runs_its_own_checkouts_packages(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "another checkout" not in done.stderr and "embedded default" in done.stdout
+
+
+def test_a_job_from_rays_unpacked_working_dir_writes_where_ray_does_not_delete():
+    from learner.main import default_runs_root
+
+    assert default_runs_root(ROOT) == ROOT / "runs"
+    unpacked = Path("/tmp/ray/session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd")
+    assert default_runs_root(unpacked) == Path.home() / "mixgrpo-runs"
