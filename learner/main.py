@@ -75,8 +75,12 @@ def preflight(cfg: Config) -> None:
     fields to change: learner/driver/preflight.py)."""
     from learner.driver.preflight import check_memory, micro_batch_advice, table
     from learner.evaluation import run_prompts
+    from reward_servers.scorers import SCORERS
     from services.prompts import PromptSource
 
+    for i, spec in enumerate(cfg.reward.rewards if cfg.reward.server.transport == "handle" else []):
+        if spec.name not in SCORERS:  # before Ray and Serve start, not a traceback from the Serve deploy
+            raise ConfigError(f"reward.rewards.{i}.name: unknown reward {spec.name!r}; known: {', '.join(sorted(SCORERS))}")
     readers = {"rollout.prompts_file": lambda: PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
                                                             shapes_grammar=cfg.model.backend == "tiny"),
                "run.eval_prompts_file": lambda: run_prompts(cfg)}
@@ -102,7 +106,7 @@ def ray_session(cluster: ClusterConfig):
     import ray
 
     if ray.is_initialized():
-        yield
+        yield False
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -112,9 +116,25 @@ def ray_session(cluster: ClusterConfig):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=cluster.dashboard, namespace=cluster.namespace)
     try:
-        yield
+        yield not address  # True: this process started the (local) cluster, nothing will join it
     finally:
         ray.shutdown()
+
+
+def check_resources(cfg: Config, local: bool) -> None:
+    """Before the rewards deploy: a local Ray without the GPUs (or CPUs) the config asks for would wait forever
+    (Serve's replicas first), so refuse; a cluster may still add nodes, so warn."""
+    import ray
+
+    from learner.driver.preflight import resource_shortfall
+
+    short = resource_shortfall(cfg, ray.cluster_resources())
+    if short and local:
+        raise ConfigError(f"{short}: this local Ray has no more and nothing will join it; lower the fields named "
+                          "(on a machine without GPUs: their num_gpus=0)")
+    if short:
+        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
+              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,11 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in out.resolve().name)
     t0 = time.perf_counter()
     try:
-        with ray_session(cfg.cluster), reward_service(cfg.reward):
-            observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
-                                          config=cfg.model_dump(mode="json"))
-            result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
-    except ConfigError as e:  # found on the cluster (a Serve app of the same name): the run did not start
+        with ray_session(cfg.cluster) as local:
+            check_resources(cfg, local)
+            with reward_service(cfg.reward):
+                observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
+                                              config=cfg.model_dump(mode="json"))
+                result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
+    except ConfigError as e:  # found on the cluster (its resources, a Serve app of the same name): no run started
         print(f"error: {e}", file=sys.stderr)
         return 2
     final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"

@@ -229,3 +229,21 @@ def test_a_missing_or_bad_prompts_file_is_an_error_naming_its_field(sd35_medium,
                                      f"run.eval_prompts_file={good}"]))
     with pytest.raises(ConfigError, match=r"^run\.eval_prompts_file: .*bad\.txt: not UTF-8"):
         preflight(load_config(base, [*common, f"rollout.prompts_file={good}", f"run.eval_prompts_file={bad}"]))
+
+
+def test_the_driver_refuses_what_a_local_ray_cannot_hold_and_unknown_rewards_before_ray(monkeypatch, capsys):
+    import ray
+
+    from learner.main import check_resources, preflight
+
+
+    cfg = load_config([], ["rollout.num_gpus=1"])  # 2 workers × 1 GPU on a cluster with none
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"^2 GPU asked \(rollout\.num_workers × rollout\.num_gpus\), the cluster has 0: "
+                                          r"this local Ray has no more"):
+        check_resources(cfg, local=True)  # Serve and the actors would wait for them forever
+    check_resources(cfg, local=False)  # a cluster may still add nodes: a warning, and the run goes on
+    assert "warning: 2 GPU asked" in capsys.readouterr().err
+    check_resources(load_config([], []), local=True)  # the embedded default fits two CPUs
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.name: unknown reward 'nope'; known: aesthetic"):
+        preflight(load_config([], ["reward.rewards=[{name: shapes_verifier}, {name: nope}]"]))
