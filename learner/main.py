@@ -75,12 +75,11 @@ def preflight(cfg: Config) -> None:
     fields to change: learner/driver/preflight.py)."""
     from learner.driver.preflight import check_memory, micro_batch_advice, table
     from learner.evaluation import run_prompts
-    from reward_servers.scorers import SCORERS
+    from reward_servers.scorers import check_reward_specs
     from services.prompts import PromptSource
 
-    for i, spec in enumerate(cfg.reward.rewards if cfg.reward.server.transport == "handle" else []):
-        if spec.name not in SCORERS:  # before Ray and Serve start, not a traceback from the Serve deploy
-            raise ConfigError(f"reward.rewards.{i}.name: unknown reward {spec.name!r}; known: {', '.join(sorted(SCORERS))}")
+    if cfg.reward.server.transport == "handle":  # before Ray and Serve start, not a traceback from the Serve deploy
+        check_reward_specs(cfg.reward.rewards)
     readers = {"rollout.prompts_file": lambda: PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
                                                             shapes_grammar=cfg.model.backend == "tiny"),
                "run.eval_prompts_file": lambda: run_prompts(cfg)}
@@ -112,6 +111,10 @@ def ray_session(cluster: ClusterConfig):
     if address:
         ray.init(address=address, namespace=cluster.namespace)
     else:
+        # Serve's controller kills its HTTP proxy after 3 readiness checks of 5 s each, and on a two-core machine
+        # busy with anything else the proxy needs longer to start: serve.start then failed with a traceback (2 of 2
+        # runs beside two pre-training processes; 30 s: started). Read by the controller, which inherits this env.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
         # actors import the project's packages even without `pip install -e .`
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=cluster.dashboard, namespace=cluster.namespace)
@@ -119,22 +122,6 @@ def ray_session(cluster: ClusterConfig):
         yield not address  # True: this process started the (local) cluster, nothing will join it
     finally:
         ray.shutdown()
-
-
-def check_resources(cfg: Config, local: bool) -> None:
-    """Before the rewards deploy: a local Ray without the GPUs (or CPUs) the config asks for would wait forever
-    (Serve's replicas first), so refuse; a cluster may still add nodes, so warn."""
-    import ray
-
-    from learner.driver.preflight import resource_shortfall
-
-    short = resource_shortfall(cfg, ray.cluster_resources())
-    if short and local:
-        raise ConfigError(f"{short}: this local Ray has no more and nothing will join it; lower the fields named "
-                          "(on a machine without GPUs: their num_gpus=0)")
-    if short:
-        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
-              file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"MixGRPO-Ray: method={method_label(cfg.model_dump(mode='json'))} backend={cfg.model.backend} "
           f"iterations={cfg.run.iterations} → {out}", flush=True)
-    if default_runs_root(REPO_ROOT) != REPO_ROOT / "runs" and out.parent == default_runs_root(REPO_ROOT):
+    runs_root = default_runs_root(REPO_ROOT)
+    if runs_root != REPO_ROOT / "runs" and out.parent == runs_root:
         print(f"note: run.output_dir is not set and this job runs from Ray's unpacked working_dir, which Ray deletes "
               f"after the job; outputs go to {out} on this node instead (set run.output_dir to choose)", flush=True)
+    import ray
+
     from learner.driver.loop import run_loop
+    from learner.driver.preflight import check_resources
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 
@@ -162,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         with ray_session(cfg.cluster) as local:
-            check_resources(cfg, local)
+            check_resources(cfg, ray.cluster_resources(), local=local)
             with reward_service(cfg.reward):
                 observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
                                               config=cfg.model_dump(mode="json"))
-                result = run_loop(cfg, out, run_id, resume=resuming, observers=observers)
+                result = run_loop(cfg, out, run_id, resume=resuming, observers=observers,
+                                  resources_checked=True)
     except ConfigError as e:  # found on the cluster (its resources, a Serve app of the same name): no run started
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from ray import serve
 
 from reward_servers.deployments import ingress_deployment
 from reward_servers.http_api import token_digest
-from reward_servers.scorers import SCORERS
+from reward_servers.scorers import check_reward_specs
 from services.config import RewardServerConfig, RewardSpec, load_config
 
 
@@ -30,12 +30,7 @@ def build_app(specs: list[RewardSpec], server: RewardServerConfig) -> serve.Appl
     """The Serve application: an ingress plus one deployment per spec. Names must be registered scorers."""
     if not specs:
         raise ValueError("build_app needs at least one RewardSpec")
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise ValueError(f"reward names must be unique, got {names}")
-    unknown = [n for n in names if n not in SCORERS]
-    if unknown:
-        raise ValueError(f"unknown reward scorer(s) {unknown}; known scorers: {', '.join(sorted(SCORERS))}")
+    check_reward_specs(specs)
     token = os.environ.get(server.auth_token_env)
     return ingress_deployment(specs, server, token_digest(token) if token else None)
 

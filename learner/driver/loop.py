@@ -17,7 +17,6 @@ the iteration.
 from __future__ import annotations
 
 import os
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -53,13 +52,11 @@ def malloc_runtime_env(environ: dict[str, str] | None = None) -> dict:
     return {"env_vars": {k: environ.get(k, v) for k, v in ACTOR_MALLOC_ENV.items()}}
 
 
-def start_actors(cfg: Config, run_id: str) -> Cluster:
-    from .preflight import resource_shortfall
+def start_actors(cfg: Config, run_id: str, *, resources_checked: bool = False) -> Cluster:
+    if not resources_checked:  # Ray would wait for them silently; an autoscaler may still add them
+        from .preflight import check_resources
 
-    short = resource_shortfall(cfg, ray.cluster_resources())
-    if short:  # Ray would wait for them silently; an autoscaler may still add them
-        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
-              file=sys.stderr, flush=True)
+        check_resources(cfg, ray.cluster_resources(), local=False)
     cfg_json = cfg.model_dump_json()
     scheduler = SchedulerActor.options(name=f"{run_id}-window-scheduler", num_cpus=0, max_restarts=-1,
                                        get_if_exists=True).remote(cfg.window, cfg.sampler.num_steps, cfg.run.seed,
@@ -147,7 +144,9 @@ def node_cores() -> int:
     return max(1, min((c for c in cpus if c > 0), default=1))
 
 
-def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = ()) -> dict:
+def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = (), *,
+             resources_checked: bool = False) -> dict:
+    """`resources_checked`: the caller ran `preflight.check_resources` (the driver does, before the rewards deploy)."""
     if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads) or (cfg.run.async_rollout
                                                                       and cfg.learner.overlap_threads == -1):
         cores = node_cores()  # auto: from the cores of a node
@@ -157,7 +156,7 @@ def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observer
             if cfg.run.async_rollout and cfg.learner.overlap_threads else ""
         print(f"threads: {cfg.rollout.num_threads} per rollout worker, {cfg.learner.num_threads}{extra} per learner "
               f"rank ({cores} cores per node, {'async' if cfg.run.async_rollout else 'sync'})", flush=True)
-    cl = start_actors(cfg, run_id)
+    cl = start_actors(cfg, run_id, resources_checked=resources_checked)
     try:
         return _iterate(cl, cfg, out, run_id, resume, list(observers))
     finally:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,3 +352,28 @@ def resource_shortfall(cfg: Config, available: dict[str, float]) -> str | None:
         if need > have + 1e-9:
             lines.append(f"{need:g} {key} asked ({' + '.join(fields)}), the cluster has {have:g}")
     return "; ".join(lines) or None
+
+
+def check_resources(cfg: Config, available: dict[str, float], *, local: bool) -> None:
+    """Before anything asks Ray for resources: a local Ray without the GPUs (or CPUs) the config asks for would wait
+    forever (Serve's replicas first), and a reward replica without its weight folder fails only inside Serve's
+    deploy, so refuse; a cluster may still add nodes, and its reward replicas may see folders this node does not, so
+    warn (once: the driver checks before the rewards deploy and tells `run_loop` it did). A weight-loading reward
+    with no model_path at all is refused everywhere."""
+    from reward_servers.scorers import reward_weight_problems
+
+    deploys = cfg.reward.server.transport == "handle"  # the job's own reward service
+    unset, absent = reward_weight_problems(cfg.reward.rewards) if deploys else ([], [])
+    if unset:
+        raise ConfigError("; ".join(unset))
+    short = resource_shortfall(cfg, available)
+    if local and (short or absent):
+        raise ConfigError("; ".join(
+            [*([f"{short}: this local Ray has no more and nothing will join it; lower the fields named (on a machine "
+                "without GPUs: their num_gpus=0)"] if short else []), *absent]))
+    if short:
+        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
+              file=sys.stderr, flush=True)
+    for problem in absent:
+        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
+              file=sys.stderr, flush=True)

@@ -12,8 +12,9 @@
 The same evaluation the run does, in-process (no Ray; rewards scored by `reward_servers.scorers`): the
 tiny backend is scored by the shapes rule verifier (plus `run.eval_rewards`) on held-out prompts balanced
 over the categories (`--per-category`, `--seed`); sd3 / flux by the configured rewards (or
-`run.eval_rewards`) on `--prompts-file` (default `run.eval_prompts_file`). Fresh `--seed`s give fresh
-held-out sets: the in-run set is seed `run.eval_seed`.
+`run.eval_rewards`) on every line of `--prompts-file`, by default on the run's own evaluation prompts (the first
+`run.eval_prompts` lines of `run.eval_prompts_file`) at `run.eval_seed`, which is the in-run number. Fresh
+`--seed`s give fresh held-out sets: the tiny run's in-run set is seed `run.eval_seed`.
 
 `--breakdown` (tiny) adds what the verifier counted, per category: the fraction of required objects drawn in the
 right colour, in the right shape and in exactly the right number, of relations that hold, and the extra and
@@ -57,17 +58,27 @@ def load_models(cfg: Config, checkpoint: Path | None, need_base: bool):
 def eval_prompt_list(cfg: Config, prompts_file: str | None, per_category: int, seed: int,
                      split: str = "heldout") -> list[str]:
     """Balanced shapes prompts of `split` (tiny backend: "heldout", or "train" to see whether a gain is the trained
-    prompts' only), else the lines of the prompts file."""
+    prompts' only), else every line of `prompts_file`, or without one the run's own evaluation prompts (the first
+    `run.eval_prompts` lines of `run.eval_prompts_file`)."""
     if split not in shapes_world.SPLITS:
         raise ConfigError(f"--split must be one of {list(shapes_world.SPLITS)}, got {split!r}")
     if cfg.model.backend == "tiny" and not prompts_file:
         return evaluation.shapes_prompts(split, per_category, seed)
     if split != "heldout":
         raise ConfigError(f"--split {split} chooses shapes-world prompts: the tiny backend without --prompts-file")
-    prompts_file = prompts_file or cfg.run.eval_prompts_file
-    if not prompts_file:
+    if prompts_file:
+        return evaluation.file_prompts(prompts_file, shapes_grammar=cfg.model.backend == "tiny")
+    if not cfg.run.eval_prompts_file:
         raise ConfigError(f"--prompts-file (or run.eval_prompts_file) is required for backend {cfg.model.backend!r}")
-    return evaluation.file_prompts(prompts_file, shapes_grammar=cfg.model.backend == "tiny")
+    return evaluation.run_prompts(cfg)
+
+
+def default_seed(cfg: Config, seed: int | None) -> int:
+    """--seed, else: 0 for the tiny backend (a fresh held-out draw), `run.eval_seed` for a prompts file (the run's
+    own initial noise: with the run's prompts, its in-run number)."""
+    if seed is not None:
+        return seed
+    return 0 if cfg.model.backend == "tiny" else cfg.run.eval_seed
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Path | None, *, hybrid_fraction: float = 1.0,
@@ -129,11 +140,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trained model for the first F of the steps, base model after (default 1)")
     p.add_argument("--num-steps", type=int, default=None, help="ODE steps (default: the config's sampler)")
     p.add_argument("--shift", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="prompt draw and initial noise (a fresh held-out set per seed)")
+    p.add_argument("--seed", type=int, default=None, help="prompt draw and initial noise (a fresh held-out set per "
+                                                          "seed); default 0 for tiny, run.eval_seed for sd3 / flux")
     p.add_argument("--per-category", type=int, default=16, help="held-out prompts per category (tiny)")
     p.add_argument("--split", default="heldout", help="tiny: heldout (default) or train, the training split's "
                                                       "colour-shape pairs (a fresh draw per --seed)")
-    p.add_argument("--prompts-file", default=None, help="one prompt per line (sd3 / flux: default run.eval_prompts_file)")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line, all of them (sd3 / flux default: the "
+                                                        "first run.eval_prompts lines of run.eval_prompts_file)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (fix it for bitwise repeats)")
     p.add_argument("--breakdown", action="store_true",
@@ -150,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, ckpt = resolve(args)
         result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
-                                     shift=args.shift, seed=args.seed, per_category=args.per_category,
+                                     shift=args.shift, seed=default_seed(cfg, args.seed), per_category=args.per_category,
                                      prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split,
                                      breakdown=args.breakdown)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -76,7 +77,18 @@ def export_run(cfg: Config, checkpoint: Path, out: Path) -> Path:
             "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
             "guidance_scale": cfg.model.guidance_scale}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    readable_as_umask(out)
     return out
+
+
+def readable_as_umask(folder: Path) -> None:
+    """Give the files under `folder` the mode a plain `open` would (0666 less the umask): safetensors writes its
+    files 0600, so an export meant for others (a shared model store) was readable by its writer only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

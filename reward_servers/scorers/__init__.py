@@ -21,7 +21,8 @@ module is cheap and a missing extra only matters to the scorer that needs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from reward_servers.scorers.base import Scorer, ScorerLoadError, check_batch
@@ -86,6 +87,38 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 """name -> constructor(model_path=None, **options). Keys are the names used in RewardSpec.name."""
 
 
+WEIGHT_FOLDER_SCORERS = frozenset({"clip_score", "pickscore", "aesthetic", "hpsv2", "imagereward"})
+"""Scorers that load their weights from a local folder, `model_path` (`base.require_dir`)."""
+
+
+def check_reward_specs(specs: Sequence[Any], field: str = "reward.rewards") -> None:
+    """Names unique and registered, before anything deploys: a ConfigError naming `<field>.<i>.name`."""
+    from services.config import ConfigError
+
+    names = [s.name for s in specs]
+    for i, name in enumerate(names):
+        if name not in SCORERS:
+            raise ConfigError(f"{field}.{i}.name: unknown reward scorer {name!r}; known scorers: "
+                              f"{', '.join(sorted(SCORERS))}")
+        if names.index(name) != i:
+            raise ConfigError(f"{field}.{i}.name: reward {name!r} is already {field}.{names.index(name)}; reward "
+                              "names must be unique (one Serve deployment each)")
+
+
+def reward_weight_problems(specs: Sequence[Any], field: str = "reward.rewards") -> tuple[list[str], list[str]]:
+    """(unset, absent): weight-loading rewards with no `model_path`, and with one that is not a folder on this
+    node (a cluster's reward nodes may still have it)."""
+    unset, absent = [], []
+    for i, s in enumerate(specs):
+        if s.name not in WEIGHT_FOLDER_SCORERS:
+            continue
+        if not s.model_path:
+            unset.append(f"{field}.{i}.model_path: {s.name} loads its weights from a local folder and none is set")
+        elif not os.path.isdir(s.model_path):
+            absent.append(f"{field}.{i}.model_path: {s.model_path!r} ({s.name}'s weights) is not a folder on this node")
+    return unset, absent
+
+
 def build_scorer(name: str, model_path: str | None = None, **options: Any) -> Scorer:
     """Construct the scorer registered as `name`.
 
@@ -102,4 +135,5 @@ def build_scorer(name: str, model_path: str | None = None, **options: Any) -> Sc
         raise
 
 
-__all__ = ["SCORERS", "Scorer", "ScorerLoadError", "build_scorer", "check_batch"]
+__all__ = ["SCORERS", "WEIGHT_FOLDER_SCORERS", "Scorer", "ScorerLoadError", "build_scorer", "check_batch",
+           "check_reward_specs", "reward_weight_problems"]

@@ -2,6 +2,8 @@
 diffusers LoRA for SD3 / FLUX) on small models built in code; no Ray."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -135,6 +137,10 @@ def test_export_lora_loads_into_the_diffusers_pipeline(backend, sd3_dir, flux_di
     out = tmp_path / "lora"
     assert export.main(["--run", str(tmp_path), "--out", str(out)]) == 0
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in out.iterdir():  # safetensors writes 0600: an export for others must be readable by them (umask allowing)
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
 
     pipe_cls, policy_cls = {"sd3": (StableDiffusion3Pipeline, SD3Policy), "flux": (FluxPipeline, FluxPolicy)}[backend]
     pipe = pipe_cls.from_pretrained(base_dir, local_files_only=True)

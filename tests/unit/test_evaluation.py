@@ -49,6 +49,21 @@ def test_the_eval_tool_draws_train_split_prompts_on_request(tmp_path):
     assert parse_args(["--base", "--split", "train"]).split == "train"
 
 
+def test_the_eval_tool_defaults_to_a_real_runs_own_evaluation(tmp_path):
+    """sd3 / flux without --prompts-file or --seed: the run's first run.eval_prompts lines at run.eval_seed, the
+    in-run evaluation (it was the whole file at seed 0); an explicit file is read whole, an explicit seed wins."""
+    from learner.tools.eval import default_seed, eval_prompt_list, parse_args
+
+    lines = [f"a photo of {n} cats" for n in range(5)]
+    (tmp_path / "eval.txt").write_text("\n".join(lines) + "\n")
+    cfg = load_config([], ["model.backend=sd3", "model.path=/models/sd3", "run.eval_prompts=2", "run.eval_seed=77",
+                           f"run.eval_prompts_file={tmp_path / 'eval.txt'}"])
+    assert eval_prompt_list(cfg, None, 16, 0) == lines[:2] == evaluation.run_prompts(cfg)
+    assert eval_prompt_list(cfg, str(tmp_path / "eval.txt"), 16, 0) == lines
+    assert default_seed(cfg, parse_args(["--base"]).seed) == 77 and default_seed(cfg, 5) == 5
+    assert default_seed(load_config([], []), None) == 0  # tiny: a fresh held-out draw, as documented
+
+
 def test_run_prompts_per_backend(tmp_path):
     cfg = load_config([], ["run.eval_prompts=8", "run.eval_seed=5"])
     assert evaluation.run_prompts(cfg) == evaluation.heldout_prompts(2, 5)

@@ -231,19 +231,69 @@ def test_a_missing_or_bad_prompts_file_is_an_error_naming_its_field(sd35_medium,
         preflight(load_config(base, [*common, f"rollout.prompts_file={good}", f"run.eval_prompts_file={bad}"]))
 
 
-def test_the_driver_refuses_what_a_local_ray_cannot_hold_and_unknown_rewards_before_ray(monkeypatch, capsys):
-    import ray
-
-    from learner.main import check_resources, preflight
-
+def test_the_driver_refuses_what_a_local_ray_cannot_hold_and_unknown_rewards_before_ray(capsys):
+    from learner.driver.preflight import check_resources
+    from learner.main import preflight
 
     cfg = load_config([], ["rollout.num_gpus=1"])  # 2 workers × 1 GPU on a cluster with none
-    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    two_cpus = {"CPU": 2.0}
     with pytest.raises(ConfigError, match=r"^2 GPU asked \(rollout\.num_workers × rollout\.num_gpus\), the cluster has 0: "
                                           r"this local Ray has no more"):
-        check_resources(cfg, local=True)  # Serve and the actors would wait for them forever
-    check_resources(cfg, local=False)  # a cluster may still add nodes: a warning, and the run goes on
+        check_resources(cfg, two_cpus, local=True)  # Serve and the actors would wait for them forever
+    check_resources(cfg, two_cpus, local=False)  # a cluster may still add nodes: a warning, and the run goes on
     assert "warning: 2 GPU asked" in capsys.readouterr().err
-    check_resources(load_config([], []), local=True)  # the embedded default fits two CPUs
-    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.name: unknown reward 'nope'; known: aesthetic"):
+    check_resources(load_config([], []), two_cpus, local=True)  # the embedded default fits two CPUs
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.name: unknown reward scorer 'nope'; known scorers: aesthetic"):
         preflight(load_config([], ["reward.rewards=[{name: shapes_verifier}, {name: nope}]"]))
+
+
+def test_start_actors_checks_resources_once(monkeypatch):
+    """The driver checks before the rewards deploy and tells run_loop so: the shortfall warning prints once, not
+    twice; a caller that did not check (benchmarks, tests) still gets the check from start_actors."""
+    from learner.driver import loop, preflight
+
+    calls = []
+    monkeypatch.setattr(preflight, "check_resources", lambda cfg, available, *, local: calls.append(local))
+    monkeypatch.setattr(loop.ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+    class Started(Exception):
+        pass
+
+    def no_actor(**_):
+        raise Started
+    monkeypatch.setattr(loop.SchedulerActor, "options", no_actor)
+    cfg = load_config([], [])
+    for checked, expected in ((True, []), (False, [False])):
+        calls.clear()
+        with pytest.raises(Started):
+            loop.start_actors(cfg, "r", resources_checked=checked)
+        assert calls == expected
+
+
+def test_a_reward_without_its_weight_folder_is_refused_before_serve_deploys(tmp_path, capsys):
+    """pickscore with no model_path, or with a folder that is not there: refused before the deploy (it failed only
+    inside Serve's, a generic 'Deploying application rewards failed'); on a cluster an absent folder is a warning,
+    since the reward nodes may have it; a reward service elsewhere (transport=http) is not this job's to check."""
+    from learner.driver.preflight import check_resources
+    from reward_servers.scorers import check_reward_specs
+
+    plenty = {"CPU": 64.0}
+    rewards = "reward.rewards=[{name: shapes_verifier}, {name: pickscore%s}]"
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.model_path: pickscore loads its weights from a "
+                                          r"local folder and none is set"):
+        check_resources(load_config([], [rewards % ""]), plenty, local=False)
+    absent = load_config([], [rewards % f", model_path: {tmp_path / 'PickScore_v1'}"])
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.model_path: '.*PickScore_v1' \(pickscore's weights\) "
+                                          r"is not a folder on this node$"):
+        check_resources(absent, plenty, local=True)
+    check_resources(absent, plenty, local=False)
+    assert "warning: reward.rewards.1.model_path:" in capsys.readouterr().err
+    (tmp_path / "PickScore_v1").mkdir()
+    check_resources(absent, plenty, local=True)  # the folder is there: what is in it is the replica's to judge
+    elsewhere = load_config([], [rewards % "", "reward.server.transport=http", "reward.server.url=http://r:8000"])
+    check_resources(elsewhere, plenty, local=True)
+    from services.config import RewardSpec
+
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.name: reward 'pickscore' is already "
+                                          r"reward\.rewards\.0"):
+        check_reward_specs([RewardSpec(name="pickscore"), RewardSpec(name="pickscore")])
