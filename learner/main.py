@@ -111,10 +111,9 @@ def ray_session(cluster: ClusterConfig):
     if address:
         ray.init(address=address, namespace=cluster.namespace)
     else:
-        # Serve's controller kills its HTTP proxy after 3 readiness checks of 5 s each, and on a two-core machine
-        # busy with anything else the proxy needs longer to start: serve.start then failed with a traceback (2 of 2
-        # runs beside two pre-training processes; 30 s: started). Read by the controller, which inherits this env.
-        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+        from reward_servers.app import patient_proxy_start
+
+        patient_proxy_start()  # Serve's HTTP proxy on a busy machine
         # actors import the project's packages even without `pip install -e .`
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         ray.init(num_cpus=cluster.num_cpus, include_dashboard=cluster.dashboard, namespace=cluster.namespace)

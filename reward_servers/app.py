@@ -35,6 +35,14 @@ def build_app(specs: list[RewardSpec], server: RewardServerConfig) -> serve.Appl
     return ingress_deployment(specs, server, token_digest(token) if token else None)
 
 
+def patient_proxy_start() -> None:
+    """Before a local `ray.init`: Serve's controller kills its HTTP proxy after 3 readiness checks of 5 s each, and
+    on a two-core machine busy with anything else the proxy takes longer to start, so `serve.start` failed with a
+    traceback (2 of 2 runs beside two pre-training processes; with 30 s it started). The controller inherits this
+    environment from the process that starts the local Ray; a variable already set wins."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+
+
 class AppArgs(BaseModel):
     """Arguments of `app_builder` (the `args:` block of a Serve config file).
 
@@ -72,6 +80,7 @@ def serve_forever(specs: list[RewardSpec], server: RewardServerConfig, *, addres
     """
     import ray
 
+    patient_proxy_start()
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace="mixgrpo-rewards")
     serve.start(http_options={"host": server.host, "port": server.port})
     serve.run(build_app(specs, server), name=server.app_name, route_prefix=server.route_prefix)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 
 import numpy as np
@@ -292,3 +293,17 @@ def test_optional_scorers_name_the_extra_and_the_path(name, module, weights, ext
     monkeypatch.setitem(sys.modules, module, None)  # make the package missing even where it is installed
     with pytest.raises(ScorerLoadError, match=f"{extra}.*{tmp_path}"):
         build_scorer(name, model_path=str(tmp_path))
+
+
+def test_a_local_serve_proxy_gets_time_to_start_unless_the_user_chose(monkeypatch):
+    """Serve's default (3 readiness checks of 5 s) killed the HTTP proxy on a busy two-core machine; the local Ray
+    the driver or `python -m reward_servers` starts inherits 30 s, and an operator's own value is kept."""
+    from reward_servers.app import patient_proxy_start
+
+    key = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    monkeypatch.delenv(key, raising=False)
+    patient_proxy_start()
+    assert os.environ[key] == "30"
+    monkeypatch.setenv(key, "7")
+    patient_proxy_start()
+    assert os.environ[key] == "7"
