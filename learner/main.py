@@ -60,11 +60,18 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
             raise ConfigError(f"--resume {out}: no config.json there (is it a run directory?)")
         if args.config:
             raise ConfigError("--resume takes the run's own config.json; pass only dotted overrides")
-        return load_config([out / "config.json"], args.overrides), out, True
+        from learner.driver.resume import check_resume
+
+        cfg = load_config([out / "config.json"], args.overrides)
+        check_resume(out, load_config([out / "config.json"], []), cfg)
+        return cfg, out, True
     cfg = load_config(args.config or [EMBEDDED_DEFAULT], args.overrides)
     out = Path(cfg.run.output_dir or default_runs_root(REPO_ROOT) / f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "checkpoints").exists() and any((out / "checkpoints").iterdir()):
         raise ConfigError(f"run.output_dir {out} already holds checkpoints: use --resume {out} or another folder")
+    if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size:
+        raise ConfigError(f"run.output_dir {out} already holds a run's records (metrics.jsonl) and no checkpoint to "
+                          "resume from: choose another folder (a new run there would append to them)")
     cfg.run.output_dir = str(out)
     return cfg, out, False
 

@@ -99,6 +99,20 @@ def auto_threads(cfg: Config, cores: int) -> Config:
     return cfg.model_copy(update=update)
 
 
+def checkpoints_after(cfg: Config, m: int) -> bool:
+    """Iteration m ends with a checkpoint (every `learner.checkpoint_every`, and the last)."""
+    return bool(cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0) \
+        or m + 1 == cfg.run.iterations
+
+
+def rollout_overlaps_update(cfg: Config, m: int) -> bool:
+    """Async mode launches iteration m+1's rollout before m's update (it samples with the weights before it:
+    staleness 1), except after an iteration that ends with a checkpoint: there m+1 samples with the checkpointed
+    weights (staleness 0), which is what a run resumed from that checkpoint, or a learner replaying from it, can
+    do. So an async run resumes and replays exactly, for one non-overlapped iteration per checkpoint."""
+    return cfg.run.async_rollout and m + 1 < cfg.run.iterations and not checkpoints_after(cfg, m)
+
+
 def build_learner(cfg: Config) -> Learner:
     lc, g = cfg.learner, cfg.grpo
     return Learner(

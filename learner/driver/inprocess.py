@@ -14,7 +14,7 @@ from services.config import Config
 from services.prompts import PromptSource
 from services.types import merge_batches
 
-from .build import build_learner, build_scheduler, build_worker
+from .build import build_learner, build_scheduler, build_worker, rollout_overlaps_update
 
 
 def shard(items: list, n: int) -> list[list]:
@@ -56,12 +56,13 @@ def run_inprocess(cfg: Config, rewards: RewardSink, observe: Callable[[int, Lear
     pending, stats = rollout(0), []
     for m in range(n):
         batch = pending
-        if cfg.run.async_rollout and m + 1 < n:
+        overlapped = rollout_overlaps_update(cfg, m)
+        if overlapped:
             pending = rollout(m + 1)  # sampled with the weights before this update: staleness 1
         stats.append(learner.update(batch))
         worker.sync_weights(learner.get_weights())
         if observe is not None:
             observe(m, learner)
-        if not cfg.run.async_rollout and m + 1 < n:
+        if not overlapped and m + 1 < n:
             pending = rollout(m + 1)
     return stats, [tuple(schedule.window(m)) for m in range(n)], learner

@@ -33,7 +33,7 @@ from services.config import Config, dump_config
 from services.prompts import PromptSource
 
 from .actors import LearnerActor, SchedulerActor, WorkerActor
-from .build import auto_threads
+from .build import auto_threads, checkpoints_after, rollout_overlaps_update
 from .recovery import all_ranks, learners_alive, recover_learner
 from .rollouts import Cluster, Rollout, broadcast, gather_rollout, launch_rollout, open_collective
 
@@ -226,7 +226,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     t_iter, ro, t_wait = max(pending.started, t_prev_end), pending, time.perf_counter()
     refs = gather_rollout(cl, cfg, ro)  # this iteration's rollout is done (lost shards re-run)…
     launched = None
-    if cfg.run.async_rollout and m + 1 < cfg.run.iterations:
+    if rollout_overlaps_update(cfg, m):  # async, unless m ends with a checkpoint (then m+1 samples with its weights)
         launched = launch_rollout(cl, cfg, prompts, m + 1)  # …start the next one before updating
     t_update = time.perf_counter() if cfg.run.async_rollout else t_wait
     # async: the ranks take the workers' cores once the next rollout's shards are done (a list: Ray passes the refs
@@ -249,7 +249,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
         progress.report_eval(evaluated)
         for obs in observers:
             obs.on_eval(evaluated)
-    if cfg.learner.checkpoint_every and (m + 1) % cfg.learner.checkpoint_every == 0 or done:
+    if checkpoints_after(cfg, m):
         all_ranks([rank.save.remote(str(out / "checkpoints"), {"run_id": run_id}) for rank in cl.gathering()])
     return evaluated, launched
 

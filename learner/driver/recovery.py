@@ -7,8 +7,8 @@ the starting weights, which every rank rebuilds), puts the window scheduler back
 restored weights into every rollout worker (an older version than they hold: `load_weights`, checksum-verified),
 drops the metrics records after it and runs on from there. The replayed iterations repeat the originals exactly in
 sync mode (prompts, windows and noise are functions of the run seed and the iteration; the rollouts sample with the
-weights the originals sampled with). In async mode the first replayed rollout samples with the checkpoint's weights
-(staleness 0 instead of 1), as `--resume` does.
+weights the originals sampled with), in async mode too: there the rollout after a checkpointed iteration samples with
+the checkpoint's weights (`build.rollout_overlaps_update`), which is what the first replayed rollout has.
 
 `learner.max_restarts` bounds how often; past it, or with collective weight sync (whose torch.distributed group
 cannot re-admit a process), the run stops with an error naming the checkpoint to `--resume` from.

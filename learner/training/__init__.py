@@ -6,8 +6,15 @@
     learner.save(root); learner.restore(path)     # checkpoints (checkpoint.py)
 """
 
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+           CheckpointError,
+           latest_checkpoint,
+           load_checkpoint,
+           save_checkpoint,
+           verify_checkpoint,
+)
 from .selection import trained_steps
 from .updates import Learner
 
-__all__ = ["CheckpointError", "Learner", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "trained_steps"]
+__all__ = ["CheckpointError", "Learner", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "trained_steps",
+           "verify_checkpoint"]

@@ -55,8 +55,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
-    """Returns (weights, optimizer state, meta); raises CheckpointError on anything missing or altered."""
+def verify_checkpoint(path: str | Path) -> dict:
+    """The checkpoint's meta (state.json) once every file is there and matches its sha256, without loading a
+    tensor (the driver checks a `--resume` before starting Ray); raises CheckpointError naming the problem."""
     path = Path(path)
     state_file = path / "state.json"
     if not state_file.is_file():
@@ -73,6 +74,13 @@ def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         if _sha256(f) != meta["sha256"].get(name):
             raise CheckpointError(f"checkpoint {path}: {name} does not match its recorded sha256 (truncated or corrupted)")
+    return meta
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict, dict]:
+    """Returns (weights, optimizer state, meta); raises CheckpointError on anything missing or altered."""
+    path = Path(path)
+    meta = verify_checkpoint(path)
     try:
         weights = load_file(str(path / "weights.safetensors"))
         optim = torch.load(path / "optimizer.pt", weights_only=True)

@@ -311,7 +311,8 @@ class LearnerConfig(_Section):
     Sync mode has nothing overlapping the update and ignores it. The moment the threads change depends on timing,
     so async runs that use it repeat to float tolerance (≈1e-6), not bit for bit."""
     checkpoint_every: int = Field(25, ge=0)
-    """Iterations between checkpoints (0: only at the end)."""
+    """Iterations between checkpoints (0: only at the end). In async mode each checkpoint is a sync point (the next
+    rollout does not overlap the update), so 1 makes an async run synchronous."""
     max_restarts: int = Field(3, ge=0)
     """Times a learner that died (any rank) is started again from the last checkpoint, the iterations since then
     replayed (learner/driver/recovery.py); past it the run stops naming the checkpoint to --resume from. Needs
@@ -369,7 +370,9 @@ class RunConfig(_Section):
     """Rewards (names from `reward.rewards`) that score each evaluation. None: all of them for sd3 / flux, none
     for the tiny backend, which the rule verifier scores."""
     async_rollout: bool = False
-    """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1)."""
+    """Overlap the rollout of iteration m+1 with the update of m (staleness ≤ 1), except after an iteration that ends
+    with a checkpoint (`learner.checkpoint_every`): that rollout samples with the checkpoint's weights, so a resumed
+    or replayed run repeats the uninterrupted one exactly."""
     wandb_project: str | None = None
     """Also log to wandb, in this project (`pip install -e ".[wandb]"`; WANDB_MODE=offline works without an
     account): the same scalars as TensorBoard and the evaluation grids."""

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 def test_branched_methods_through_ray_equal_the_inprocess_run(ray_cluster, small_checkpoint, tmp_path,  # noqa: F811
                                                               preset, async_rollout):
     cfg = small_cfg(small_checkpoint, tmp_path, preset, "learner.gradient_accumulation_steps=1",
-                    f"run.async_rollout={str(async_rollout).lower()}", *(["run.iterations=3"] if async_rollout else []))
+                    f"run.async_rollout={str(async_rollout).lower()}", *(["run.iterations=3", "learner.checkpoint_every=0"] if async_rollout else []))
     assert cfg.num_groups == 2 and cfg.rows_per_prompt == 8  # 2 window steps × 4 children per prompt
     with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, f"t-{preset}")

@@ -30,7 +30,8 @@ def test_matching_objectives_through_ray_equal_the_inprocess_run(ray_cluster, sm
 def test_nft_async(ray_cluster, small_checkpoint, tmp_path):  # noqa: F811
     """Async: the rollout of m+1 samples with φ before update m (staleness 1); the matching objectives need no
     ratio correction. (AWM's async path is the same driver code.)"""
-    cfg = small_cfg(small_checkpoint, tmp_path, "diffusion_nft", "run.async_rollout=true", "run.iterations=3")
+    cfg = small_cfg(small_checkpoint, tmp_path, "diffusion_nft", "run.async_rollout=true", "run.iterations=3",
+                    "learner.checkpoint_every=0")
     with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-nft-async")
     recs = train_records(tmp_path)

@@ -67,7 +67,7 @@ def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, 
 
 def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
     cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true", "run.iterations=3",
-                    "learner.overlap_threads=1")
+                    "learner.overlap_threads=1", "learner.checkpoint_every=0")  # (a checkpoint is a sync point)
     with shared_reward_service(cfg.reward):
         run_loop(cfg, tmp_path, "t-async")
     recs = train_records(tmp_path)
@@ -75,6 +75,32 @@ def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
     assert recs[0]["first_ratio_dev"] < 1e-5 and recs[1]["first_ratio_dev"] > 1e-5  # stale: corrected by π_old
     # two micro-batches per update; the threads rise when the next rollout is done, and the last update overlaps none
     assert all(r["overlap_boost_at"] in (-1, 0, 1) for r in recs[:2]) and recs[2]["overlap_boost_at"] == -1
+
+
+def test_an_async_run_resumes_exactly(ray_cluster, small_checkpoint, tmp_path):
+    """Async: the rollout after a checkpointed iteration samples with the checkpoint's weights (staleness 0), as a
+    resumed run's first rollout must; before, the uninterrupted run sampled it with the weights before that update
+    and the resumed one could not (iteration 2's rewards and the final evaluation differed)."""
+    from learner.training import load_checkpoint
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    extra = ("run.async_rollout=true", "learner.checkpoint_every=2", "run.eval_every=0")
+    cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", "run.iterations=4", *extra)
+    cfg_part = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=2", *extra)
+    with shared_reward_service(cfg_full.reward):
+        run_loop(cfg_full, full, "t-afull")
+        run_loop(cfg_part, part, "t-apart")
+        cfg_more = cfg_part.model_copy(update={"run": cfg_part.run.model_copy(update={"iterations": 4})})
+        run_loop(cfg_more, part, "t-apart", resume=True)
+    a, b = train_records(full), train_records(part)
+    assert [r["staleness"] for r in a] == [r["staleness"] for r in b] == [0, 1, 0, 1]
+    assert [r["iteration"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], abs=1e-6)
+    wa, _, _ = load_checkpoint(full / "checkpoints" / "iter_000003")
+    wb, _, _ = load_checkpoint(part / "checkpoints" / "iter_000003")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
 def test_learner_actor_takes_the_rollout_cores_once_the_overlapping_shards_are_done(ray_cluster, small_checkpoint,
