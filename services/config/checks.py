@@ -96,10 +96,33 @@ def _check_sampler(c: Config) -> str | None:
     return None
 
 
+# The fields that make each method what it is (run.method is its label in the banner, report and records): a run
+# labelled one method must not compute another. Other fields (window, η, group noise, advantage std, KL …) stay free
+# to ablate under a method's name.
+_GRPO_ODE = {"grpo.objective": "grpo", "sampler.branching": "none"}
+METHOD_FIELDS: dict[str, dict[str, str]] = {
+    "mixgrpo": {**_GRPO_ODE, "sampler.post_window": "euler"},
+    "mixgrpo_flash": {**_GRPO_ODE, "sampler.post_window": "dpm"},
+    "mixgrpo_flash_star": {**_GRPO_ODE, "sampler.post_window": "dpm"},
+    "flow_grpo": _GRPO_ODE, "flow_grpo_fast": _GRPO_ODE, "dance_grpo": _GRPO_ODE,
+    "tempflow_grpo": {"grpo.objective": "grpo", "sampler.branching": "tempflow"},
+    "g2rpo": {"grpo.objective": "grpo", "sampler.branching": "granular"},
+    "awm": {"grpo.objective": "awm", "sampler.branching": "none"},
+    "diffusion_nft": {"grpo.objective": "nft", "sampler.branching": "none"},
+}
+
+
+def _check_method(c: Config) -> str | None:
+    for key, want in METHOD_FIELDS.get(c.run.method, {}).items():
+        section, field = key.split(".")
+        if (have := getattr(getattr(c, section), field)) != want:
+            return (f"run.method={c.run.method} needs {key}={want}, not {have} (it would run another method under "
+                    f"{c.run.method}'s name; use the {c.run.method} preset, or the preset of the method you mean)")
+    return None
+
+
 def _check_branching(c: Config) -> str | None:
-    s, expected = c.sampler, {"tempflow_grpo": "tempflow", "g2rpo": "granular"}.get(c.run.method, "none")
-    if c.run.method in ("tempflow_grpo", "g2rpo") and s.branching != expected:
-        return f"run.method={c.run.method} needs sampler.branching={expected} (use the {c.run.method} preset)"
+    s = c.sampler
     if s.branching != "granular" and s.granularities != [1, 2]:
         return "sampler.granularities only applies with sampler.branching=granular"
     if s.branching == "none":
@@ -117,9 +140,7 @@ def _check_branching(c: Config) -> str | None:
 
 
 def _check_objective(c: Config) -> str | None:
-    g, expected = c.grpo, {"awm": "awm", "diffusion_nft": "nft"}.get(c.run.method)
-    if expected and g.objective != expected:
-        return f"run.method={c.run.method} needs grpo.objective={expected} (use the {c.run.method} preset)"
+    g = c.grpo
     if g.objective == "grpo" and g.awm_lagged_beta:
         return "grpo.awm_lagged_beta regularises AWM towards its lagged copy: grpo.objective=awm"
     if (g.objective != "grpo" or g.matching_aux > 0) and g.matching_times > c.sampler.num_steps:
@@ -196,5 +217,5 @@ def _check_eval(c: Config) -> str | None:
     return None
 
 
-_CROSS_CHECKS = (_check_window, _check_batch, _check_sampler, _check_branching, _check_objective, _check_credit,
+_CROSS_CHECKS = (_check_method, _check_window, _check_batch, _check_sampler, _check_branching, _check_objective, _check_credit,
                  _check_learner_group, _check_devices, _check_eval)

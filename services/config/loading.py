@@ -114,8 +114,17 @@ def _drop_retired(data: dict, source: str | Path) -> dict:
 def load_config(files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
     """Defaults ← each YAML file in order (deep-merged) ← dotted overrides; then validate."""
     data: dict = Config().model_dump(mode="json")  # start from defaults so overrides can index lists
+    methods: dict[str, str] = {}  # run.method -> the file that set it
     for f in files:
-        data = _deep_merge(data, _drop_retired(_read_yaml(preset_path(str(f))), f))
+        layer = _drop_retired(_read_yaml(preset_path(str(f))), f)
+        method = (layer.get("run") or {}).get("method") if isinstance(layer.get("run"), dict) else None
+        if method is not None:
+            methods.setdefault(method, str(f))
+        if len(methods) > 1:  # a preset sets only the fields it needs, so the earlier one's others would stay
+            raise ConfigError(f"--config: two method presets ({', '.join(f'{m} from {src}' for m, src in methods.items())}); "
+                              "a preset does not reset another's fields (the run would mix the two methods): give one "
+                              "method preset and override its fields")
+        data = _deep_merge(data, layer)
     for text in overrides:
         key, value = parse_override(text)
         try:

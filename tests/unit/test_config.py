@@ -228,3 +228,21 @@ def test_every_config_field_is_read_somewhere():
                                                                                               WindowConfig)
               for f in cls.model_fields if not re.search(rf"\.{f}\b", code)]
     assert not unread
+
+
+def test_a_run_labelled_one_method_never_computes_another():
+    """`--config awm --config mixgrpo` was labelled mixgrpo in the banner and report while every update was AWM's (a
+    preset sets only its own fields); run.method=X with another method's defining fields likewise."""
+    with pytest.raises(ConfigError, match=r"^--config: two method presets \(awm from awm, mixgrpo from mixgrpo\); a "
+                                          r"preset does not reset another's fields"):
+        load_config(["awm", "mixgrpo"])
+    with pytest.raises(ConfigError, match=r"run\.method=mixgrpo needs sampler\.post_window=euler, not dpm \(it would "
+                                          r"run another method under mixgrpo's name"):
+        load_config(["mixgrpo"], ["sampler.post_window=dpm"])  # that is MixGRPO-Flash
+    with pytest.raises(ConfigError, match=r"run\.method=awm needs grpo\.objective=awm, not grpo"):
+        load_config(["awm"], ["grpo.objective=grpo", "grpo.awm_lagged_beta=0"])
+    with pytest.raises(ConfigError, match=r"run\.method=g2rpo needs sampler\.branching=granular, not none"):
+        load_config(["mixgrpo"], ["run.method=g2rpo"])
+    # a method's other fields stay free to ablate under its name; model presets combine with one method preset
+    assert load_config(["mixgrpo"], ["window.strategy=random", "sampler.group_noise=independent"]).run.method == "mixgrpo"
+    assert load_config(["tiny_cpu", "mixgrpo_flash"]).sampler.post_window == "dpm"
