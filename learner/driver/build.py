@@ -127,11 +127,11 @@ def build_learner(cfg: Config) -> Learner:
         matching=MatchingSpec(kind=g.objective, times=g.matching_times, num_steps=cfg.sampler.num_steps,
                               shift=cfg.sampler.shift, weighting=g.awm_weighting, beta=g.nft_beta,
                               decay_cap=g.nft_decay_cap if g.objective == "nft" else AWM_DECAY_CAP,
-                              lagged_beta=g.awm_lagged_beta) if g.objective != "grpo" else None,
+                              lagged_beta=g.awm_lagged_beta, adv_clip=g.adv_clip_max) if g.objective != "grpo" else None,
         branching=cfg.sampler.branching, train_selection=g.train_selection, advantage_std=g.advantage_std,
         matching_aux=g.matching_aux, update_order=lc.update_order,
         aux=MatchingSpec(kind="awm", times=g.matching_times, num_steps=cfg.sampler.num_steps, shift=cfg.sampler.shift,
-                         weighting=g.awm_weighting) if g.matching_aux > 0 else None,
+                         weighting=g.awm_weighting, adv_clip=g.adv_clip_max) if g.matching_aux > 0 else None,
     )
 
 

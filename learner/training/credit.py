@@ -42,7 +42,8 @@ def batch_advantages(batch: RolloutBatch, reward_weights: Mapping[str, float], *
     per_reward = {n: r.view(p, g) for n, r in batch.rewards.items()}
     if matching:
         total = sum(reward_weights.values())
-        return batch_std_advantages(sum(reward_weights[n] * r for n, r in per_reward.items()) / total).flatten()
+        return batch_std_advantages(sum(reward_weights[n] * r for n, r in per_reward.items()) / total,
+                                    clip=adv_clip_max).flatten()
     return combine_advantages(per_reward, reward_weights, aggregation=aggregation, std=advantage_std).flatten()
 
 

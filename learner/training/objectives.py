@@ -55,6 +55,7 @@ class MatchingSpec:
     beta: float = 1.0  # NFT's β (the implicit policies' step)
     decay_cap: float = 0.5  # the lagged copy's d = min(rate·iteration, cap) (NFT 0.5, AWM 0.3)
     lagged_beta: float = 0.0  # AWM: weight of mean_d (v_θ − v_φ)² (0: no lagged copy)
+    adv_clip: float = 5.0  # grpo.adv_clip_max: AWM's Ā = clip(A, ±c)/c, NFT's r = clip(A, ±c)/(2c) + ½ (references: 5)
 
     @property
     def has_lagged(self) -> bool:
@@ -140,11 +141,11 @@ def matching_micro_loss(policy, batch: RolloutBatch, cond: dict, rows: torch.Ten
             raise ValueError("the nft objective needs the lagged policy's weights")
         v_old = old_velocity(policy, lagged, x_t, t, c)
         v = policy.velocity(x_t, t, c).float()
-        loss = nft_loss(v, v_old, x_t, x0, t, nft_optimality(a), beta=spec.beta)
+        loss = nft_loss(v, v_old, x_t, x0, t, nft_optimality(a, clip=spec.adv_clip), beta=spec.beta)
     else:
         v_lagged = old_velocity(policy, lagged, x_t, t, c) if spec.lagged_beta > 0 else None
         v = policy.velocity(x_t, t, c).float()
-        loss = awm_loss(flow_matching_error(v, x0, eps), t, a, weighting=spec.weighting)
+        loss = awm_loss(flow_matching_error(v, x0, eps), t, a, weighting=spec.weighting, clip=spec.adv_clip)
         if v_lagged is not None:
             loss = loss + spec.lagged_beta * velocity_kl(v, v_lagged)
     one = torch.ones(())

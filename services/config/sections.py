@@ -118,6 +118,8 @@ class GrpoConfig(_Section):
     clip_range: float = Field(1e-4, gt=0.0, lt=1.0)
     """ε of the clipped ratio; tiny because log-probs are means over elements."""
     adv_clip_max: float = Field(5.0, gt=0.0)
+    """Advantages are clipped to ±this: in the clipped policy loss, and in AWM's Ā = clip(A, ±c)/c and NFT's
+    r = clip(A, ±c)/(2c) + ½ (all three references: 5)."""
     reward_aggregation: Literal["advantage", "reward"] = "advantage"
     """Multi-reward: weighted sum of per-reward advantages (paper default) or z-score of the weighted reward sum."""
     train_fraction: float = Field(1.0, gt=0.0, le=1.0)

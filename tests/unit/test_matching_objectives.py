@@ -87,6 +87,26 @@ def test_uniform_awm_gradient_is_the_written_out_advantage_weighted_flow_matchin
     assert got.abs().max() > 0
 
 
+def test_grpo_adv_clip_max_bounds_the_matching_advantages(batch):
+    """grpo.adv_clip_max was read by the clipped policy loss only: AWM and NFT clipped at 5 whatever it said. Now Ā =
+    clip(A, ±c)/c for the learner's c (here 0.5, where most of this batch's advantages are clipped)."""
+    import dataclasses
+
+    learner = awm_learner(micro_batch_size=8, adv_clip_max=0.5, spec=dataclasses.replace(SPEC, adv_clip=0.5))
+    r = batch.rewards["verifier"].view(4, 4)
+    z = ((r - r.mean(1, keepdim=True)) / (r.std(unbiased=False) + 1e-4)).flatten()
+    assert (z.abs() > 0.5).sum() >= 4  # the clip matters here
+    torch.testing.assert_close(learner.advantages(batch), z.clamp(-0.5, 0.5))
+    got = learner.policy_gradient(batch)
+    expected = written_out_gradient(learner, batch, lambda v, x_t, x0, eps, t: ((v - (eps - x0)) ** 2).flatten(1).mean(1),
+                                    adv=z.clamp(-0.5, 0.5) / 0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    cfg = load_config(["awm"], ["grpo.adv_clip_max=0.5"])  # the config reaches the learner's spec
+    from learner.driver.build import build_learner
+
+    assert build_learner(cfg).awm.adv_clip == 0.5
+
+
 def test_groups_of_equal_rewards_give_no_gradient(batch):
     flat = batch.__class__(**{**batch.__dict__, "rewards": {"verifier": torch.full((16,), 0.5)}})
     assert awm_learner(spec=MatchingSpec(weighting="ghuber", times=3, num_steps=8)).policy_gradient(flat).abs().max() == 0
@@ -166,6 +186,7 @@ def test_awm_preset():
     nft = load_config(["diffusion_nft"], [])
     assert (nft.grpo.objective, nft.grpo.nft_beta, nft.grpo.nft_decay_cap, nft.sampler.post_window) == (
         "nft", 1.0, 0.5, "dpm")
+    assert nft.grpo.kl_beta == 1e-4  # METHODS.md §4: β_KL = 1e-4 (SD3.5-M)
 
 
 # ------------------------------------------------------------------------------------------------ DiffusionNFT
