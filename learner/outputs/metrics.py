@@ -52,8 +52,7 @@ class Progress:
                            if k.startswith("reward_mean/"))
         print(f"[iter {rec['iteration'] + 1:>4}/{self.total}] window=[{rec['window_start']},"
               f"{rec['window_start'] + rec['window_size']}) reward={rec['reward_mean']:.3f} {rewards} "
-              f"ratio=[{rec['ratio_min']:.4f},{rec['ratio_max']:.4f}] clip={rec['clip_frac']:.2f} "
-              f"gnorm={rec['grad_norm']:.3f} {rec['iteration_seconds']:.1f}s/it ETA {left * per_iter / 60:.1f} min",
+              f"{ratio_text(rec)}gnorm={rec['grad_norm']:.3f} {rec['iteration_seconds']:.1f}s/it ETA {left * per_iter / 60:.1f} min",
               flush=True)
 
     @staticmethod
@@ -102,3 +101,11 @@ def method_label(config: dict) -> str:
     method, plus AWM's matching term when `grpo.matching_aux` adds it (the embedded default)."""
     method, aux = config.get("run", {}).get("method"), config.get("grpo", {}).get("matching_aux", 0)
     return f"{method} + AWM's matching term (grpo.matching_aux={aux:g})" if aux else str(method)
+
+
+def ratio_text(rec: dict) -> str:
+    """The progress line's ratio and clip fraction: the ratio's range as ratio − 1 (with ε ≈ 1e-4 a range printed to
+    four decimals read [1.0000,1.0000]); nothing for AWM and DiffusionNFT, which have no ratio."""
+    if rec.get("objective", "grpo") != "grpo":
+        return ""
+    return f"ratio-1=[{rec['ratio_min'] - 1:+.1e},{rec['ratio_max'] - 1:+.1e}] clip={rec['clip_frac']:.2f} "

@@ -133,3 +133,17 @@ def test_report_with_only_the_base_evaluation(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(json.dumps(eval_rec(-1, 0.3, tmp_path)) + "\n")
     text = report.write_report(tmp_path).read_text()
     assert "| held-out verifier score | 0.300 | – | – |" in text and "time.png" not in text
+
+
+def test_the_progress_line_shows_a_ratio_only_where_there_is_one(capsys):
+    """With ε ≈ 1e-4 the ratio's range printed to four decimals read [1.0000,1.0000]; AWM and DiffusionNFT have no ratio
+    and printed a made-up one (1, clip 0)."""
+    from learner.outputs.metrics import Progress, ratio_text
+
+    grpo = {"objective": "grpo", "ratio_min": 0.9999434947967529, "ratio_max": 1.0000975131988525, "clip_frac": 0.0}
+    assert ratio_text(grpo) == "ratio-1=[-5.7e-05,+9.8e-05] clip=0.00 "
+    assert ratio_text({**grpo, "objective": "awm"}) == ratio_text({**grpo, "objective": "nft"}) == ""
+    Progress(3).report({**grpo, "objective": "awm", "iteration": 0, "window_start": 0, "window_size": 2,
+                        "reward_mean": 0.5, "grad_norm": 0.1, "iteration_seconds": 2.0})
+    line = capsys.readouterr().out
+    assert line.startswith("[iter    1/3] window=[0,2) reward=0.500") and "ratio" not in line and "clip" not in line
