@@ -20,7 +20,8 @@ from .grids import list_grids, load_grid
 from .metrics import MetricsLog, eval_columns, method_label
 
 PHASES = {"rollout sample": ("rollout_timings", "sample_s"), "reward wait": ("rollout_timings", "reward_wait_s"),
-          "update": (None, "update_s"), "broadcast": (None, "broadcast_s")}
+          "update": (None, "update_s"), "next rollout's rest (async)": (None, "next_rollout_wait_s"),
+          "broadcast": (None, "broadcast_s")}
 PLOT_DIR = "report"
 
 
@@ -178,6 +179,8 @@ def phase_table(train: list[dict]) -> str:
     total = sum(sum(p.values()) for p in phases) or 1.0
     for name in (*PHASES, "other"):
         vals = [p[name] for p in phases]
+        if name not in ("update", "other") and not any(vals):  # a phase this run does not have (sync: no overlap)
+            continue
         lines.append(f"| {name} | {statistics.median(vals):.2f} | {100 * sum(vals) / total:.0f}% |")
     return "\n".join(lines)
 

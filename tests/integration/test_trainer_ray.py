@@ -72,6 +72,8 @@ def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
         run_loop(cfg, tmp_path, "t-async")
     recs = train_records(tmp_path)
     assert [r["staleness"] for r in recs] == [0, 1, 1]
+    # the wait for the overlapping rollout is its own phase, not the broadcast's; the last update overlaps none
+    assert recs[0]["next_rollout_wait_s"] >= 0 and recs[2]["next_rollout_wait_s"] == 0.0
     assert recs[0]["first_ratio_dev"] < 1e-5 and recs[1]["first_ratio_dev"] > 1e-5  # stale: corrected by π_old
     # two micro-batches per update; the threads rise when the next rollout is done, and the last update overlaps none
     assert all(r["overlap_boost_at"] in (-1, 0, 1) for r in recs[:2]) and recs[2]["overlap_boost_at"] == -1
