@@ -172,6 +172,10 @@ def _check_credit(c: Config) -> str | None:
     if g.advantage_std == "global" and (g.objective != "grpo" or s.branching != "none"):
         return (f"grpo.advantage_std=global scales the window rollouts' group advantages; grpo.objective="
                 f"{g.objective} with sampler.branching={s.branching} forms its own (set grpo.advantage_std=group)")
+    if g.reward_aggregation == "reward" and (g.objective != "grpo" or s.branching != "none"):
+        return (f"grpo.reward_aggregation=reward z-scores the window rollouts' weighted reward sum; grpo.objective="
+                f"{g.objective} with sampler.branching={s.branching} forms its own advantages from the weighted "
+                f"rewards (set grpo.reward_aggregation=advantage)")
     return None
 
 

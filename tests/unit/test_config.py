@@ -246,3 +246,11 @@ def test_a_run_labelled_one_method_never_computes_another():
     # a method's other fields stay free to ablate under its name; model presets combine with one method preset
     assert load_config(["mixgrpo"], ["window.strategy=random", "sampler.group_noise=independent"]).run.method == "mixgrpo"
     assert load_config(["tiny_cpu", "mixgrpo_flash"]).sampler.post_window == "dpm"
+
+
+@pytest.mark.parametrize("preset", ["tempflow_grpo", "g2rpo", "awm", "diffusion_nft"])
+def test_reward_aggregation_is_refused_where_nothing_reads_it(preset):
+    """These methods form their own advantages (credit.py): grpo.reward_aggregation=reward was accepted and ignored."""
+    with pytest.raises(ConfigError, match=r"grpo\.reward_aggregation=reward z-scores the window rollouts'"):
+        load_config([preset], ["grpo.reward_aggregation=reward"])
+    assert load_config(["flow_grpo"]).grpo.reward_aggregation == "reward"  # where it is read: the window GRPO

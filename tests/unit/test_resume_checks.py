@@ -91,3 +91,13 @@ def test_async_overlaps_every_iteration_except_one_that_ends_with_a_checkpoint()
     assert pattern("run.async_rollout=true", "learner.checkpoint_every=2") == ([T, F, T, F, T, F], [F, T, F, T, F, T])
     assert pattern("run.async_rollout=true", "learner.checkpoint_every=0") == ([T, T, T, T, T, F], [F] * 5 + [T])
     assert pattern("learner.checkpoint_every=2")[0] == [F] * 6  # sync: never
+
+
+def test_export_refuses_an_altered_checkpoint_in_one_line(tmp_path, capsys):
+    """It printed a traceback (eval answered with one line)."""
+    from learner.tools import export
+
+    out, _ = a_run(tmp_path)
+    (out / "checkpoints" / "iter_000001" / "state.json").write_text("{not json")
+    assert export.main(["--run", str(out), "--out", str(tmp_path / "exported")]) == 2
+    assert "error: checkpoint " in capsys.readouterr().err and not (tmp_path / "exported").exists()
