@@ -65,6 +65,28 @@ def test_two_iterations_of_each_method(ray_cluster, small_checkpoint, tmp_path, 
     assert [e["iteration"] for e in evals] == [-1, 1] and result["final_eval"]["eval_verifier_score"] >= 0
 
 
+def full_and_resumed(small_checkpoint, tmp_path, n, k, tag, *overrides):
+    """An n-iteration run beside a k-iteration run resumed to n: (their train records, their final weights)."""
+    from learner.training import load_checkpoint
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", f"run.iterations={n}", *overrides)
+    cfg_part = small_cfg(small_checkpoint, part, "mixgrpo", f"run.iterations={k}", *overrides)
+    with shared_reward_service(cfg_full.reward):
+        run_loop(cfg_full, full, f"t-{tag}full")
+        run_loop(cfg_part, part, f"t-{tag}part")
+        cfg_more = cfg_part.model_copy(update={"run": cfg_part.run.model_copy(update={"iterations": n})})
+        run_loop(cfg_more, part, f"t-{tag}part", resume=True)
+    last = f"iter_{n - 1:06d}"
+    return (train_records(full), train_records(part)), (load_checkpoint(full / "checkpoints" / last)[0],
+                                                       load_checkpoint(part / "checkpoints" / last)[0])
+
+
+def assert_same_weights(wa, wb):
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
 def test_async_mode_has_staleness_one(ray_cluster, small_checkpoint, tmp_path):
     cfg = small_cfg(small_checkpoint, tmp_path, "mixgrpo", "run.async_rollout=true", "run.iterations=3",
                     "learner.overlap_threads=1", "learner.checkpoint_every=0")  # (a checkpoint is a sync point)
@@ -83,26 +105,13 @@ def test_an_async_run_resumes_exactly(ray_cluster, small_checkpoint, tmp_path):
     """Async: the rollout after a checkpointed iteration samples with the checkpoint's weights (staleness 0), as a
     resumed run's first rollout must; before, the uninterrupted run sampled it with the weights before that update
     and the resumed one could not (iteration 2's rewards and the final evaluation differed)."""
-    from learner.training import load_checkpoint
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    extra = ("run.async_rollout=true", "learner.checkpoint_every=2", "run.eval_every=0")
-    cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", "run.iterations=4", *extra)
-    cfg_part = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=2", *extra)
-    with shared_reward_service(cfg_full.reward):
-        run_loop(cfg_full, full, "t-afull")
-        run_loop(cfg_part, part, "t-apart")
-        cfg_more = cfg_part.model_copy(update={"run": cfg_part.run.model_copy(update={"iterations": 4})})
-        run_loop(cfg_more, part, "t-apart", resume=True)
-    a, b = train_records(full), train_records(part)
+    (a, b), (wa, wb) = full_and_resumed(small_checkpoint, tmp_path, 4, 2, "a", "run.async_rollout=true",
+                                        "learner.checkpoint_every=2", "run.eval_every=0")
     assert [r["staleness"] for r in a] == [r["staleness"] for r in b] == [0, 1, 0, 1]
     assert [r["iteration"] for r in b] == [0, 1, 2, 3]
     for ra, rb in zip(a, b):
         assert ra["reward_mean"] == pytest.approx(rb["reward_mean"], abs=1e-6)
-    wa, _, _ = load_checkpoint(full / "checkpoints" / "iter_000003")
-    wb, _, _ = load_checkpoint(part / "checkpoints" / "iter_000003")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    assert_same_weights(wa, wb)
 
 
 def test_learner_actor_takes_the_rollout_cores_once_the_overlapping_shards_are_done(ray_cluster, small_checkpoint,
@@ -141,23 +150,10 @@ def test_learner_actor_takes_the_rollout_cores_once_the_overlapping_shards_are_d
 
 @pytest.mark.slow  # (resume exactness also: test_learner_group.py's 2 → 2 → 1 ranks, test_learner_fault.py's replay)
 def test_resume_continues_exactly(ray_cluster, small_checkpoint, tmp_path):
-    from learner.training import load_checkpoint
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    cfg_full = small_cfg(small_checkpoint, full, "mixgrpo", "run.iterations=3")
-    cfg_part = small_cfg(small_checkpoint, part, "mixgrpo", "run.iterations=2")
-    with shared_reward_service(cfg_full.reward):
-        run_loop(cfg_full, full, "t-full")
-        run_loop(cfg_part, part, "t-part")
-        cfg_more = cfg_part.model_copy(update={"run": cfg_part.run.model_copy(update={"iterations": 3})})
-        run_loop(cfg_more, part, "t-part", resume=True)
-    a, b = train_records(full), train_records(part)
+    (a, b), (wa, wb) = full_and_resumed(small_checkpoint, tmp_path, 3, 2, "")
     assert [r["window_start"] for r in a] == [r["window_start"] for r in b]
     assert [r["iteration"] for r in b] == [0, 1, 2]
-    wa, _, _ = load_checkpoint(full / "checkpoints" / "iter_000002")
-    wb, _, _ = load_checkpoint(part / "checkpoints" / "iter_000002")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    assert_same_weights(wa, wb)
 
 
 def test_collective_weight_sync_gloo(ray_cluster, small_checkpoint, tmp_path):
