@@ -76,6 +76,16 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path, bool]:
     return cfg, out, False
 
 
+def resume_hint(out: Path) -> str:
+    """What an interrupted run can do next: resume from its last checkpoint, or (none yet) start again elsewhere."""
+    from learner.training import latest_checkpoint
+
+    ckpt = latest_checkpoint(out / "checkpoints")
+    if ckpt is None:
+        return f"No checkpoint was written yet (learner.checkpoint_every); start again in a new folder, not {out}."
+    return f"python learner/main.py --resume {out} continues from {ckpt.name}."
+
+
 def preflight(cfg: Config) -> None:
     """Before any actor starts: read the prompt files (a bad one is an error naming it, not a dead actor) and
     estimate each role's GPU memory from the model's configs (a config that cannot fit is refused, naming the
@@ -168,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found on the cluster (its resources, a Serve app of the same name): no run started
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: Ray and Serve are down (the with-blocks above); say how to go on
+        print(f"\ninterrupted. {resume_hint(out)}", file=sys.stderr, flush=True)
+        return 130
     final = eval_summary(result["final_eval"]) if result["final_eval"] else "no final evaluation"
     print(f"done in {(time.perf_counter() - t0) / 60:.1f} min; held-out {final}; outputs in {out}", flush=True)
     change = eval_change(result.get("base_eval"), result["final_eval"])

@@ -101,3 +101,14 @@ def test_export_refuses_an_altered_checkpoint_in_one_line(tmp_path, capsys):
     (out / "checkpoints" / "iter_000001" / "state.json").write_text("{not json")
     assert export.main(["--run", str(out), "--out", str(tmp_path / "exported")]) == 2
     assert "error: checkpoint " in capsys.readouterr().err and not (tmp_path / "exported").exists()
+
+
+def test_an_interrupted_run_says_how_to_go_on(tmp_path):
+    """Ctrl-C ended in a KeyboardInterrupt traceback with no word about --resume."""
+    from learner.main import resume_hint
+
+    out, _ = a_run(tmp_path, checkpoints=(0, 4))
+    assert resume_hint(out) == f"python learner/main.py --resume {out} continues from iter_000004."
+    (tmp_path / "b").mkdir()
+    fresh, _ = a_run(tmp_path / "b", checkpoints=())
+    assert "No checkpoint was written yet" in resume_hint(fresh) and str(fresh) in resume_hint(fresh)
