@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from learner.driver.loop import run_loop
-    from learner.driver.preflight import check_resources
+    from learner.driver.preflight import check_resources, check_state_store
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ray_session(cfg.cluster) as local:
             check_resources(cfg, ray.cluster_resources(), local=local)
+            check_state_store(cfg.cluster.state_store, local=local)
             with reward_service(cfg.reward):
                 observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
                                               config=cfg.model_dump(mode="json"))

@@ -377,3 +377,20 @@ def check_resources(cfg: Config, available: dict[str, float], *, local: bool) ->
     for problem in absent:
         print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
               file=sys.stderr, flush=True)
+
+
+def check_state_store(url: str, *, local: bool) -> None:
+    """A Redis window store the scheduler actor could not reach failed 30 s in, deep inside the actor's start; try it
+    from here first: refuse on a local Ray (the actor would connect from this machine), warn on a cluster (the
+    scheduler's node may reach what the driver cannot)."""
+    if not url.startswith("redis://"):
+        return
+    from services.state_store import open_store
+
+    try:
+        open_store(url, "preflight")
+    except ConnectionError as e:
+        if local:
+            raise ConfigError(f"cluster.state_store: {e}") from None
+        print(f"warning: cluster.state_store: {e} (from the driver; the window scheduler may still reach it)",
+              file=sys.stderr, flush=True)

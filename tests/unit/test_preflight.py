@@ -297,3 +297,19 @@ def test_a_reward_without_its_weight_folder_is_refused_before_serve_deploys(tmp_
     with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.name: reward 'pickscore' is already "
                                           r"reward\.rewards\.0"):
         check_reward_specs([RewardSpec(name="pickscore"), RewardSpec(name="pickscore")])
+
+
+def test_an_unreachable_redis_store_is_refused_before_any_actor(capsys):
+    """It failed 30 s in, inside the window scheduler's start, with 147 lines of output."""
+    import socket
+
+    from learner.driver.preflight import check_state_store
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    with pytest.raises(ConfigError, match=r"^cluster\.state_store: cannot reach the Redis state store at redis://"):
+        check_state_store(url, local=True)
+    check_state_store(url, local=False)
+    assert "warning: cluster.state_store: cannot reach" in capsys.readouterr().err
+    check_state_store("memory", local=True)  # nothing to reach
