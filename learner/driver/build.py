@@ -110,7 +110,7 @@ def rollout_overlaps_update(cfg: Config, m: int) -> bool:
     staleness 1), except after an iteration that ends with a checkpoint: there m+1 samples with the checkpointed
     weights (staleness 0), which is what a run resumed from that checkpoint, or a learner replaying from it, can
     do. So an async run resumes and replays exactly, for one non-overlapped iteration per checkpoint."""
-    return cfg.run.async_rollout and m + 1 < cfg.run.iterations and not checkpoints_after(cfg, m)
+    return cfg.run.async_rollout and not checkpoints_after(cfg, m)  # (the last iteration ends with one)
 
 
 def build_learner(cfg: Config) -> Learner:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from learner.driver.build import policy_from_config
-from learner.training import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
+from learner.training import CheckpointError, latest_checkpoint, load_checkpoint
 from services.config import Config, ConfigError, load_config
 
 EXPORT_INFO = "export.json"
@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"--run {run}: no checkpoint in {run / 'checkpoints'}")
-        verify_checkpoint(ckpt)  # before any model loads: a truncated or altered checkpoint is one line
         out = export_run(cfg, ckpt, Path(args.out))
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

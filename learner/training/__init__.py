@@ -7,11 +7,11 @@
 """
 
 from .checkpoint import (
-           CheckpointError,
-           latest_checkpoint,
-           load_checkpoint,
-           save_checkpoint,
-           verify_checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
 )
 from .selection import trained_steps
 from .updates import Learner
