@@ -26,7 +26,7 @@ from learner.algo import Stream, Window, sample_mixed, seeded_generator, sigma_s
 from learner.algo.family import granularity_grid
 from learner.algo.sampler import sample_branched
 from services.broadcast import CollectiveChannel, WeightPacket, verify_loaded
-from services.types import RolloutBatch
+from services.types import RolloutBatch, spread
 
 from .policies import Policy
 from .policies.base import cond_cat
@@ -189,6 +189,8 @@ class RolloutWorker:
         first = trajs[0][0]
         images = np.concatenate([im for _, im in trajs])
         k = min(self.log_images, len(images))
+        logged = spread(len(images), k)  # spread over the groups
+        member_of = [p for p in prompts for _ in range(rows)]
         branched = self.branching != "none"
         cat = lambda name: torch.cat([getattr(t, name) for t, _ in trajs])  # noqa: E731
         return RolloutBatch(
@@ -198,8 +200,8 @@ class RolloutWorker:
             sigmas_next=cat("sigmas_next") if branched else first.sigmas_next,
             rewards=rewards, window=(win.start, win.size), iteration=iteration, weight_version=self.version,
             nfe=first.nfe, image_evals=sum(t.image_evals for t, _ in trajs), cond=cond_cat(conds),
-            images=images[:: max(1, len(images) // max(k, 1))][:k] if k else None,
-            image_prompts=[p for p in prompts for _ in range(rows)][:: max(1, len(images) // max(k, 1))][:k],
+            images=images[logged] if k else None,
+            image_prompts=[member_of[i] for i in logged], image_rows=logged,
             timings={"sample_s": t_sample, "reward_wait_s": t_total - t_sample, "rollout_s": t_total, **model,
                      "cpu_s": time.process_time() - c0},
             final_latents=cat("final").float() if self.keep_final else None,

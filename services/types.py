@@ -44,8 +44,9 @@ class RolloutBatch:
     weight_version: int
     nfe: int
     image_evals: int
-    images: np.ndarray | None = None  # (k, H, W, 3) uint8, a few for logging
+    images: np.ndarray | None = None  # (k, H, W, 3) uint8, a few for logging (`rollout.log_images`)
     image_prompts: list[str] = field(default_factory=list)
+    image_rows: list[int] = field(default_factory=list)  # (k,) the row each of `images` is (its rewards)
     timings: dict[str, float] = field(default_factory=dict)
     final_latents: Tensor | None = None  # (B, C, H, W) fp32, each row's x_0: AWM's targets (None unless asked for)
     branches: int = 1  # advantage groups per prompt (branched rollouts: the branch steps)
@@ -93,6 +94,23 @@ class RolloutBatch:
     def num_rows(self) -> int:
         return self.log_probs.shape[0]
 
+    def logged_samples(self, k: int) -> dict | None:
+        """Up to `k` of the logged images, spread over the batch, with their prompts and rewards (name → one
+        float per image; G²RPO's per-grid rewards averaged): what the driver hands its observers (TensorBoard's
+        and wandb's "samples/rollout"). None without images."""
+        if self.images is None or not len(self.images) or k <= 0:
+            return None
+        pick = spread(len(self.images), k)
+        rows = [self.image_rows[i] for i in pick] if self.image_rows else []
+        rewards = {n: [float(r[j].float().mean()) for j in rows] for n, r in self.rewards.items()} if rows else {}
+        return {"images": self.images[pick], "prompts": [self.image_prompts[i] for i in pick], "rewards": rewards}
+
+
+def spread(n: int, k: int) -> list[int]:
+    """min(k, n) indices spread evenly over range(n), the first one 0."""
+    k = min(k, n)
+    return [i * n // k for i in range(k)]
+
 
 def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) -> RolloutBatch:
     """Concatenate the groups of several workers' batches (same iteration, window and version).
@@ -123,6 +141,19 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         return torch.cat([getattr(b, name) for b in batches])[rows]
 
     images = [b.images for b in batches if b.images is not None and len(b.images)]
+    # the logged images' rows: shard b's row r is row offset_b + r of the concatenation, then moved by `rows`
+    new_row = torch.empty(len(rows), dtype=torch.long)
+    new_row[rows] = torch.arange(len(rows))
+    offsets = np.cumsum([0] + [b.num_rows for b in batches])
+    image_rows = [int(new_row[o + r]) for b, o in zip(batches, offsets, strict=False) if b.images is not None
+                  and len(b.images) for r in b.image_rows]
+    image_prompts = [p for b in batches for p in b.image_prompts]
+    if images and len(image_rows) == sum(len(i) for i in images):  # in the merged batch's row order
+        by_row = np.argsort(image_rows, kind="stable")
+        images = [np.concatenate(images)[by_row]]
+        image_rows, image_prompts = [image_rows[i] for i in by_row], [image_prompts[i] for i in by_row]
+    else:
+        image_rows = []
     return RolloutBatch(
         prompts=[prompts[k] for k in order], prompt_ids=[ids[k] for k in order], group_size=g,
         latents=cat("latents"), next_latents=cat("next_latents"), log_probs=cat("log_probs"),
@@ -133,7 +164,7 @@ def merge_batches(batches: list[RolloutBatch], num_groups: int | None = None) ->
         window=first.window, iteration=first.iteration, weight_version=min(b.weight_version for b in batches),
         nfe=first.nfe, image_evals=sum(b.image_evals for b in batches),
         images=np.concatenate(images) if images else None,
-        image_prompts=[p for b in batches for p in b.image_prompts],
+        image_prompts=image_prompts, image_rows=image_rows,
         # the slowest shard's seconds (the workers run side by side); CPU seconds add up over the workers, and so do
         # the model's forward seconds in "forward_sum_s" (beside the slowest worker's "forward_s": their gap is the
         # workers' imbalance)

@@ -94,9 +94,11 @@ class LearnerActor:
             stats = {**self.inner.update(batch, between=boost), **boost.stats()}
         finally:
             boost.restore()
+        out = {**stats, "num_groups": len(batch.prompt_ids)}
         if self.rank == 0:
             self.telemetry.record(learner_updates(stats, batch.num_rows))
-        return {**stats, "num_groups": len(batch.prompt_ids)}
+            out["samples"] = batch.logged_samples(self.cfg.rollout.log_images)  # for the observers, not the record
+        return out
 
     def get_weights(self):
         """The weight packet (rank 0; the other ranks of an FSDP learner take part in gathering it: None)."""

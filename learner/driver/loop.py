@@ -234,6 +234,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     overlap = ([sh.batch for sh in launched.shards], max(0, cfg.learner.overlap_threads)) if launched else None
     stats = all_ranks([rank.update.remote(*refs, num_groups=cfg.num_groups, overlap=overlap)
                        for rank in cl.learners])[0]
+    samples = stats.pop("samples", None)  # a few rollout images for the observers (`rollout.log_images`)
     t_next = 0.0
     if launched:  # async: the workers load the weights after the next rollout's shards, so wait for those first; the
         # broadcast's time is then the broadcast's (it read 6 s of rollout in a 0.5 s iteration's record before)
@@ -249,7 +250,7 @@ def _one_iteration(cl: Cluster, cfg: Config, out: Path, run_id: str, log: Metric
     log.write(rec)
     progress.report(rec)
     for obs in observers:
-        obs.on_iteration(rec)
+        obs.on_iteration(rec, samples)
     done, evaluated = m + 1 == cfg.run.iterations, None
     if cfg.run.eval_every and (m + 1) % cfg.run.eval_every == 0 or done:
         evaluated = evaluate(cl, cfg, m, log)

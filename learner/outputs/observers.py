@@ -4,8 +4,10 @@
     observers = default_observers(out, run_id, wandb_project="mixgrpo", config=cfg_dict)   # + wandb
     run_loop(cfg, out, run_id, resume, observers=observers)
 
-Each observer has `on_iteration(rec)`, `on_eval(rec, images=None, prompts=None)` and `close()` (the
-`Observer` hooks); records are the dicts of <run>/metrics.jsonl. An eval record's sample grid arrives
+Each observer has `on_iteration(rec, samples=None)`, `on_eval(rec, images=None, prompts=None)` and `close()` (the
+`Observer` hooks); records are the dicts of <run>/metrics.jsonl. `samples` are a few of the iteration's rollout
+images (`rollout.log_images`; `RolloutBatch.logged_samples`: images, prompts, rewards by name), logged by
+TensorBoard and wandb as "samples/rollout" and not written to the record. An eval record's sample grid arrives
 either as arrays (`images` (k, H, W, 3) uint8, `prompts`) or, when the loop passes only the record,
 through `rec["samples"]`, the grid PNG (relative to the run directory) that `learner.driver.loop.evaluate`
 saved.
@@ -30,7 +32,7 @@ SKIP = {"kind", "iteration", "time", "samples"}
 class Observer:
     """Hooks the loop calls with every record (metrics, TensorBoard, grids, reports plug in here)."""
 
-    def on_iteration(self, rec: dict) -> None: ...
+    def on_iteration(self, rec: dict, samples: dict | None = None) -> None: ...
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None: ...
 
@@ -43,7 +45,7 @@ class MetricsObserver:
     def __init__(self, run: str, telemetry: Telemetry | None = None) -> None:
         self.telemetry = telemetry or Telemetry(run)
 
-    def on_iteration(self, rec: dict) -> None:
+    def on_iteration(self, rec: dict, samples: dict | None = None) -> None:
         self.telemetry.record(train_updates(rec))
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None:
@@ -115,6 +117,22 @@ def open_summary_writer(logdir: Path, writer: str = "auto"):
     return SummaryWriter(str(logdir))
 
 
+def rollout_caption(samples: Mapping[str, Any]) -> str:
+    """A Markdown table of the logged rollout images: cell → prompt → each reward."""
+    names = list(samples.get("rewards") or {})
+    cols = math.ceil(math.sqrt(len(samples["prompts"])))
+    lines = ["| cell | prompt |" + "".join(f" {n} |" for n in names), "|---|---|" + "---|" * len(names)]
+    for i, p in enumerate(samples["prompts"]):
+        r, c = divmod(i, cols)
+        lines.append(f"| ({r},{c}) | {p} |" + "".join(f" {samples['rewards'][n][i]:.3f} |" for n in names))
+    return "\n".join(lines)
+
+
+def rollout_grid(samples: Mapping[str, Any]) -> np.ndarray:
+    images = np.asarray(samples["images"])
+    return make_grid(images, scale=default_scale(images.shape[1]))
+
+
 def eval_grid(run_dir: Path, rec: dict, images, prompts) -> tuple[np.ndarray | None, list[str], list[float] | None]:
     """An eval record's sample grid: from the arrays passed, else the PNG the loop saved (`rec["samples"]`)."""
     if images is not None:
@@ -127,15 +145,20 @@ def eval_grid(run_dir: Path, rec: dict, images, prompts) -> tuple[np.ndarray | N
 
 
 class TensorBoardObserver:
-    """Scalars of every record and each evaluation's sample grid + prompts under <run>/tensorboard/."""
+    """Scalars of every record, each iteration's logged rollout images (with their prompts and rewards) and each
+    evaluation's sample grid + prompts under <run>/tensorboard/."""
 
     def __init__(self, run_dir: str | Path, writer: str = "auto") -> None:
         self.run_dir = Path(run_dir)
         self.writer = open_summary_writer(self.run_dir / "tensorboard", writer)
 
-    def on_iteration(self, rec: dict) -> None:
+    def on_iteration(self, rec: dict, samples: dict | None = None) -> None:
+        step = step_of(rec)
         for tag, v in scalars(rec).items():
-            self.writer.add_scalar(tag, v, step_of(rec))
+            self.writer.add_scalar(tag, v, step)
+        if samples:
+            self.writer.add_image("samples/rollout", rollout_grid(samples), step, dataformats="HWC")
+            self.writer.add_text("samples/rollout_prompts", rollout_caption(samples), step)
         self.writer.flush()
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None:
@@ -170,8 +193,11 @@ class WandbObserver:
         self.run = wandb.init(project=project, name=run_id, dir=str(self.run_dir), config=dict(config or {}),
                               reinit="create_new")
 
-    def on_iteration(self, rec: dict) -> None:
-        self.run.log(scalars(rec), step=step_of(rec))
+    def on_iteration(self, rec: dict, samples: dict | None = None) -> None:
+        data: dict[str, Any] = dict(scalars(rec))
+        if samples:
+            data["samples/rollout"] = self.wandb.Image(rollout_grid(samples), caption=rollout_caption(samples))
+        self.run.log(data, step=step_of(rec))
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None:
         data: dict[str, Any] = dict(scalars(rec))
@@ -194,7 +220,7 @@ class ReportObserver:
     def __init__(self, run_dir: str | Path) -> None:
         self.run_dir = Path(run_dir)
 
-    def on_iteration(self, rec: dict) -> None: ...
+    def on_iteration(self, rec: dict, samples: dict | None = None) -> None: ...
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None: ...
 

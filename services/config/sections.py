@@ -254,7 +254,8 @@ class RolloutConfig(_Section):
     """Prompt source: the shapes world's train split, or a text file (one prompt per line)."""
     prompts_file: str | None = None
     log_images: int = Field(4, ge=0)
-    """Images per iteration returned for logging."""
+    """Rollout images per iteration logged to TensorBoard and wandb ("samples/rollout", with their prompts and
+    rewards), spread over the batch; each worker ships this many with its shard. 0: none."""
     num_threads: int = Field(0, ge=0)
     """torch threads per worker (Ray sets OMP_NUM_THREADS=1 for fractional actors); 0 (the default): chosen by the
     driver from the cores of a node Ray reports (`learner.driver.build.auto_threads`): sync mode C // num_workers each (the learner

@@ -70,7 +70,7 @@ class WaitForMetrics:
     def __init__(self, scraper: Scraper) -> None:
         self.scraper = scraper
 
-    def on_iteration(self, rec) -> None: ...
+    def on_iteration(self, rec, samples=None) -> None: ...
 
     def on_eval(self, rec, images=None, prompts=None) -> None: ...
 
@@ -111,6 +111,11 @@ def test_short_run_is_observable(ray_cluster, small_checkpoint, tmp_path):  # no
     assert [s for s, _ in scalars["eval/verifier_score"]] == [0, 2]
     assert [s for s, _ in images["samples/heldout"]] == [0, 2]  # before training and after the last iteration
     assert images["samples/heldout"][0][1].shape == (4 * 66, 4 * 66, 3)  # 4 eval prompts → 2×2 grid, ×4
+    # `rollout.log_images` (4): each iteration's rollout images, their prompts and rewards
+    assert [s for s, _ in images["samples/rollout"]] == [1, 2]
+    assert images["samples/rollout"][0][1].shape == images["samples/heldout"][0][1].shape  # 4 images, 2×2
+    caption = texts["samples/rollout_prompts"][0][1]
+    assert caption.splitlines()[0] == "| cell | prompt | shapes_verifier |" and caption.count("| (") == 4
     assert all((out / "samples" / f"{name}.{ext}").is_file() for name in ("iter_base", "iter_000001")
                for ext in ("png", "json"))
     report = (out / "report.md").read_text()

@@ -92,6 +92,24 @@ def test_rollout_batch_is_fp32_and_sharding_does_not_change_it():
     assert not torch.allclose(other_iter.next_latents, whole.next_latents)
 
 
+def test_logged_rollout_images_keep_their_prompts_and_rewards_through_a_merge():
+    """`rollout.log_images`: each worker logs a few images spread over its groups; merged out of order, every
+    logged image still names its own prompt and reward (checked against the verifier run on that image again)."""
+    worker = make_worker(small_policy(), log_images=3)
+    parts = [worker.rollout(0, (2, 3), PROMPTS[2:], [2, 3]), worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1])]
+    assert [len(b.images) for b in parts] == [3, 3] and parts[0].image_rows == [0, 2, 5]  # of 8 rows (2 groups)
+    merged = merge_batches(parts)
+    assert merged.image_rows == [0, 2, 5, 8, 10, 13]  # shard 0's groups 2-3 are rows 8-15 of the merged batch
+    assert merged.image_prompts == [PROMPTS[k] for k in (0, 0, 1, 2, 2, 3)]
+    samples = merged.logged_samples(4)  # images 0, 1, 3, 4 of the 6
+    assert len(samples["images"]) == 4 and samples["prompts"] == [PROMPTS[k] for k in (0, 0, 2, 2)]
+    again = [shapes_world.verify(p, im).score for p, im in zip(samples["prompts"], samples["images"])]
+    assert samples["rewards"]["verifier"] == pytest.approx(again, abs=1e-6)
+    rows = [merged.image_rows[i] for i in (0, 1, 3, 4)]
+    assert samples["rewards"]["verifier"] == pytest.approx(merged.rewards["verifier"][rows].tolist())
+    assert make_worker(small_policy(), log_images=0).rollout(0, (2, 3), PROMPTS[:2], [0, 1]).logged_samples(4) is None
+
+
 def test_merge_refuses_lost_or_double_counted_groups():
     worker = make_worker(small_policy())
     a, b = worker.rollout(0, (2, 3), PROMPTS[:2], [0, 1]), worker.rollout(0, (2, 3), PROMPTS[2:], [2, 3])

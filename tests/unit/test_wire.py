@@ -87,7 +87,7 @@ def make_batch(final: bool) -> RolloutBatch:
         rewards={"verifier": torch.rand(rows, generator=g), "model": torch.rand(rows, generator=g)},
         cond={"encoder_hidden_states": torch.randn(2, 5, 4, generator=g), "pooled_projections": torch.randn(2, 4)},
         window=(2, 2), iteration=5, weight_version=4, nfe=16, image_evals=64,
-        images=np.zeros((1, 8, 8, 3), np.uint8), image_prompts=["a red circle"], timings={"sample_s": 1.0},
+        images=np.zeros((1, 8, 8, 3), np.uint8), image_prompts=["a red circle"], image_rows=[1], timings={"sample_s": 1.0},
         final_latents=torch.randn(rows, 3, 8, 8, generator=g) if final else None)
 
 
@@ -97,7 +97,7 @@ def test_a_rollout_batch_arrives_whole(final):
     back, stream_bytes, buffers = roundtrip(batch)
     assert isinstance(back, RolloutBatch) and buffers and stream_bytes < 4000
     for f in ("prompts", "prompt_ids", "group_size", "window", "iteration", "weight_version", "nfe", "image_evals",
-              "image_prompts", "timings", "branches", "steps"):
+              "image_prompts", "image_rows", "timings", "branches", "steps"):
         assert getattr(back, f) == getattr(batch, f), f
     for f in ("latents", "next_latents", "log_probs", "sigmas", "sigmas_next"):
         assert same_bits(getattr(back, f), getattr(batch, f)), f
