@@ -37,6 +37,9 @@ from .objectives import MatchingSpec, check_options, matching_micro_loss, matchi
 from .selection import Selection, row_steps, steps_per_row, window_selection
 from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
 
+RATIO_STATS = ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "first_ratio_dev")
+"""The update record's fields of the clipped-ratio objective (GRPO's), absent from a matching objective's record."""
+
 
 class Learner:
     def __init__(
@@ -161,7 +164,7 @@ class Learner:
             **{f"reward_mean/{n}": float(r.mean()) for n, r in batch.rewards.items()},
             **{f"reward_std/{n}": float(r.std()) for n, r in batch.rewards.items()},
         }
-        return {
+        out = {
             **rewards, "nfe": batch.nfe, "image_evals": batch.image_evals, "rollout_timings": batch.timings,
             "loss": float(np.mean(stats["loss"])), "ratio_mean": float(np.mean(stats["ratio_mean"])),
             "ratio_min": float(np.min(stats["ratio_min"])), "ratio_max": float(np.max(stats["ratio_max"])),
@@ -177,6 +180,10 @@ class Learner:
             "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
             "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
         }
+        if self.objective != "grpo":  # AWM, DiffusionNFT: no likelihood ratio, nothing clipped; not a made-up 1 and 0
+            for k in RATIO_STATS:
+                del out[k]
+        return out
 
     def policy_gradient(self, batch: RolloutBatch) -> torch.Tensor:
         """The flattened gradient of this batch's GRPO loss at the current weights, all window steps
