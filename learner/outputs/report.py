@@ -170,6 +170,9 @@ def summary_table(train: list[dict], evals: list[dict]) -> str:
     if train:
         rows.append(f"| total iteration time (min) | | {sum(secs) / 60:.1f} | |")
         rows.append(f"| final weight version | | {train[-1].get('weight_version', '–')} | |")
+        nfe = [int(n) for r in train if (n := _num(r.get("nfe"))) is not None]
+        if nfe:  # model evaluations per rollout image: Flash's fall as the window moves (DPM-Solver++ after it)
+            rows.append(f"| rollout NFE per image (first → last iteration) | | {nfe[0]} → {nfe[-1]} | |")
     return "\n".join(rows)
 
 
@@ -202,9 +205,25 @@ def _header(run_dir: Path) -> str:
     cfg = json.loads(cfg_path.read_text())
     run, model, win = cfg.get("run", {}), cfg.get("model", {}), cfg.get("window", {})
     return (f"# Run report: {run_dir.name}\n\nmethod **{method_label(cfg)}**, backend **{model.get('backend')}**, "
-            f"{run.get('iterations')} iterations configured, window {win.get('strategy')} "
-            f"(size {win.get('size')}, shift every {win.get('shift_interval')}), "
+            f"{run.get('iterations')} iterations configured, window {window_text(win)}, "
             f"{cfg.get('sampler', {}).get('num_steps')} sampling steps, seed {run.get('seed')}\n")
+
+
+def window_text(win: dict) -> str:
+    """The window schedule in words, naming only the fields its strategy reads (`learner.algo.window_at`)."""
+    strategy, size, start = win.get("strategy"), win.get("size"), win.get("start", 0)
+    tau, stride = win.get("shift_interval"), win.get("stride")
+    if strategy == "frozen" or (strategy == "progressive" and stride == 0):
+        return f"frozen at steps [{start}, {start + size})" if isinstance(size, int) else f"frozen (size {size})"
+    if strategy == "random":
+        return f"random (size {size}, a fresh uniform start every iteration)"
+    moves = f"size {size}, from step {start}, {stride} step(s) every"
+    if strategy == "linear_decay":
+        return f"linear_decay ({moves} {tau} → {win.get('shift_interval_min')} iterations as it moves)"
+    if strategy == "exp_decay":
+        return (f"exp_decay ({moves} ⌈{tau}·exp(−{win.get('decay_rate')}·(l − {win.get('decay_threshold')}))⌉ "
+                f"iterations past step {win.get('decay_threshold')})")
+    return f"{strategy} ({moves} {tau} iterations)"
 
 
 def write_report(run_dir: str | Path) -> Path:

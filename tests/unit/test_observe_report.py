@@ -109,6 +109,24 @@ def test_report_renders_plots_and_summary(run_dir):
     assert "method **mixgrpo**" in text
 
 
+def test_the_report_names_the_window_schedule_its_strategy_reads_and_the_rollout_nfe(run_dir):
+    from services.config import load_config
+
+    def window(*overrides):
+        return report.window_text(load_config(["mixgrpo"], list(overrides)).model_dump(mode="json")["window"])
+
+    assert window() == "progressive (size 4, from step 0, 1 step(s) every 8 iterations)"  # τ 8 on the tiny model
+    assert window("window.strategy=frozen", "window.start=3") == "frozen at steps [3, 7)"  # no "shift every 8"
+    assert window("window.stride=0") == "frozen at steps [0, 4)"
+    assert window("window.strategy=random") == "random (size 4, a fresh uniform start every iteration)"
+    assert window("window.strategy=linear_decay", "window.shift_interval_min=5").startswith(
+        "linear_decay (size 4, from step 0, 1 step(s) every 8 → 5 iterations")
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    flash = [{**r, "nfe": 10 - r["iteration"]} if r["kind"] == "train" else r for r in recs]  # Flash: NFE falls
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flash))
+    assert "| rollout NFE per image (first → last iteration) | | 10 → 5 | |" in report.write_report(run_dir).read_text()
+
+
 def test_the_method_label_names_the_matching_term_when_it_is_on(run_dir):
     from learner.outputs.metrics import method_label
     from services.config import load_config
