@@ -27,7 +27,7 @@ from learner.evaluation import combine, eval_record, run_prompts, shards
 from learner.evaluation import settings as evaluation_settings
 from learner.outputs.grids import save_grid
 from learner.outputs.metrics import MetricsLog, Progress
-from learner.outputs.observers import Observer
+from learner.outputs.observers import Observer, rewind
 from learner.training import latest_checkpoint
 from services.config import Config, dump_config
 from services.prompts import PromptSource
@@ -175,6 +175,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
         meta = ray.get([rank.restore.remote(str(ckpt)) for rank in cl.learners])[0]
         start = int(meta["iteration"]) + 1
         log.truncate_after(start - 1)
+        rewind(observers, start - 1)
         print(f"resumed from {ckpt} (iteration {meta['iteration']}, weight version {meta['version']})", flush=True)
     # the window store follows the checkpoint (or the fresh start): a persistent store (file://, redis://) may
     # hold an iteration that a crash never checkpointed, or a previous attempt's state in the same namespace
@@ -202,6 +203,7 @@ def _iterate(cl: Cluster, cfg: Config, out: Path, run_id: str, resume: bool, obs
             if learners_alive(cl):
                 raise  # not the learner: a rollout worker's loss its retries did not absorb, a reward, a bug
             resume_at = recover_learner(cl, cfg, out, log, m, faults["learner_restarts"], e)
+            rewind(observers, resume_at - 1)
             faults["learner_restarts"] += 1
             faults["replayed_iterations"] += m - resume_at
             m, pending, t_prev_end = resume_at, launch_rollout(cl, cfg, prompts, resume_at), time.perf_counter()

@@ -36,6 +36,9 @@ class Observer:
 
     def on_eval(self, rec: dict, images=None, prompts=None) -> None: ...
 
+    def on_rewind(self, iteration: int) -> None:
+        """Optional: the records after `iteration` were dropped and will be written again (`rewind`)."""
+
     def close(self) -> None: ...
 
 
@@ -101,20 +104,22 @@ def prompts_markdown(prompts: Sequence[str], scores: Sequence[float] | None = No
     return "\n".join(lines)
 
 
-def open_summary_writer(logdir: Path, writer: str = "auto"):
+def open_summary_writer(logdir: Path, writer: str = "auto", purge_step: int | None = None):
     """torch.utils.tensorboard's SummaryWriter when `tensorboard` is installed, else tensorboardX's (a Ray
-    dependency that writes the same event files without TensorBoard)."""
+    dependency that writes the same event files without TensorBoard). With `purge_step`, TensorBoard hides the
+    events of that step and later that earlier files of the folder hold (a resumed or replayed run's)."""
+    kw = {} if purge_step is None else {"purge_step": purge_step, "filename_suffix": f".from-step-{purge_step}"}
     if writer in ("auto", "torch"):
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            return SummaryWriter(str(logdir))
+            return SummaryWriter(str(logdir), **kw)
         except ImportError:
             if writer == "torch":
                 raise
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(logdir))
+    return SummaryWriter(str(logdir), **kw)
 
 
 def rollout_caption(samples: Mapping[str, Any]) -> str:
@@ -149,8 +154,21 @@ class TensorBoardObserver:
     evaluation's sample grid + prompts under <run>/tensorboard/."""
 
     def __init__(self, run_dir: str | Path, writer: str = "auto") -> None:
-        self.run_dir = Path(run_dir)
-        self.writer = open_summary_writer(self.run_dir / "tensorboard", writer)
+        self.run_dir, self.kind = Path(run_dir), writer
+        self._writer, self._purge_step = None, None
+
+    @property
+    def writer(self):
+        """The event file's writer, opened at the first event (after a resume's `on_rewind`, purging)."""
+        if self._writer is None:
+            self._writer = open_summary_writer(self.run_dir / "tensorboard", self.kind, self._purge_step)
+        return self._writer
+
+    def on_rewind(self, iteration: int) -> None:
+        """The records after `iteration` are dropped (a resume, a learner's replay): a new event file purges their
+        steps, so the curves do not hold the dropped iterations beside the ones that replace them."""
+        self.close()
+        self._writer, self._purge_step = None, iteration + 2  # step_of(iteration + 1's record)
 
     def on_iteration(self, rec: dict, samples: dict | None = None) -> None:
         step = step_of(rec)
@@ -172,7 +190,8 @@ class TensorBoardObserver:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 class WandbObserver:
@@ -235,6 +254,14 @@ class ReportObserver:
         except Exception as e:  # noqa: BLE001 - see the class docstring
             print(f"report: not written ({type(e).__name__}: {e}); retry with "
                   f"`python -m learner.tools.report {self.run_dir}`", file=sys.stderr, flush=True)
+
+
+def rewind(observers: Sequence[Any], iteration: int) -> None:
+    """Tell the observers that have an `on_rewind(iteration)` hook that the run continues after `iteration`."""
+    for obs in observers:
+        hook = getattr(obs, "on_rewind", None)
+        if hook is not None:
+            hook(iteration)
 
 
 def default_observers(run_dir: str | Path, run_id: str, *, tensorboard: bool = True, report: bool = True,

@@ -96,6 +96,26 @@ def test_tensorboard_observer_writes_scalars_grids_and_prompts(run_dir, writer):
     assert "prompt 15" in texts["samples/prompts"][0][1] and "0.40" in texts["samples/prompts"][0][1]
 
 
+@pytest.mark.parametrize("writer", ["tensorboardX", "torch"])
+def test_a_rewound_run_has_one_value_per_step_in_tensorboard(tmp_path, writer):
+    """A resume (or a learner's replay) rewrites the iterations after its checkpoint: TensorBoard (its own event
+    loader) shows each step once, the replayed value, not both runs' side by side."""
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    obs = observe.TensorBoardObserver(tmp_path, writer=writer)
+    for m in range(4):
+        obs.on_iteration(train_rec(m))  # reward/mean 0.30 0.35 0.40 0.45 at steps 1-4
+    obs.close()
+    resumed = observe.TensorBoardObserver(tmp_path, writer=writer)  # a new driver process
+    observe.rewind([resumed, object()], 1)  # the checkpoint is iteration 1's; hooks are optional
+    for m in (2, 3):
+        resumed.on_iteration({**train_rec(m), "reward_mean": 0.9 + m})
+    resumed.close()
+    acc = accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    got = [(e.step, round(e.value, 3)) for e in acc.Scalars("reward/mean")]
+    assert got == [(1, 0.3), (2, 0.35), (3, 2.9), (4, 3.9)]
+
+
 def test_report_renders_plots_and_summary(run_dir):
     path = report.write_report(run_dir)
     text = path.read_text()
