@@ -96,6 +96,8 @@ class SamplerConfig(_Section):
 
 class WindowConfig(_Section):
     strategy: Literal["progressive", "frozen", "random", "linear_decay", "exp_decay"] = "progressive"
+    """How the window moves (`learner.algo.window_at`). frozen reads start and size; random only size (a fresh
+    uniform start every iteration); the others start, size, stride and shift_interval (and their decay fields)."""
     size: int = Field(4, ge=1)
     """w, the number of SDE (and trained) steps in the window (paper: 4); `all` in YAML means N−1."""
     shift_interval: int = Field(8, ge=1)
