@@ -15,6 +15,7 @@ returns to the CPU (fp32) before it leaves the worker.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Protocol
@@ -109,6 +110,22 @@ class RolloutWorker:
         verify_loaded(packet, self.policy.trainable_state_dict(), packet.version)
         self.version = packet.version
         return self.version
+
+    @contextlib.contextmanager
+    def holding(self, packet: WeightPacket | None):
+        """Within the block the policy holds `packet`'s weights (verified), then its own again, verified too: what
+        an evaluation of weights the worker does not sample with needs (DiffusionNFT's θ). None: a no-op."""
+        if packet is None:
+            yield
+            return
+        own = WeightPacket.build(self.version, {k: v.clone() for k, v in self.policy.trainable_state_dict().items()})
+        self.policy.load_trainable_state_dict(packet.state)
+        try:
+            verify_loaded(packet, self.policy.trainable_state_dict(), packet.version)
+            yield
+        finally:
+            self.policy.load_trainable_state_dict(own.state)
+            verify_loaded(own, self.policy.trainable_state_dict(), self.version)
 
     def open_channel(self, rank: int, init_method: str, world_size: int, backend: str) -> None:
         """Join the weight-broadcast group (collective weight sync); the learner is rank 0."""

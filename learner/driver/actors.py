@@ -105,6 +105,11 @@ class LearnerActor:
         packet = self.inner.get_weights()
         return packet if self.rank == 0 else None
 
+    def evaluated_weights(self):
+        """`Learner.evaluated_weights` (rank 0; the other ranks of an FSDP learner take part in gathering: None)."""
+        packet = self.inner.evaluated_weights()
+        return packet if self.rank == 0 else None
+
     def weight_version(self) -> int:
         return self.inner.weight_version()
 
@@ -160,14 +165,16 @@ class WorkerActor:
         self.telemetry.record(rollout_updates(batch.timings, batch.num_rows, batch.weight_version, self.worker))
         return batch, list(batch.prompt_ids)
 
-    def evaluate(self, shard: tuple[int, int], grid: int = 16) -> dict:
-        """Prompts [lo, hi) of the run's held-out evaluation with the weights this worker holds
-        (`learner.evaluation.evaluate_shard`); rewards are scored by the run's reward service, like the rollouts'."""
+    def evaluate(self, shard: tuple[int, int], grid: int = 16, weights=None) -> dict:
+        """Prompts [lo, hi) of the run's held-out evaluation with the weights this worker holds, or with `weights` (a
+        packet, loaded for the evaluation only: DiffusionNFT's θ) (`learner.evaluation.evaluate_shard`); rewards are
+        scored by the run's reward service, like the rollouts'."""
         rewards = {s.name: (lambda images, prompts, n=s.name: self.client.score(n, images, prompts))
                    for s in evaluation.reward_specs(self.cfg)}
-        result = evaluation.evaluate_shard(self.inner.policy, evaluation.run_prompts(self.cfg), shard,
-                                           **evaluation.settings(self.cfg), rewards=rewards, grid=grid)
-        return {**result, "weight_version": self.inner.version}
+        with self.inner.holding(weights):
+            result = evaluation.evaluate_shard(self.inner.policy, evaluation.run_prompts(self.cfg), shard,
+                                               **evaluation.settings(self.cfg), rewards=rewards, grid=grid)
+        return {**result, "weight_version": self.inner.version if weights is None else weights.version}
 
     def sync_weights(self, packet) -> int:
         return self.inner.sync_weights(packet)

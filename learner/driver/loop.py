@@ -114,8 +114,11 @@ def evaluate(cl: Cluster, cfg: Config, iteration: int, log: MetricsLog) -> dict:
     is how observers, the record and the report find it.
     """
     prompts = run_prompts(cfg)
-    parts = ray.get([w.evaluate.remote(shard, 16) for w, shard in zip(cl.workers, shards(len(prompts),
-                                                                                          len(cl.workers)))])
+    theta = None  # DiffusionNFT: the workers sample with the lagged φ; the run's policy θ is what gets scored
+    if cfg.grpo.objective == "nft":
+        theta = ray.put(ray.get([rank.evaluated_weights.remote() for rank in cl.gathering()])[0])
+    parts = ray.get([w.evaluate.remote(shard, 16, theta) for w, shard in zip(cl.workers, shards(len(prompts),
+                                                                                                len(cl.workers)))])
     stale = sorted({p["weight_version"] for p in parts} - {cl.version})
     if stale:
         raise RuntimeError(f"evaluation ran with weights versions {stale}, expected {cl.version}")

@@ -347,6 +347,19 @@ class Learner:
         state = self.published_state()
         return WeightPacket.build(self.version, state, self.published_checksum(state))
 
+    def evaluated_weights(self) -> WeightPacket | None:
+        """The weights the held-out evaluation must score when the workers do not hold them: DiffusionNFT's workers
+        sample with the lagged φ, while the policy the run trains, checkpoints and exports (and
+        `learner.tools.eval` scores) is θ, which the reference evaluates too (NVlabs/DiffusionNFT
+        scripts/train_nft_sd3.py, `eval_fn` on the "default" adapter). -> θ's packet for NFT, None otherwise.
+        Under FSDP every rank must call (the state is gathered)."""
+        if self.objective != "nft":
+            return None
+        state = self.trainable_state()
+        if self.sync_dtype is not None:
+            state = {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return WeightPacket.build(self.version, state)
+
     def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
         """Join the weight-broadcast group as rank 0 (collective weight sync)."""
         self.channel = CollectiveChannel(0, world_size, init_method, backend)

@@ -234,6 +234,31 @@ def test_nft_lagged_policy_is_updated_published_and_checkpointed(batch, tmp_path
         awm_learner().restore(path)  # an AWM learner has no lagged policy to restore it into
 
 
+def test_nft_evaluation_scores_theta_on_workers_that_sample_with_phi(batch):
+    """The workers hold φ (they sample with it); the held-out evaluation scores θ, the weights the run checkpoints
+    and exports, as the reference evaluates: the worker holds θ's packet for the evaluation only, verified both
+    ways, and a packet that fails its checksum leaves the worker's own φ in place."""
+    from services.broadcast import WeightPacket, WeightSyncError
+
+    learner = awm_learner(spec=NFT)
+    learner.update(batch)
+    assert awm_learner().evaluated_weights() is None  # AWM (as GRPO): the workers hold θ already
+    theta, phi = learner.evaluated_weights(), learner.get_weights()
+    assert theta.version == phi.version == 1 and any(not torch.equal(theta.state[k], phi.state[k]) for k in phi.state)
+    for k, v in learner.policy.trainable_state_dict().items():
+        assert torch.equal(theta.state[k], v)
+    worker = make_worker(small_policy())
+    worker.sync_weights(phi)
+    with worker.holding(theta):
+        assert all(torch.equal(v, theta.state[k]) for k, v in worker.policy.trainable_state_dict().items())
+    assert all(torch.equal(v, phi.state[k]) for k, v in worker.policy.trainable_state_dict().items())
+    bad = WeightPacket(theta.version, "b2:" + "0" * 32, theta.state)
+    with pytest.raises(WeightSyncError), worker.holding(bad):
+        pass
+    assert all(torch.equal(v, phi.state[k]) for k, v in worker.policy.trainable_state_dict().items())
+    assert worker.version == 1
+
+
 # ------------------------------------------------------------------------------------------------ AWM's lagged copy
 def test_awm_lagged_copy_regularises_checkpoints_and_is_not_published(batch, tmp_path):
     """AWM with lagged_beta: φ ← d·φ + (1−d)·θ after each iteration (d = min(0.001·m, 0.3)); the gradient gains
