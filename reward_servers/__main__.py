@@ -8,13 +8,15 @@ shapes reward); --host/--port override `reward.server.host/port`.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Sequence
 
-from reward_servers.app import serve_forever
-from services.config import load_config
+from reward_servers.app import preflight_rewards, serve_forever
+from services.config import ConfigError, load_config
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m reward_servers", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=[], help="run config YAML (repeatable, merged in order)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: reward.server.port)")
@@ -27,9 +29,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         overrides.append(f"reward.server.port={a.port}")
     if a.host is not None:
         overrides.append(f"reward.server.host={a.host}")
-    cfg = load_config(a.config, overrides).reward
-    serve_forever(cfg.rewards, cfg.server, address=a.address)
+    try:
+        cfg = load_config(a.config, overrides).reward
+        local = not (a.address or os.environ.get("RAY_ADDRESS"))
+        preflight_rewards(cfg.rewards, local=local)  # before Ray starts: one line, not Serve's deploy traceback
+        serve_forever(cfg.rewards, cfg.server, address=a.address)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

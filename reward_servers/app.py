@@ -43,6 +43,57 @@ def patient_proxy_start() -> None:
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 
+def serve_is_running() -> bool:
+    """Whether this Ray cluster already runs Serve (its controller): `serve.start` then joins it, proxies and all."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
+
+
+def check_port_free(server: RewardServerConfig) -> None:
+    """Before this cluster's first `serve.start`: something already listening on reward.server.host:port (another
+    cluster's Serve proxy, another program) would share the port with the proxy Serve starts here, which binds it
+    with SO_REUSEPORT, so requests would be split between the two services at random. Refuse, naming the field.
+    A cluster that runs Serve already keeps its own proxy: not checked."""
+    import socket
+
+    if serve_is_running():
+        return
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "", "::") else server.host
+    try:
+        with socket.create_connection((host, server.port), timeout=1.0):
+            pass
+    except OSError:
+        return  # nothing answers there: free
+    from services.config import ConfigError
+
+    raise ConfigError(f"reward.server.port: {server.host}:{server.port} is already in use on this machine (another "
+                      f"reward service or program listens there, and Serve would share the port with it); pass "
+                      f"another port (reward.server.port=N, or --port N) or stop what listens there")
+
+
+def preflight_rewards(specs: list[RewardSpec], *, local: bool) -> None:
+    """Before Ray starts: the names, and the weight folders of the rewards that load weights (refused when unset;
+    when absent, refused on a local Ray and warned about on a cluster, whose reward nodes may have them)."""
+    import sys
+
+    from reward_servers.scorers import reward_weight_problems
+    from services.config import ConfigError
+
+    check_reward_specs(specs)
+    unset, absent = reward_weight_problems(specs)
+    if unset or (absent and local):
+        raise ConfigError("; ".join(unset + (absent if local else [])))
+    for problem in absent:
+        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
+              file=sys.stderr, flush=True)
+
+
 class AppArgs(BaseModel):
     """Arguments of `app_builder` (the `args:` block of a Serve config file).
 
@@ -82,6 +133,11 @@ def serve_forever(specs: list[RewardSpec], server: RewardServerConfig, *, addres
 
     patient_proxy_start()
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), namespace="mixgrpo-rewards")
+    try:
+        check_port_free(server)
+    except BaseException:
+        ray.shutdown()
+        raise
     serve.start(http_options={"host": server.host, "port": server.port})
     serve.run(build_app(specs, server), name=server.app_name, route_prefix=server.route_prefix)
     print(f"reward service up: http://{server.host}:{server.port}{server.route_prefix.rstrip('/')}/docs "

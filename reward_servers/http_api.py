@@ -1,7 +1,8 @@
 """The REST API of the reward service: a FastAPI app over a set of reward backends.
 
     GET  /healthz                      liveness of the ingress
-    GET  /v1/rewards                   configured rewards: model, batch settings, replicas, observed batches
+    GET  /v1/rewards                   configured rewards: model, batch settings, replicas, and the observed batches
+                                       of the replica that answered ("replica"; Serve routes a call to one)
     POST /v1/rewards/{name}/score      ScoreRequest -> ScoreResponse
     GET  /docs, /openapi.json          OpenAPI
 
@@ -189,7 +190,8 @@ def create_http_app(backends: Mapping[str, Backend], specs: Mapping[str, RewardS
             raise ApiError(e.status, "invalid_payload", str(e)) from None
         result = await _call(backends[name], name, images, prompts)
         if result["error"] is not None:
-            raise ApiError(422, "rejected_by_scorer", f"reward {name!r} cannot score this request: {result['error']}")
+            raise ApiError(422, "rejected_by_scorer", f"reward {name!r} cannot score this request: "
+                                                      f"{_clipped(str(result['error']))}")
         return ScoreResponse(reward=name, scores=[float(s) for s in result["scores"]], num_images=len(prompts),
                              model=result.get("model", name), latency_ms=(time.perf_counter() - t0) * 1e3,
                              batch_size=result["batch_size"], batch_images=result["batch_images"],
@@ -207,6 +209,11 @@ async def _call(backend: Backend, name: str, images: np.ndarray, prompts: list[s
     except Exception as e:  # a crashed replica or model: 500, and the ingress keeps serving
         last = str(e).strip().splitlines()[-1:] or [""]
         raise ApiError(500, "scoring_failed", f"reward {name!r} failed: {type(e).__name__}: {last[0][:500]}") from None
+
+
+def _clipped(text: str, limit: int = 500) -> str:
+    """An error message that may quote a client's input (a 100 KB prompt) kept short: the head, then how much more."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def _describe(spec: RewardSpec, info: dict[str, Any]) -> dict[str, Any]:

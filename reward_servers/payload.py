@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 ARRAY_DTYPES = {"uint8": np.uint8, "float32": np.float32}
 
@@ -39,7 +39,7 @@ class ArrayPayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     dtype: Literal["uint8", "float32"] = "uint8"
-    shape: list[int] = Field(min_length=4, max_length=4)
+    shape: list[StrictInt] = Field(min_length=4, max_length=4)  # strict: `true` is not the number 1
     data: str
 
 
@@ -169,7 +169,7 @@ def decode_array(payload: ArrayPayload, max_side: int, max_images: int) -> np.nd
     if b < 1:
         raise PayloadError(422, f"empty batch: array shape {payload.shape} has no images")
     if b > max_images:
-        raise PayloadError(422, f"{b} images in one request; at most {max_images} are allowed")
+        raise PayloadError(413, f"{b} images in one request; at most {max_images} are allowed")
     _check_dims(h, w, max_side, "array")
     dtype = np.dtype(ARRAY_DTYPES[payload.dtype])
     raw = _b64(payload.data, "array.data")
@@ -194,7 +194,7 @@ def decode_request(req: ScoreRequest, *, max_side: int, max_images: int, max_dec
     if n == 0 or not req.prompts:
         raise PayloadError(422, f"empty batch: got {len(req.prompts)} prompts and {n} images; send at least one")
     if n > max_images:
-        raise PayloadError(422, f"{n} images in one request; at most {max_images} are allowed")
+        raise PayloadError(413, f"{n} images in one request; at most {max_images} are allowed")
     if len(req.prompts) != n:
         raise PayloadError(422, f"got {len(req.prompts)} prompts for {n} images; counts must match")
     if req.images is not None:

@@ -22,13 +22,14 @@ def reward_service(cfg: RewardConfig, *, keep: bool = False):
         return
     from ray import serve
 
-    from .app import build_app
+    from .app import build_app, check_port_free
 
     # Serve's own INFO lines (the controller's and proxy's, and the driver's "Started Serve", "Connecting to existing
     # Serve app … will not be applied" after serve.start, "Deleting app") and per-request access logs would drown the
     # training progress in the job's output; they stay in the log files under /tmp/ray/session_latest/logs/serve,
     # and warnings still show
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    check_port_free(cfg.server)
     serve.start(http_options={"host": cfg.server.host, "port": cfg.server.port}, logging_config={"log_level": "WARNING"})
     refuse_a_running_app(cfg.server.app_name)
     handle = serve.run(build_app(cfg.rewards, cfg.server), name=cfg.server.app_name,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from learner.outputs.metrics import MetricsLog
 from learner.training import CheckpointError, latest_checkpoint, verify_checkpoint
 from services.config import Config, ConfigError
 
@@ -79,6 +80,10 @@ def check_resume(out: Path, saved: Config, new: Config) -> dict:
         meta = verify_checkpoint(ckpt)
     except CheckpointError as e:
         raise ConfigError(f"--resume {out}: {e}; move that folder aside to resume from the one before it") from None
+    try:
+        MetricsLog(out / "metrics.jsonl").records()  # a damaged record file: said now, not after Ray starts
+    except ValueError as e:
+        raise ConfigError(f"--resume {out}: {e}") from None
     done = int(meta["iteration"]) + 1
     if done >= new.run.iterations:
         raise ConfigError(f"--resume {out}: its checkpoint {ckpt.name} is the end of the run ({done} of "

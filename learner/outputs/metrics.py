@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,12 +28,25 @@ class MetricsLog:
             f.write(json.dumps(rec) + "\n")
 
     def records(self) -> list[dict]:
+        """Every record. A last line that does not parse is a write the process did not finish (it was killed):
+        left out, with a warning; a line that does not parse before the last is damage, refused naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(self.path.read_text().splitlines(), 1) if line.strip()]
+        out = []
+        for k, (n, line) in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if k + 1 < len(lines):
+                    raise ValueError(f"{self.path}: line {n} is not a JSON record ({e.msg}); the file is damaged "
+                                     f"before its last line") from None
+                print(f"{self.path}: its last line (line {n}) is a record cut short, left out", file=sys.stderr)
+        return out
 
     def truncate_after(self, iteration: int) -> None:
-        """On resume: drop records of iterations after the checkpoint (they will be re-run)."""
+        """On resume: drop records of iterations after the checkpoint (they will be re-run), and a last record a
+        killed process did not finish."""
         keep = [r for r in self.records() if r.get("iteration", -1) <= iteration]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
 

@@ -32,7 +32,7 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m learner.tools.digest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=6)
     p.add_argument("--config", action="append", default=[], help="preset or YAML file (repeatable)")
     p.add_argument("--out", required=True, help="the digest (JSON)")
@@ -40,13 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from reward_servers.client import LocalRewards
-    from services.config import load_config
+    from services.config import ConfigError, load_config
+
+    from . import check_output_file
 
     try:
         from learner.driver.inprocess import run_inprocess
     except ImportError:  # a checkout from before the restructuring
         from learner.loop import run_inprocess
-    cfg = load_config(args.config, [f"run.iterations={args.iterations}", *args.overrides])
+    try:
+        check_output_file(args.out, "--out")
+        cfg = load_config(args.config, [f"run.iterations={args.iterations}", *args.overrides])
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     stats, windows, learner = run_inprocess(cfg, LocalRewards.from_specs(cfg.reward.rewards))
     digest = {"stats": [{k: v for k, v in s.items() if k not in TIMINGS} for s in stats],
               "windows": [list(w) for w in windows],

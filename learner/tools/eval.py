@@ -42,6 +42,8 @@ from learner.training import CheckpointError, latest_checkpoint, load_checkpoint
 from services import shapes_world
 from services.config import Config, ConfigError, load_config
 
+from . import check_output_file, check_positive
+
 
 def load_models(cfg: Config, checkpoint: Path | None, need_base: bool):
     """(trained policy, base policy or None). The trained one is the run's starting model with the checkpoint's
@@ -131,7 +133,7 @@ def resolve(args: argparse.Namespace) -> tuple[Config, Path | None]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m learner.tools.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", help="run directory: its config.json and (unless --checkpoint) latest checkpoint")
     p.add_argument("--checkpoint", help="a checkpoint folder (checkpoints/iter_XXXXXX)")
     p.add_argument("--config", action="append", default=[], help="preset or YAML file (repeatable)")
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        check_output_file(args.json, "--json")
+        check_positive(num_steps=args.num_steps, shift=args.shift, batch_size=args.batch_size,
+                       per_category=args.per_category)
+        if not 0.0 <= args.hybrid_fraction <= 1.0:
+            raise ValueError(f"--hybrid-fraction must be in [0, 1], got {args.hybrid_fraction}")
+        if args.base and args.hybrid_fraction != 1.0:
+            raise ValueError("--hybrid-fraction mixes a checkpoint with the base: not with --base")
         cfg, ckpt = resolve(args)
         result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
                                      shift=args.shift, seed=default_seed(cfg, args.seed), per_category=args.per_category,

@@ -67,13 +67,15 @@ def export_diffusers(policy, out: Path) -> str:
 
 def export_run(cfg: Config, checkpoint: Path, out: Path) -> Path:
     """Export `checkpoint` of a run configured by `cfg` into `out`; returns `out`."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a new (or empty) folder")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; choose a new folder")
     policy, meta = load_trained(cfg, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     kind = export_tiny(policy, out) if cfg.model.backend == "tiny" else export_diffusers(policy, out)
     info = {"format": kind, "backend": cfg.model.backend, "base_model": cfg.model.path or "shipped tiny checkpoint",
-            "checkpoint": str(checkpoint), "iteration": meta.get("iteration"), "weight_version": meta.get("version"),
+            "checkpoint": str(checkpoint.resolve()), "iteration": meta.get("iteration"), "weight_version": meta.get("version"),
             "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
             "guidance_scale": cfg.model.guidance_scale}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
@@ -92,7 +94,7 @@ def readable_as_umask(folder: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m learner.tools.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run directory (config.json, checkpoints/)")
     p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     p.add_argument("--out", required=True, help="a new (or empty) output folder")

@@ -300,10 +300,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a contended box)")
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m learner.tools.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pol = sub.add_parser("policy", parents=[common], help="flow-matching pre-training of the tiny policy")
-    pol.add_argument("--out", required=True)
+    pol.add_argument("--out", required=True, help="a new (or empty) folder for the model")
+    pol.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
     pol.add_argument("--steps", type=int, default=9000)
     pol.add_argument("--batch-size", type=int, default=32)
     pol.add_argument("--seed", type=int, default=0)
@@ -324,7 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         arch.add_argument("--" + flag.replace("_", "-"), type=int, default=None)
     pol.set_defaults(func=cmd_policy)
     rew = sub.add_parser("reward", parents=[common], help="train the learned shapes reward model")
-    rew.add_argument("--out", required=True)
+    rew.add_argument("--out", required=True, help="a new (or empty) folder for the reward model")
+    rew.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds (the shipped model)")
     rew.add_argument("--steps", type=int, default=None, help="default: train_reward_model's")
     rew.add_argument("--batch-size", type=int, default=None, help="default: train_reward_model's")
     rew.add_argument("--seed", type=int, default=0)
@@ -345,9 +347,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Bad flags, before minutes of training: a ValueError naming the flag. A non-empty --out is refused without
+    --overwrite (it may hold a model: the shipped one, or an earlier stage's)."""
+    from services import shapes_world
+
+    from . import check_output_file, check_positive
+
+    check_positive(**{k: getattr(args, k, None) for k in ("steps", "batch_size", "lr", "minutes", "log_every", "threads",
+                                                          "num_steps", "shift", "prompts_per_category")})
+    if getattr(args, "warmup", 0) < 0 or not 0.0 <= getattr(args, "p_uncond", 0.0) < 1.0:
+        raise ValueError("--warmup must be >= 0 and --p-uncond in [0, 1)")
+    for flag in ("init", "policy"):
+        folder = getattr(args, flag, None)
+        if folder and not (Path(folder) / "config.json").is_file() and (flag == "init" or args.command == "eval"
+                                                                        or args.policy_samples > 0):
+            raise ValueError(f"--{flag} {folder}: not a saved tiny policy (no config.json there)")
+    if args.command == "eval":
+        if bad := [x for x in args.splits.split(",") if x not in shapes_world.SPLITS]:
+            raise ValueError(f"--splits {args.splits}: {bad} not in {list(shapes_world.SPLITS)}")
+        check_output_file(args.json, "--json")
+        return
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"--out {out} is not empty (a saved model?); pass --overwrite to replace what it holds, or "
+                         f"give a new folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     return args.func(args)
 

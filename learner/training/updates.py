@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 
 from learner.algo import (
@@ -34,11 +33,9 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup, adamw, full_state, sharded_checksum
 from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
+from .records import RATIO_STATS, update_record  # noqa: F401 (RATIO_STATS: the record's ratio fields, re-exported)
 from .selection import Selection, row_steps, steps_per_row, window_selection
 from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
-
-RATIO_STATS = ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "first_ratio_dev")
-"""The update record's fields of the clipped-ratio objective (GRPO's), absent from a matching objective's record."""
 
 
 class Learner:
@@ -156,34 +153,12 @@ class Learner:
             theta = self.policy.trainable_state_dict()  # one copy of θ, not one per tensor
             lagged_update(list(self.lagged.values()), [theta[k] for k in self.lagged], self.awm.decay(self.version))
         n_micro = stats.pop("n_micro", [len(stats["loss"])])[0]
-        adv_np = adv.cpu().numpy()
-        total_w = sum(self.reward_weights.values())
-        rewards = {
-            "images_scored": int(next(iter(batch.rewards.values())).numel()),  # G²RPO: one image per row and grid
-            "reward_mean": sum(self.reward_weights[n] * float(r.mean()) for n, r in batch.rewards.items()) / total_w,
-            **{f"reward_mean/{n}": float(r.mean()) for n, r in batch.rewards.items()},
-            **{f"reward_std/{n}": float(r.std()) for n, r in batch.rewards.items()},
-        }
-        out = {
-            **rewards, "nfe": batch.nfe, "image_evals": batch.image_evals, "rollout_timings": batch.timings,
-            "loss": float(np.mean(stats["loss"])), "ratio_mean": float(np.mean(stats["ratio_mean"])),
-            "ratio_min": float(np.min(stats["ratio_min"])), "ratio_max": float(np.max(stats["ratio_max"])),
-            "clip_frac": float(np.mean(stats["clip_frac"])), "approx_kl": float(np.mean(stats["approx_kl"])),
-            "kl": float(np.mean(stats["kl"])),
-            "grad_norm": float(np.mean(stats["grad_norm"])), "grad_norm_max": float(np.max(stats["grad_norm"])),
-            "first_ratio_dev": stats["first_ratio_dev"][0], "num_updates": len(stats["grad_norm"]),
-            "loss_per_step": (step_loss / n_micro).tolist(), "trained_steps": self._trained_steps(batch, selections[-1]),
-            "steps_per_row": width, "trained_sample_steps": b * width * self.epochs,
-            "forward_rows": int(sum(stats["forward_rows"])),
-            "objective": self.objective,
-            "adv_abs_mean": float(np.abs(adv_np).mean()), "update_s": time.perf_counter() - t0, "update_cpu_s": time.process_time() - c0,
-            "forward_backward_s": forward_backward_s, "optimizer_s": optimizer_s,
-            "weight_version": self.version, "staleness": self.version - 1 - batch.weight_version,
-        }
-        if self.objective != "grpo":  # AWM, DiffusionNFT: no likelihood ratio, nothing clipped; not a made-up 1 and 0
-            for k in RATIO_STATS:
-                del out[k]
-        return out
+        return update_record(
+            batch, stats, self.reward_weights, self.objective, adv,
+            loss_per_step=(step_loss / n_micro).tolist(), trained_steps=self._trained_steps(batch, selections[-1]),
+            steps_per_row=width, trained_sample_steps=b * width * self.epochs, update_s=time.perf_counter() - t0,
+            update_cpu_s=time.process_time() - c0, forward_backward_s=forward_backward_s, optimizer_s=optimizer_s,
+            weight_version=self.version, staleness=self.version - 1 - batch.weight_version)
 
     def policy_gradient(self, batch: RolloutBatch) -> torch.Tensor:
         """The flattened gradient of this batch's GRPO loss at the current weights, all window steps

@@ -178,7 +178,7 @@ BAD_INPUTS = {  # case: (body, reward name, headers, status, error code, words i
     "count_mismatch": ({"prompts": ["a red circle"] * 2, "array": encode_array(GOOD)}, "shapes_reward", None, 422,
                        "invalid_payload", "counts must match"),
     "too_many_images": ({"prompts": ["a red circle"] * 65, "array": encode_array(np.zeros((65, 32, 32, 3), np.uint8))},
-                        "shapes_reward", None, 422, "invalid_payload", "at most 64"),
+                        "shapes_reward", None, 413, "invalid_payload", "at most 64"),  # too large, as bytes are
     "oversized": ({"prompts": ["a red circle"] * 40, "array": encode_array(np.zeros((40, 128, 128, 3), np.uint8))},
                   "shapes_reward", None, 413, "payload_too_large", "exceeds the limit"),
     "unknown_reward": ({"prompts": ["a red circle"], "array": encode_array(GOOD)}, "nope", None, 404,
@@ -189,6 +189,11 @@ BAD_INPUTS = {  # case: (body, reward name, headers, status, error code, words i
                     {"Authorization": "Bearer nope"}, 401, "unauthorized", "bearer token"),
     "out_of_grammar": ({"prompts": ["a purple circle"], "array": encode_array(GOOD)}, "shapes_verifier", None, 422,
                        "rejected_by_scorer", "outside the shapes grammar"),
+    # a 100 KB prompt was echoed whole into the error: now its head and a count
+    "huge_prompt": ({"prompts": ["purple " * 15000], "array": encode_array(GOOD)}, "shapes_verifier", None, 422,
+                    "rejected_by_scorer", "more characters)"),
+    "bool_in_shape": ({"prompts": ["a red circle"], "array": {**encode_array(GOOD), "shape": [True, 32, 32, 3]}},
+                      "shapes_reward", None, 422, "invalid_request", "integer"),
 }
 
 
@@ -198,7 +203,7 @@ def test_bad_input_is_a_json_4xx_and_the_server_keeps_serving(service, batch, ca
     r = _post(service, body, name, headers)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
-    assert r.json()["error"] == code and words in r.json()["detail"], r.json()
+    assert r.json()["error"] == code and words in r.json()["detail"] and len(r.text) < 2000, r.json()
     images, prompts = batch
     ok = _post(service, {"prompts": prompts[:2], "array": encode_array(images[:2])})
     assert ok.status_code == 200 and len(ok.json()["scores"]) == 2

@@ -58,3 +58,23 @@ def test_the_job_deletes_its_app_and_keeps_serve_for_the_others(ray_cluster):
         assert not serve.context._get_global_client(raise_if_no_controller_running=False)
     finally:
         serve.shutdown()
+
+
+def test_a_port_another_program_listens_on_is_refused_before_serve_starts(ray_cluster):
+    """Serve's proxy binds its port with SO_REUSEPORT, so a second cluster's proxy (or any program) on the same port
+    went unnoticed and requests were split between the two at random; refused now, naming the field."""
+    from ray import serve
+
+    from reward_servers.service import reward_service
+
+    serve.shutdown()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        cfg = load_config([], [f"reward.server.port={port}", "reward.rewards=[{name: shapes_verifier, num_cpus: 0.1}]"])
+        with pytest.raises(ConfigError, match=rf"reward\.server\.port: 127\.0\.0\.1:{port} is already in use"):
+            with reward_service(cfg.reward):
+                pytest.fail("deployed onto a taken port")
+    assert not serve.context._get_global_client(raise_if_no_controller_running=False)  # Serve never started
+

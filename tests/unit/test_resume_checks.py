@@ -66,6 +66,30 @@ def test_resume_refuses_a_missing_altered_or_finished_checkpoint_before_ray(tmp_
     assert resume_changes(saved, more) == []
 
 
+def test_a_record_cut_short_by_a_kill_is_left_out_and_damage_before_it_is_named(tmp_path, capsys):
+    """A process killed mid-write leaves a torn last line in metrics.jsonl: --resume (and the report) go on without
+    it, and the resumed run's truncation drops it; a line that does not parse before the last is refused before Ray
+    starts, naming the file and line."""
+    from learner.outputs.metrics import MetricsLog
+
+    out, saved = a_run(tmp_path)
+    log = MetricsLog(out / "metrics.jsonl")
+    for m in range(3):
+        log.write({"kind": "train", "iteration": m})
+    with open(log.path, "a") as f:
+        f.write('{"time": 1, "kind": "tr')  # killed here
+    assert [r["iteration"] for r in log.records()] == [0, 1, 2]
+    assert "its last line (line 4) is a record cut short, left out" in capsys.readouterr().err
+    assert check_resume(out, saved, saved)["iteration"] == 1
+    log.truncate_after(1)
+    capsys.readouterr()
+    log.write({"kind": "train", "iteration": 2})  # the resumed run's record, on a line of its own
+    assert [r["iteration"] for r in log.records()] == [0, 1, 2] and capsys.readouterr().err == ""
+    log.path.write_text(log.path.read_text().replace('"iteration": 1', '"iteration": 1,,'))
+    with pytest.raises(ConfigError, match=r"^--resume .*: .*metrics\.jsonl: line 2 is not a JSON record .*damaged"):
+        check_resume(out, saved, saved)
+
+
 def test_a_new_run_never_appends_to_another_runs_records(tmp_path):
     """A folder holding an interrupted run's metrics.jsonl (no checkpoint yet) was accepted, and the new run's
     records were appended after the old ones (the report counted both)."""
