@@ -92,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(["tiny_cpu"], args.overrides)
         seeds = args.seeds or list(range(1, args.sets + 1))
         scores = {m: set_scores(cfg, m, seeds) for m in args.evaluate}
-        # ± the standard error of the mean over sets (their sd / √k): the sets are independent draws
+        # ± the standard error of the mean over sets (their sd / √k): the sets are independent draws; one set has no
+        # spread to take it from, so it shows its score alone (`learner.tools.eval` gives one set's own ± se)
+        def mean_se(sc: list[float]) -> str:
+            return (f"{np.mean(sc):.3f} ± {np.std(sc, ddof=1) / np.sqrt(len(sc)):.3f}" if len(sc) > 1
+                    else f"{sc[0]:.3f} (one set: no spread over sets)")
+
         lines = ["| model | " + " / ".join(f"set {s}" for s in seeds) + " | mean ± se |", "|---|---|---|"]
-        lines += [f"| {m} | " + " / ".join(f"{v:.3f}" for v in sc) + f" | {np.mean(sc):.3f} ± "
-                  f"{np.std(sc, ddof=1) / np.sqrt(len(sc)) if len(sc) > 1 else float('nan'):.3f} |"
-                  for m, sc in scores.items()]
+        lines += [f"| {m} | " + " / ".join(f"{v:.3f}" for v in sc) + f" | {mean_se(sc)} |" for m, sc in scores.items()]
         publish("\n".join(lines) + "\n", args.out)
         return 0
     rows = run_control([f"run.seed={args.seed}", *args.overrides], args.reward_seed, args.save)

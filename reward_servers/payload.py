@@ -137,13 +137,6 @@ def _pixels(raw: bytes, what: str) -> np.ndarray:
         raise PayloadError(422, f"{what} is not a readable image file ({type(e).__name__}: {e})") from None
 
 
-def decode_png(text: str, index: int, max_side: int) -> np.ndarray:
-    """One base64 image file -> (H, W, 3) uint8. 422 for bad base64, non-images, non-RGB, oversize."""
-    what = f"images[{index}]"
-    raw, _, _ = _image_file(text, what, max_side)
-    return _pixels(raw, what)
-
-
 def decode_images(items: list[str], max_side: int, max_decoded_bytes: int | None = None) -> np.ndarray:
     """Base64 image files (all the same size) -> (B, H, W, 3) uint8. Every header is read first: mixed sizes and a
     request whose pixels would take more than `max_decoded_bytes` (413) are refused before any pixel is decoded,

@@ -16,7 +16,6 @@ from reward_servers.payload import (
     ScoreRequest,
     decode_array,
     decode_images,
-    decode_png,
     decode_request,
     encode_array,
     encode_png,
@@ -57,7 +56,7 @@ def test_png_and_array_payloads_roundtrip(shapes_batch):
 ])
 def test_bad_image_files_are_422(item, match):
     with pytest.raises(PayloadError, match=match) as e:
-        decode_png(item, 0, 2048)
+        decode_images([item], 2048)  # one file, as the request path decodes it
     assert e.value.status == 422 and "images[0]" in str(e.value)
 
 
