@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               f"after the job; outputs go to {out} on this node instead (set run.output_dir to choose)", flush=True)
     import ray
 
+    from learner.driver.cluster_checks import check_resources, check_state_store
     from learner.driver.loop import run_loop
-    from learner.driver.preflight import check_resources, check_state_store
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
 

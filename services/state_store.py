@@ -75,7 +75,7 @@ class RedisStore:
         try:
             self._client.ping()
         except redis.RedisError as e:
-            raise ConnectionError(f"cannot reach the Redis state store at {url}: {e}") from e
+            raise ConnectionError(f"cannot reach the Redis state store at {redacted(url)}: {e}") from e
 
     def get(self, key: str) -> dict | None:
         raw = self._client.get(self._prefix + key)
@@ -83,6 +83,15 @@ class RedisStore:
 
     def put(self, key: str, value: dict) -> None:
         self._client.set(self._prefix + key, json.dumps(value))
+
+
+def redacted(url: str) -> str:
+    """`url` with the password of its user-info part hidden, for messages and logs (redis://:***@host:6379/0)."""
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    user = f"{parsed.username}:" if parsed.username else ":"
+    return parsed._replace(netloc=f"{user}***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")).geturl()
 
 
 def open_store(url: str, namespace: str = "default") -> StateStore:
@@ -94,4 +103,4 @@ def open_store(url: str, namespace: str = "default") -> StateStore:
         return FileStore(parsed.path, namespace)
     if parsed.scheme == "redis":
         return RedisStore(url, namespace)
-    raise ValueError(f"unknown state store {url!r}: expected memory, file:///dir or redis://host:port/db")
+    raise ValueError(f"unknown state store {redacted(url)!r}: expected memory, file:///dir or redis://host:port/db")

@@ -54,7 +54,7 @@ def malloc_runtime_env(environ: dict[str, str] | None = None) -> dict:
 
 def start_actors(cfg: Config, run_id: str, *, resources_checked: bool = False) -> Cluster:
     if not resources_checked:  # Ray would wait for them silently; an autoscaler may still add them
-        from .preflight import check_resources
+        from .cluster_checks import check_resources
 
         check_resources(cfg, ray.cluster_resources(), local=False)
     cfg_json = cfg.model_dump_json()
@@ -149,7 +149,7 @@ def node_cores() -> int:
 
 def run_loop(cfg: Config, out: Path, run_id: str, resume: bool = False, observers: list[Observer] = (), *,
              resources_checked: bool = False) -> dict:
-    """`resources_checked`: the caller ran `preflight.check_resources` (the driver does, before the rewards deploy)."""
+    """`resources_checked`: the caller ran `cluster_checks.check_resources` (the driver does, before the rewards deploy)."""
     if 0 in (cfg.rollout.num_threads, cfg.learner.num_threads) or (cfg.run.async_rollout
                                                                       and cfg.learner.overlap_threads == -1):
         cores = node_cores()  # auto: from the cores of a node

@@ -107,6 +107,14 @@ def diffusers_architecture(cfg: Config) -> Architecture:
         raise ConfigError(f"model.path {root}: no model_index.json (a diffusers pipeline folder is needed for the "
                           "memory preflight and the run)")
     index = json.loads(index_file.read_text())
+    pipeline = index.get("_class_name", "")
+    if (expected := {"sd3": "StableDiffusion3", "flux": "Flux"}.get(cfg.model.backend)) and pipeline:
+        if not pipeline.startswith(expected):  # another family's folder: its parts are not this backend's
+            other = next((b for b, name in (("sd3", "StableDiffusion3"), ("flux", "Flux")) if pipeline.startswith(name)),
+                         None)
+            raise ConfigError(f"model.path {root} holds a {pipeline} (model_index.json _class_name), "
+                              f"not a {expected}Pipeline for model.backend={cfg.model.backend}"
+                              + (f"; set model.backend={other}" if other else ""))
     params, transformer, vae = {}, None, None
     for part, spec in index.items():
         if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in ("diffusers", "transformers")):
@@ -123,6 +131,13 @@ def diffusers_architecture(cfg: Config) -> Architecture:
     down = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
     h_lat, w_lat = cfg.model.height // down, cfg.model.width // down
     patch = getattr(tc, "patch_size", 1) or 1
+    check_image_size(cfg, down * (2 if cfg.model.backend == "flux" else patch), down)
+    if cfg.model.backend == "flux" and not getattr(tc, "guidance_embeds", False) and cfg.model.guidance_scale != 1.0:
+        raise ConfigError(f"model.guidance_scale={cfg.model.guidance_scale:g}: this FLUX transformer has no guidance "
+                          f"embedding (FLUX.1-schnell-like); set model.guidance_scale=1")
+    if cfg.model.backend == "flux" and getattr(tc, "guidance_embeds", False) and cfg.model.guidance_scale == 1.0:
+        print("warning: model.guidance_scale=1 on a guidance-distilled FLUX (FLUX.1-dev-like): its embedding gets 1, "
+              "where the reference samples with 3.5 (the flux_dev preset)", file=sys.stderr, flush=True)
     if cfg.model.backend == "flux":
         blocks, image_tokens = tc.num_layers + tc.num_single_layers, (h_lat // 2) * (w_lat // 2)
     else:
@@ -134,6 +149,17 @@ def diffusers_architecture(cfg: Config) -> Architecture:
         text_tokens=TEXT_TOKENS[cfg.model.backend], latent_numel=latent_channels * h_lat * w_lat,
         decode_channels=vae.config.block_out_channels[0] if vae is not None else 0,
         pixels=cfg.model.height * cfg.model.width)
+
+
+def check_image_size(cfg: Config, factor: int, down: int) -> None:
+    """model.height and model.width must be multiples of the VAE's downsampling times the transformer's patch (FLUX:
+    its 2×2 packing), as the policies require: said before Ray starts, not from inside a rollout actor."""
+    h, w = cfg.model.height, cfg.model.width
+    if h % factor or w % factor:
+        near = lambda v: max(factor, round(v / factor) * factor)  # noqa: E731
+        raise ConfigError(f"model.height/model.width {h}x{w}: must be multiples of {factor} for this "
+                          f"{cfg.model.backend} model (VAE ×{down}, times its {factor // down}×{factor // down} "
+                          f"patches), e.g. {near(h)}x{near(w)}")
 
 
 def tiny_architecture(cfg: Config) -> Architecture:
@@ -327,70 +353,3 @@ def micro_batch_advice(cfg: Config, arch: Architecture | None = None) -> str | N
             f"busy; learner.micro_batch_size={suggestion} learner.gradient_accumulation_steps={per_step // suggestion} "
             f"fits by the estimate and keeps {per_step} samples per optimizer step (on one H200, SD3.5-Medium's "
             f"update ran 3.1x faster at 12 samples than at 3)")
-
-
-def resource_demand(cfg: Config) -> dict[str, tuple[float, list[str]]]:
-    """CPUs and GPUs the run's actors and replicas ask Ray for, with the fields each comes from."""
-    r, lc = cfg.rollout, cfg.learner
-    parts = [(r.num_workers, r.num_cpus, r.num_gpus, "rollout.num_workers × rollout.num_{}"),
-             (lc.num_workers, lc.num_cpus, lc.num_gpus, "learner.num_workers × learner.num_{}")]
-    parts += [(s.num_replicas, s.num_cpus, s.num_gpus, f"reward.rewards.{i}.num_replicas × num_{{}}")
-              for i, s in enumerate(cfg.reward.rewards)]
-    out = {}
-    for key, unit in (("CPU", "cpus"), ("GPU", "gpus")):
-        used = [(n * (c if key == "CPU" else g), f.format(unit)) for n, c, g, f in parts]
-        out[key] = (sum(v for v, _ in used), [f for v, f in used if v])
-    return out
-
-
-def resource_shortfall(cfg: Config, available: dict[str, float]) -> str | None:
-    """Why the run's actors would wait for resources the cluster does not have now (Ray waits without an error),
-    or None. An autoscaling cluster may still add them; the driver prints this rather than refusing."""
-    lines = []
-    for key, (need, fields) in resource_demand(cfg).items():
-        have = float(available.get(key, 0.0))
-        if need > have + 1e-9:
-            lines.append(f"{need:g} {key} asked ({' + '.join(fields)}), the cluster has {have:g}")
-    return "; ".join(lines) or None
-
-
-def check_resources(cfg: Config, available: dict[str, float], *, local: bool) -> None:
-    """Before anything asks Ray for resources: a local Ray without the GPUs (or CPUs) the config asks for would wait
-    forever (Serve's replicas first), and a reward replica without its weight folder fails only inside Serve's
-    deploy, so refuse; a cluster may still add nodes, and its reward replicas may see folders this node does not, so
-    warn (once: the driver checks before the rewards deploy and tells `run_loop` it did). A weight-loading reward
-    with no model_path at all is refused everywhere."""
-    from reward_servers.scorers import reward_weight_problems
-
-    deploys = cfg.reward.server.transport == "handle"  # the job's own reward service
-    unset, absent = reward_weight_problems(cfg.reward.rewards) if deploys else ([], [])
-    if unset:
-        raise ConfigError("; ".join(unset))
-    short = resource_shortfall(cfg, available)
-    if local and (short or absent):
-        raise ConfigError("; ".join(
-            [*([f"{short}: this local Ray has no more and nothing will join it; lower the fields named (on a machine "
-                "without GPUs: their num_gpus=0)"] if short else []), *absent]))
-    if short:
-        print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
-              file=sys.stderr, flush=True)
-    for problem in absent:
-        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
-              file=sys.stderr, flush=True)
-
-
-def check_state_store(url: str, *, local: bool) -> None:
-    """A Redis window store the scheduler actor could not reach failed 30 s in, deep inside the actor's start; try it
-    from here first: refuse on a local Ray (the actor would connect from this machine), warn on a cluster (the
-    scheduler's node may reach what the driver cannot)."""
-    if not url.startswith("redis://"):
-        return
-    from services.state_store import open_store
-
-    try:
-        open_store(url, "preflight")
-    except ConnectionError as e:
-        if local:
-            raise ConfigError(f"cluster.state_store: {e}") from None
-        print(f"warning: cluster.state_store: {e} (from the driver; the window scheduler may still reach it)",
-              file=sys.stderr, flush=True)

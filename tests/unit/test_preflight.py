@@ -11,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import CLIPTextConfig, T5Config
 
+from learner.driver.cluster_checks import resource_demand, resource_shortfall
 from learner.driver.preflight import (
     BUSY_TOKENS,
     Architecture,
@@ -21,8 +22,6 @@ from learner.driver.preflight import (
     learner_forward_tokens,
     lora_rank1_params,
     micro_batch_advice,
-    resource_demand,
-    resource_shortfall,
     suggested_micro_batch,
 )
 from services.config import ConfigError, load_config
@@ -39,7 +38,9 @@ VAE16 = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channe
 
 def write_folder(root: Path, transformer, text_encoders: dict[str, tuple[str, dict]]) -> Path:
     """A pipeline folder holding only configs (what the preflight reads)."""
-    index = {"transformer": ["diffusers", type(transformer).__name__], "vae": ["diffusers", "AutoencoderKL"],
+    family = "FluxPipeline" if type(transformer).__name__.startswith("Flux") else "StableDiffusion3Pipeline"
+    index = {"_class_name": family, "transformer": ["diffusers", type(transformer).__name__],
+             "vae": ["diffusers", "AutoencoderKL"],
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     transformer.save_config(root / "transformer")
     with torch.device("meta"):
@@ -148,6 +149,39 @@ def test_cpu_roles_are_reported_not_checked():
     assert {r.role for r in estimates} == {"learner", "rollout worker", "reward shapes_reward", "reward shapes_verifier"}
 
 
+def test_a_model_folder_of_another_family_or_a_size_it_cannot_draw_is_refused_before_ray(sd35_medium, flux_dev,
+                                                                                         tmp_path, capsys):
+    """These failed inside the rollout actors after Ray and Serve started (100-line tracebacks), or crashed the
+    preflight itself (an SD3 folder read as FLUX: no num_single_layers)."""
+    with pytest.raises(ConfigError, match=r"holds a StableDiffusion3Pipeline .*not a FluxPipeline for "
+                                          r"model\.backend=flux; set model\.backend=sd3"):
+        check_memory(flux_cfg(sd35_medium))
+    with pytest.raises(ConfigError, match=r"holds a FluxPipeline .*set model\.backend=flux"):
+        check_memory(load_config(["sd3_5_medium"], [f"model.path={flux_dev}"]))
+    # SD3: VAE ×8 times 2×2 patches = 16; FLUX: ×8 times its 2×2 packing = 16
+    with pytest.raises(ConfigError, match=r"model\.height/model\.width 520x512: must be multiples of 16 for this sd3 "
+                                          r"model \(VAE ×8, times its 2×2 patches\), e\.g\. 512x512"):
+        check_memory(load_config(["sd3_5_medium"], [f"model.path={sd35_medium}", "model.height=520"]))
+    with pytest.raises(ConfigError, match="must be multiples of 16 for this flux model"):
+        check_memory(flux_cfg(flux_dev, "model.width=712"))
+    with torch.device("meta"):
+        schnell = FluxTransformer2DModel(guidance_embeds=False)
+    folder = write_folder(tmp_path, schnell, {"text_encoder": ("CLIPTextModel", CLIP_L),
+                                              "text_encoder_2": ("T5EncoderModel", T5_XXL)})
+    with pytest.raises(ConfigError, match=r"model\.guidance_scale=3\.5: this FLUX transformer has no guidance"):
+        check_memory(flux_cfg(folder))
+    check_memory(flux_cfg(folder, "model.guidance_scale=1"))
+    check_memory(flux_cfg(flux_dev, "model.guidance_scale=1"))  # FLUX.1-dev at 1: allowed, and said
+    assert "guidance-distilled FLUX" in capsys.readouterr().err
+
+
+def test_an_external_reward_service_asks_this_cluster_for_no_reward_replicas(sd35_medium):
+    cfg = load_config(["sd3_5_medium"], [f"model.path={sd35_medium}", "reward.server.transport=http",
+                                         "reward.server.url=http://rewards:8000"])
+    assert resource_demand(cfg)["GPU"] == (5.0, ["rollout.num_workers × rollout.num_gpus",
+                                                 "learner.num_workers × learner.num_gpus"])
+
+
 def test_resources_the_cluster_lacks_are_named_with_their_fields(sd35_medium):
     cfg = load_config(["sd3_5_medium"], [f"model.path={sd35_medium}"])  # 4 rollout GPUs, 1 learner, 0.5 PickScore
     demand = resource_demand(cfg)
@@ -232,7 +266,7 @@ def test_a_missing_or_bad_prompts_file_is_an_error_naming_its_field(sd35_medium,
 
 
 def test_the_driver_refuses_what_a_local_ray_cannot_hold_and_unknown_rewards_before_ray(capsys):
-    from learner.driver.preflight import check_resources
+    from learner.driver.cluster_checks import check_resources
     from learner.main import preflight
 
     cfg = load_config([], ["rollout.num_gpus=1"])  # 2 workers × 1 GPU on a cluster with none
@@ -250,10 +284,10 @@ def test_the_driver_refuses_what_a_local_ray_cannot_hold_and_unknown_rewards_bef
 def test_start_actors_checks_resources_once(monkeypatch):
     """The driver checks before the rewards deploy and tells run_loop so: the shortfall warning prints once, not
     twice; a caller that did not check (benchmarks, tests) still gets the check from start_actors."""
-    from learner.driver import loop, preflight
+    from learner.driver import cluster_checks, loop
 
     calls = []
-    monkeypatch.setattr(preflight, "check_resources", lambda cfg, available, *, local: calls.append(local))
+    monkeypatch.setattr(cluster_checks, "check_resources", lambda cfg, available, *, local: calls.append(local))
     monkeypatch.setattr(loop.ray, "cluster_resources", lambda: {"CPU": 2.0})
 
     class Started(Exception):
@@ -274,7 +308,7 @@ def test_a_reward_without_its_weight_folder_is_refused_before_serve_deploys(tmp_
     """pickscore with no model_path, or with a folder that is not there: refused before the deploy (it failed only
     inside Serve's, a generic 'Deploying application rewards failed'); on a cluster an absent folder is a warning,
     since the reward nodes may have it; a reward service elsewhere (transport=http) is not this job's to check."""
-    from learner.driver.preflight import check_resources
+    from learner.driver.cluster_checks import check_resources
     from reward_servers.scorers import check_reward_specs
 
     plenty = {"CPU": 64.0}
@@ -303,7 +337,7 @@ def test_an_unreachable_redis_store_is_refused_before_any_actor(capsys):
     """It failed 30 s in, inside the window scheduler's start, with 147 lines of output."""
     import socket
 
-    from learner.driver.preflight import check_state_store
+    from learner.driver.cluster_checks import check_state_store
 
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
@@ -313,3 +347,7 @@ def test_an_unreachable_redis_store_is_refused_before_any_actor(capsys):
     check_state_store(url, local=False)
     assert "warning: cluster.state_store: cannot reach" in capsys.readouterr().err
     check_state_store("memory", local=True)  # nothing to reach
+    secret = url.replace("redis://", "redis://:s3cretpw@")  # the password never reaches a message or a log
+    with pytest.raises(ConfigError, match=r"at redis://:\*\*\*@127\.0\.0\.1:\d+/0: ") as e:
+        check_state_store(secret, local=True)
+    assert "s3cretpw" not in str(e.value)
