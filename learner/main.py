@@ -92,11 +92,13 @@ def preflight(cfg: Config) -> None:
     fields to change: learner/driver/preflight.py)."""
     from learner.driver.preflight import check_memory, micro_batch_advice, table
     from learner.evaluation import run_prompts
-    from reward_servers.scorers import check_reward_specs
+    from reward_servers.scorers import check_reward_specs, reward_weight_problems
     from services.prompts import PromptSource
 
     if cfg.reward.server.transport == "handle":  # before Ray and Serve start, not a traceback from the Serve deploy
         check_reward_specs(cfg.reward.rewards)
+        if unset := reward_weight_problems(cfg.reward.rewards)[0]:  # (an absent folder needs to know local or not)
+            raise ConfigError("; ".join(unset))
     readers = {"rollout.prompts_file": lambda: PromptSource(cfg.rollout.prompts, cfg.run.seed, cfg.rollout.prompts_file,
                                                             shapes_grammar=cfg.model.backend == "tiny"),
                "run.eval_prompts_file": lambda: run_prompts(cfg)}

@@ -20,6 +20,8 @@ MAX_PROMPT_CHARS = 2000
 def read_prompts_file(path: str | Path, *, shapes_grammar: bool = False) -> list[str]:
     """Non-empty lines of a UTF-8 file. Every bad line is reported with its number in one error."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"prompts file {path} is a folder; give a text file, one prompt per line")
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
     try:

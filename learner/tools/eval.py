@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="prompt draw and initial noise (a fresh held-out set per "
                                                           "seed); default 0 for tiny, run.eval_seed for sd3 / flux")
-    p.add_argument("--per-category", type=int, default=16, help="held-out prompts per category (tiny)")
+    p.add_argument("--per-category", type=int, default=None, help="held-out prompts per category (tiny; default 16)")
     p.add_argument("--split", default="heldout", help="tiny: heldout (default) or train, the training split's "
                                                       "colour-shape pairs (a fresh draw per --seed)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line, all of them (sd3 / flux default: the "
@@ -171,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.base and args.hybrid_fraction != 1.0:
             raise ValueError("--hybrid-fraction mixes a checkpoint with the base: not with --base")
         cfg, ckpt = resolve(args)
+        if args.per_category is not None and (cfg.model.backend != "tiny" or args.prompts_file):
+            raise ConfigError("--per-category draws shapes-world prompts: the tiny backend without --prompts-file "
+                              "(a prompts file is scored whole)")
         result = evaluate_checkpoint(cfg, ckpt, hybrid_fraction=args.hybrid_fraction, num_steps=args.num_steps,
-                                     shift=args.shift, seed=default_seed(cfg, args.seed), per_category=args.per_category,
+                                     shift=args.shift, seed=default_seed(cfg, args.seed), per_category=args.per_category or 16,
                                      prompts_file=args.prompts_file, batch_size=args.batch_size, split=args.split,
                                      breakdown=args.breakdown)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:

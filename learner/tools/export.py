@@ -76,7 +76,9 @@ def export_run(cfg: Config, checkpoint: Path, out: Path) -> Path:
     kind = export_tiny(policy, out) if cfg.model.backend == "tiny" else export_diffusers(policy, out)
     info = {"format": kind, "backend": cfg.model.backend, "base_model": cfg.model.path or "shipped tiny checkpoint",
             "checkpoint": str(checkpoint.resolve()), "iteration": meta.get("iteration"), "weight_version": meta.get("version"),
-            "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank, "lora_alpha": cfg.model.lora_alpha,
+            "run_id": meta.get("run_id"), "lora_rank": cfg.model.lora_rank,
+            # the adapter's own alpha: model.lora_alpha 0 means alpha = rank (scale 1)
+            "lora_alpha": (cfg.model.lora_alpha or float(cfg.model.lora_rank)) if cfg.model.lora_rank else 0.0,
             "guidance_scale": cfg.model.guidance_scale}
     (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
     readable_as_umask(out)

@@ -316,6 +316,10 @@ def test_a_reward_without_its_weight_folder_is_refused_before_serve_deploys(tmp_
     with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.model_path: pickscore loads its weights from a "
                                           r"local folder and none is set"):
         check_resources(load_config([], [rewards % ""]), plenty, local=False)
+    from learner.main import preflight
+
+    with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.model_path: pickscore loads"):
+        preflight(load_config([], [rewards % ""]))  # the driver's, before Ray starts (it came ~15 s in)
     absent = load_config([], [rewards % f", model_path: {tmp_path / 'PickScore_v1'}"])
     with pytest.raises(ConfigError, match=r"^reward\.rewards\.1\.model_path: '.*PickScore_v1' \(pickscore's weights\) "
                                           r"is not a folder on this node$"):

@@ -37,6 +37,8 @@ def test_prompts_file_ok_and_empty(tmp_path):
         read_prompts_file(tmp_path / "e.txt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_prompts_file(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="is a folder; give a text file"):  # it read "does not exist"
+        read_prompts_file(tmp_path)
     (tmp_path / "b.bin").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_prompts_file(tmp_path / "b.bin")

@@ -38,6 +38,8 @@ def test_the_reward_service_refuses_bad_config_before_ray(capsys, monkeypatch):
     ("eval", ["--base", "--config", "tiny_cpu", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
     ("eval", ["--base", "--config", "tiny_cpu", "--hybrid-fraction", "0.5"], "not with --base"),
     ("eval", ["--base", "--config", "tiny_cpu", "--json", "{tmp}"], "--json {tmp} is a folder"),
+    ("eval", ["--base", "--config", "tiny_cpu", "--prompts-file", "{tmp}/p.txt", "--per-category", "48"],
+     "--per-category draws shapes-world prompts"),  # it was silently ignored
 ])
 def test_the_tools_answer_bad_input_in_one_line_before_any_work(tool, argv, message, tmp_path, capsys):
     import importlib
