@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               f"after the job; outputs go to {out} on this node instead (set run.output_dir to choose)", flush=True)
     import ray
 
-    from learner.driver.cluster_checks import check_resources, check_state_store
+    from learner.driver.cluster_checks import check_resources, check_reward_service, check_state_store
     from learner.driver.loop import run_loop
     from learner.outputs.observers import default_observers
     from reward_servers.service import reward_service
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(cfg.cluster) as local:
             check_resources(cfg, ray.cluster_resources(), local=local)
             check_state_store(cfg.cluster.state_store, local=local)
+            check_reward_service(cfg.reward, local=local)
             with reward_service(cfg.reward):
                 observers = default_observers(out, run_id, wandb_project=cfg.run.wandb_project,
                                               config=cfg.model_dump(mode="json"))

@@ -4,13 +4,15 @@ they may see what the driver cannot).
 
     check_resources(cfg, ray.available_resources(), local=True)    # learner/main.py, before the rewards deploy
     check_state_store(cfg.cluster.state_store, local=True)
+    check_reward_service(cfg.reward, local=True)                 # transport=http: reachable, serves the rewards
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
-from services.config import Config, ConfigError
+from services.config import Config, ConfigError, RewardConfig
 
 
 def resource_demand(cfg: Config) -> dict[str, tuple[float, list[str]]]:
@@ -79,3 +81,33 @@ def check_state_store(url: str, *, local: bool) -> None:
             raise ConfigError(f"cluster.state_store: {e}") from None
         print(f"warning: cluster.state_store: {e} (from the driver; the window scheduler may still reach it)",
               file=sys.stderr, flush=True)
+
+
+def check_reward_service(reward: RewardConfig, *, local: bool) -> None:
+    """reward.server.transport=http: the service the rollout workers will call, asked once from here for its reward
+    list (GET /v1/rewards, with the bearer token of `auth_token_env`). Before, an unreachable URL failed a minute in,
+    after the first rollout, as a traceback. Unreachable or refusing: refused on a local Ray, warned on a cluster
+    (the workers' network and environment may differ from the driver's); a configured reward the service does not
+    serve is refused everywhere."""
+    if reward.server.transport != "http":
+        return
+    import httpx
+
+    url = (reward.server.url or "").rstrip("/")
+    token = os.environ.get(reward.server.auth_token_env)
+    try:
+        r = httpx.get(f"{url}/v1/rewards", headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=10)
+        problem = None if r.status_code == 200 else (
+            f"reward.server.url: {url}/v1/rewards answers {r.status_code}"
+            + (f" (set its bearer token in ${reward.server.auth_token_env})" if r.status_code == 401 else ""))
+    except httpx.HTTPError as e:
+        problem = f"reward.server.url: cannot reach the reward service at {url} ({type(e).__name__}: {e})"
+    if problem:
+        if local:
+            raise ConfigError(problem)
+        print(f"warning: {problem}, from the driver; the rollout workers may still reach it", file=sys.stderr,
+              flush=True)
+        return
+    served = sorted(x.get("name") for x in r.json().get("rewards", []))
+    if missing := [f"reward.rewards.{i}.name {s.name!r}" for i, s in enumerate(reward.rewards) if s.name not in served]:
+        raise ConfigError(f"{', '.join(missing)}: not served by {url} (it serves {served})")

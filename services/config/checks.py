@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -71,15 +72,19 @@ def _check_window(c: Config) -> str | None:
 
 def _check_batch(c: Config) -> str | None:
     b, g = c.rollout.batch_size, c.grpo.group_size
+    per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
+    unit = math.lcm(g, c.rows_per_prompt, per_update)  # the batch sizes every check below accepts
+    near = sorted({v for v in (b // unit * unit, -(-b // unit) * unit) if v > 0})
+    fits = f"; {' or '.join(f'rollout.batch_size={v}' for v in near)} would fit"
     if b % g:
-        return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g})"
+        return f"rollout.batch_size ({b}) must be divisible by grpo.group_size ({g}){fits}"
     if b % c.rows_per_prompt:
         return (f"rollout.batch_size ({b}) must be divisible by grpo.group_size × window.size ({c.rows_per_prompt}): "
-                f"sampler.branching={c.sampler.branching} trains group_size children at each window step of a prompt")
-    per_update = c.learner.micro_batch_size * c.learner.gradient_accumulation_steps
+                f"sampler.branching={c.sampler.branching} trains group_size children at each window step of a "
+                f"prompt{fits}")
     if b % per_update:
         return (f"rollout.batch_size ({b}) must be divisible by learner.micro_batch_size × "
-                f"learner.gradient_accumulation_steps ({per_update})")
+                f"learner.gradient_accumulation_steps ({per_update}){fits}")
     return None
 
 

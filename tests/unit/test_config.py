@@ -254,3 +254,13 @@ def test_reward_aggregation_is_refused_where_nothing_reads_it(preset):
     with pytest.raises(ConfigError, match=r"grpo\.reward_aggregation=reward z-scores the window rollouts'"):
         load_config([preset], ["grpo.reward_aggregation=reward"])
     assert load_config(["flow_grpo"]).grpo.reward_aggregation == "reward"  # where it is read: the window GRPO
+
+
+def test_a_batch_that_does_not_divide_names_the_sizes_that_would():
+    """`--config sd3_5_medium --config tempflow_grpo` was refused with the numbers only (180 vs 144)."""
+    with pytest.raises(ConfigError, match=r"rollout\.batch_size \(180\) must be divisible by grpo\.group_size × "
+                                          r"window\.size \(144\).*; rollout\.batch_size=720 would fit$"):
+        load_config(["sd3_5_medium", "tempflow_grpo"], ["model.path=/x"])
+    with pytest.raises(ConfigError, match=r"\(8\); rollout\.batch_size=96 or rollout\.batch_size=112 would fit$"):
+        load_config([], ["rollout.batch_size=100"])
+    load_config(["sd3_5_medium", "tempflow_grpo"], ["model.path=/x", "rollout.batch_size=720"])
