@@ -354,10 +354,11 @@ def check_args(args: argparse.Namespace) -> None:
 
     from . import check_output_file, check_positive
 
-    check_positive(**{k: getattr(args, k, None) for k in ("steps", "batch_size", "lr", "minutes", "log_every", "threads",
+    check_positive(**{k: getattr(args, k, None) for k in ("steps", "batch_size", "minutes", "log_every", "threads",
                                                           "num_steps", "shift", "prompts_per_category")})
-    if getattr(args, "warmup", 0) < 0 or not 0.0 <= getattr(args, "p_uncond", 0.0) < 1.0:
-        raise ValueError("--warmup must be >= 0 and --p-uncond in [0, 1)")
+    if getattr(args, "lr", 0.0) < 0 or getattr(args, "warmup", 0) < 0 or not 0.0 <= getattr(args, "p_uncond", 0.0) < 1.0:
+        raise ValueError("--lr and --warmup must be >= 0 (lr 0: a continuation that keeps the weights), --p-uncond "
+                         "in [0, 1)")
     for flag in ("init", "policy"):
         folder = getattr(args, flag, None)
         if folder and not (Path(folder) / "config.json").is_file() and (flag == "init" or args.command == "eval"

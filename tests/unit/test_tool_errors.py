@@ -6,10 +6,14 @@ import pytest
 
 
 def test_the_reward_service_refuses_bad_config_before_ray(capsys, monkeypatch):
-    import ray
+    from reward_servers import __main__ as cli
 
-    from reward_servers.__main__ import main
+    main = cli.main
 
+    def serve_forever(*args, **kwargs):
+        pytest.fail("started Ray and Serve for a config it refuses")
+
+    monkeypatch.setattr(cli, "serve_forever", serve_forever)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["bogus=1"]) == 2
     assert capsys.readouterr().err.startswith("error: invalid config:\n  bogus: Extra inputs are not permitted")
@@ -22,7 +26,6 @@ def test_the_reward_service_refuses_bad_config_before_ray(capsys, monkeypatch):
             in capsys.readouterr().err)
     assert main(["reward.rewards.0.name=pickscore", "reward.rewards.0.model_path=/nonexistent"]) == 2
     assert "'/nonexistent' (pickscore's weights) is not a folder on this node" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 @pytest.mark.parametrize("tool,argv,message", [
@@ -61,7 +64,7 @@ def test_diagnose_takes_one_measurement_at_a_time(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["policy", "--out", "{tmp}/p", "--steps", "0"], "--steps must be > 0, got 0"),
     (["policy", "--out", "{tmp}/p", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
-    (["policy", "--out", "{tmp}/p", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    (["policy", "--out", "{tmp}/p", "--lr", "-1"], "--lr and --warmup must be >= 0"),
     (["policy", "--out", "{tmp}/p", "--init", "/nonexistent"], "--init /nonexistent: not a saved tiny policy"),
     (["eval", "--policy", "/nonexistent"], "--policy /nonexistent: not a saved tiny policy"),
     (["eval", "--policy", "rollout_workers/assets/tiny_policy", "--splits", "foo"], "--splits foo: ['foo'] not in"),
