@@ -275,6 +275,10 @@ ADVICE = {
     "VAE decode": "smaller model.height / model.width",
     "weights": "num_gpus of this reward (a whole GPU)",
 }
+_WHOLE_MODEL = ("model.weights_dtype=bfloat16 if it is float32, or GPUs with more memory: a rollout worker holds the "
+                "whole model for inference (LoRA and learner sharding do not shrink it)")
+ROLLOUT_ADVICE = {"transformer weights": _WHOLE_MODEL, "text encoders, VAE": _WHOLE_MODEL,
+                  "activations": "a smaller grpo.group_size (a worker samples 4 groups at once)"}
 
 
 def table(estimates: list[RoleMemory]) -> str:
@@ -294,7 +298,8 @@ def check_memory(cfg: Config, arch: Architecture | None = None) -> list[RoleMemo
         if r.fits:
             continue
         worst = sorted(r.parts.items(), key=lambda kv: -kv[1])[:2]
-        advice = "; ".join(dict.fromkeys(ADVICE[k] for k, _ in worst if k in ADVICE))
+        hints = {**ADVICE, **ROLLOUT_ADVICE} if r.role == "rollout worker" else ADVICE
+        advice = "; ".join(dict.fromkeys(hints[k] for k, _ in worst if k in hints))
         problems.append(f"{r.role} needs ~{r.total_gb:.0f} GB ("
                         + ", ".join(f"{k} {v:.1f}" for k, v in worst) + f") on a {r.capacity_gb:.0f} GB GPU "
                         f"(cluster.gpu_memory_gb): change {advice}")

@@ -101,6 +101,16 @@ def test_full_fine_tuning_of_flux_on_one_80_gb_learner_is_refused_naming_the_fie
     assert states == pytest.approx(11_901_408_320 * 16 / 1e9, rel=1e-9)
 
 
+def test_a_rollout_worker_that_does_not_fit_gets_advice_for_a_rollout_worker(flux_dev):
+    """FLUX.1-dev on a 40 GB GPU (p4d): the rollout worker (~49 GB, bf16 weights, LoRA already) was told to train a
+    LoRA, shard the learner and use bf16, none of which shrinks it."""
+    with pytest.raises(ConfigError) as err:
+        check_memory(flux_cfg(flux_dev, "cluster.gpu_memory_gb=40"))
+    line = next(x for x in str(err.value).splitlines() if "rollout worker needs" in x)
+    assert line.endswith("change model.weights_dtype=bfloat16 if it is float32, or GPUs with more memory: a rollout "
+                         "worker holds the whole model for inference (LoRA and learner sharding do not shrink it)")
+
+
 def test_the_flux_lora_preset_fits_and_full_fine_tuning_fits_a_bigger_device_only_with_checkpointing(flux_dev):
     estimates = {r.role: r for r in check_memory(flux_cfg(flux_dev))}
     assert estimates["learner"].fits and estimates["rollout worker"].fits
