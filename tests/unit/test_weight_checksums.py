@@ -4,6 +4,8 @@ formulation, what each scheme notices, and the receiver verifying with the sende
 from __future__ import annotations
 
 import struct
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,6 +157,15 @@ def _sharded_ranks(rank: int, port: int, out: str) -> None:
     # other still talks aborted a rank once ("terminate called without an active exception", fresh-clone CI)
     dist.barrier()
     dist.destroy_process_group()
+    # rank 0 hosts the group's TCP store: it stays until rank 1 has torn its side down too (rank 1 aborted again,
+    # once, with the barrier in place: fresh-clone CI, 5 December)
+    done = Path(out + ".rank1_done")
+    if rank == 1:
+        done.touch()
+    else:
+        deadline = time.monotonic() + 60
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def test_fsdp_ranks_fingerprint_their_shards_into_the_gathered_states_numbers(tmp_path):
