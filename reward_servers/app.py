@@ -78,20 +78,11 @@ def check_port_free(server: RewardServerConfig) -> None:
 
 
 def preflight_rewards(specs: list[RewardSpec], *, local: bool) -> None:
-    """Before Ray starts: the names, and the weight folders of the rewards that load weights (refused when unset;
-    when absent, refused on a local Ray and warned about on a cluster, whose reward nodes may have them)."""
-    import sys
-
-    from reward_servers.scorers import reward_weight_problems
-    from services.config import ConfigError
+    """Before Ray starts: the rewards' names and weight folders (`check_reward_specs`, `check_reward_weights`)."""
+    from reward_servers.scorers import check_reward_weights
 
     check_reward_specs(specs)
-    unset, absent = reward_weight_problems(specs)
-    if unset or (absent and local):
-        raise ConfigError("; ".join(unset + (absent if local else [])))
-    for problem in absent:
-        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
-              file=sys.stderr, flush=True)
+    check_reward_weights(specs, local=local)
 
 
 class AppArgs(BaseModel):

@@ -47,22 +47,16 @@ def check_resources(cfg: Config, available: dict[str, float], *, local: bool) ->
     deploy, so refuse; a cluster may still add nodes, and its reward replicas may see folders this node does not, so
     warn (once: the driver checks before the rewards deploy and tells `run_loop` it did). A weight-loading reward
     with no model_path at all is refused everywhere."""
-    from reward_servers.scorers import reward_weight_problems
+    from reward_servers.scorers import check_reward_weights
 
-    deploys = cfg.reward.server.transport == "handle"  # the job's own reward service
-    unset, absent = reward_weight_problems(cfg.reward.rewards) if deploys else ([], [])
-    if unset:
-        raise ConfigError("; ".join(unset))
+    if cfg.reward.server.transport == "handle":  # the job's own reward service (http: another service's weights)
+        check_reward_weights(cfg.reward.rewards, local=local)
     short = resource_shortfall(cfg, available)
-    if local and (short or absent):
-        raise ConfigError("; ".join(
-            [*([f"{short}: this local Ray has no more and nothing will join it; lower the fields named (on a machine "
-                "without GPUs: their num_gpus=0)"] if short else []), *absent]))
+    if short and local:
+        raise ConfigError(f"{short}: this local Ray has no more and nothing will join it; lower the fields named (on "
+                          "a machine without GPUs: their num_gpus=0)")
     if short:
         print(f"warning: {short}. Actors wait until the cluster has them; lower the fields named or add nodes.",
-              file=sys.stderr, flush=True)
-    for problem in absent:
-        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
               file=sys.stderr, flush=True)
 
 

@@ -33,7 +33,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .credit import batch_advantages, noise_aware_row_weights
 from .group import RankGroup, adamw, full_state, sharded_checksum
 from .objectives import MatchingSpec, check_options, matching_micro_loss, matching_times
-from .records import RATIO_STATS, update_record  # noqa: F401 (RATIO_STATS: the record's ratio fields, re-exported)
+from .records import update_record
 from .selection import Selection, row_steps, steps_per_row, window_selection
 from .sharing import UPDATE_ORDERS, shared_inputs, shared_velocity, update_order
 
@@ -307,7 +307,9 @@ class Learner:
     def published_state(self) -> dict[str, torch.Tensor]:
         """What the broadcast carries: the trainable weights, in the rollout workers' dtype when that differs
         (full fine-tuning with bf16 inference weights), so what they load is exactly what was sent."""
-        state = self.lagged if self.objective == "nft" else self.trainable_state()  # NFT: workers sample with φ
+        return self._in_sync_dtype(self.lagged if self.objective == "nft" else self.trainable_state())  # NFT: φ
+
+    def _in_sync_dtype(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.sync_dtype is None:
             return state
         return {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -330,10 +332,7 @@ class Learner:
         Under FSDP every rank must call (the state is gathered)."""
         if self.objective != "nft":
             return None
-        state = self.trainable_state()
-        if self.sync_dtype is not None:
-            state = {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        return WeightPacket.build(self.version, state)
+        return WeightPacket.build(self.version, self._in_sync_dtype(self.trainable_state()))
 
     def open_channel(self, init_method: str, world_size: int, backend: str) -> None:
         """Join the weight-broadcast group as rank 0 (collective weight sync)."""

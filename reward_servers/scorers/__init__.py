@@ -119,6 +119,22 @@ def reward_weight_problems(specs: Sequence[Any], field: str = "reward.rewards") 
     return unset, absent
 
 
+def check_reward_weights(specs: Sequence[Any], *, local: bool, field: str = "reward.rewards") -> None:
+    """Before the rewards deploy: a weight-loading reward with no `model_path` is refused; one whose folder is not on
+    this node is refused on a local Ray and warned about on a cluster, whose reward nodes may have it (it failed only
+    inside Serve's deploy). A ConfigError naming `<field>.<i>.model_path`."""
+    import sys
+
+    from services.config import ConfigError
+
+    unset, absent = reward_weight_problems(specs, field)
+    if unset or (absent and local):
+        raise ConfigError("; ".join(unset + (absent if local else [])))
+    for problem in absent:
+        print(f"warning: {problem}; the reward's replicas fail to start unless their nodes have it.",
+              file=sys.stderr, flush=True)
+
+
 def build_scorer(name: str, model_path: str | None = None, **options: Any) -> Scorer:
     """Construct the scorer registered as `name`.
 
@@ -136,4 +152,4 @@ def build_scorer(name: str, model_path: str | None = None, **options: Any) -> Sc
 
 
 __all__ = ["SCORERS", "WEIGHT_FOLDER_SCORERS", "Scorer", "ScorerLoadError", "build_scorer", "check_batch",
-           "check_reward_specs", "reward_weight_problems"]
+           "check_reward_specs", "check_reward_weights", "reward_weight_problems"]

@@ -13,7 +13,7 @@ from learner.algo import Stream, seeded_generator, sigma_schedule
 from learner.algo.family import stratified_indices
 from learner.driver.build import build_worker
 from learner.training.objectives import MatchingSpec
-from learner.training.updates import RATIO_STATS
+from learner.training.records import RATIO_STATS
 from services.config import ConfigError, load_config
 from services.types import merge_batches
 from tests.unit.test_trainer_inprocess import (
